@@ -1,0 +1,132 @@
+"""Convert a Gemma 4 target or assistant checkpoint (Hugging Face safetensors) to MLX.
+
+python -m mlx_gemma_mtp.convert --hf-path SRC --mlx-path DST [-q --q-bits 4 --q-group-size 64]
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import mlx.nn as nn
+from mlx_lm.utils import quantize_model, save_model
+
+from .config import ASSISTANT_TYPE, ConfigError, normalize_target_config, read_config
+from .loading import DTYPES, cast, load_drafter_model, load_target_model, resolve_path
+
+EXTRA_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+Q_BITS = (4, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Convert one checkpoint (target or assistant, detected from config.json) into ``mlx_path``.
+
+    The output is written to a temporary folder beside ``mlx_path`` and moved into place only
+    when complete, so a failure never leaves a half-written folder.
+    """
+    if q_bits not in Q_BITS or q_group_size not in Q_GROUP_SIZES:
+        raise ConfigError(
+            f"quantization {q_bits} bits / group size {q_group_size} is not supported "
+            f"(bits {Q_BITS}, group sizes {Q_GROUP_SIZES})"
+        )
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported (expected one of {', '.join(DTYPES)})")
+    destination = Path(mlx_path).expanduser()
+    is_empty_dir = destination.is_dir() and not any(destination.iterdir())
+    if destination.exists() and not is_empty_dir and not force:
+        raise ConfigError(f"{destination}: already exists and is not empty (use --force)")
+    source = resolve_path(hf_path)
+    config = read_config(source)
+    model, config = load_for_conversion(source, config)
+    dtype = dtype or config.get("dtype") or config.get("torch_dtype")
+    cast(model, dtype)
+    config = {**config, "dtype": dtype} if dtype else config
+    if quantize:
+        model, config = quantize_model(model, config, q_group_size, q_bits)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    staging.chmod(0o777 & ~current_umask())
+    try:
+        write_model(staging, model, config, source)
+        if destination.exists():
+            shutil.rmtree(destination)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_for_conversion(source: Path, config: dict) -> tuple[nn.Module, dict]:
+    if config["model_type"] == ASSISTANT_TYPE:
+        return load_drafter_model(source, config, lazy=True), config
+    model = load_target_model(source, config, lazy=True)
+    # Saved in the form mlx-lm reads, so the converted target also loads with plain mlx_lm.load.
+    return model, normalize_target_config(config, str(source / "config.json"))
+
+
+def write_model(folder: Path, model: nn.Module, config: dict, source: Path) -> None:
+    save_model(folder, model, donate_model=True)
+    config = {k: v for k, v in config.items() if k != "_name_or_path"}
+    if "quantization" in config:
+        config["quantization_config"] = config["quantization"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for name in EXTRA_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--hf-path", required=True, help="Local HF folder or hub repo id (target or assistant)."
+)
+@click.option("--mlx-path", required=True, help="Output folder (must not exist or be empty).")
+@click.option("-q", "--quantize", is_flag=True, help="Quantize the weights (affine).")
+@click.option("--q-bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option(
+    "--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(list(DTYPES)),
+    default=None,
+    help="Floating-point type of the saved weights (default: the checkpoint's).",
+)
+@click.option("--force", is_flag=True, help="Replace a non-empty --mlx-path.")
+def main(hf_path, mlx_path, quantize, q_bits, q_group_size, dtype, force) -> None:
+    """Convert a Gemma 4 target or Gemma 4 assistant checkpoint to MLX."""
+    try:
+        out = convert(hf_path, mlx_path, quantize, int(q_bits), int(q_group_size), dtype, force)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"Saved MLX model to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Load a Gemma 4 target and its assistant drafter from MLX folders, HF folders or hub repo ids."""
+
+import glob
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import load_model, load_tokenizer
+
+from .config import ASSISTANT_TYPE, ConfigError, normalize_target_config, read_config
+from .models import gemma4_assistant
+from .target import Target
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def resolve_path(path_or_repo: str) -> Path:
+    """A local folder as is; anything else is a hub repo id fetched with huggingface_hub."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{path}: not a folder (expected a model folder with config.json)")
+        return path
+    if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
+        raise ConfigError(f"{path_or_repo}: no such folder, and not a hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+    try:
+        return Path(snapshot_download(path_or_repo, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo...
+        raise ConfigError(
+            f"{path_or_repo}: could not fetch it from the Hugging Face hub ({type(e).__name__}). "
+            f"Download it where the hub is reachable "
+            f"(`hf download {path_or_repo} --local-dir DIR`) and pass DIR instead"
+        ) from None
+
+
+def weight_files(model_path: Path) -> list[Path]:
+    files = sorted(Path(f) for f in glob.glob(str(model_path / "model*.safetensors")))
+    if not files:
+        raise ConfigError(f"{model_path}: no model*.safetensors weight files")
+    for file in files:
+        check_safetensors(file)
+    return files
+
+
+def check_safetensors(file: Path) -> None:
+    """Fail early, naming the file, on a truncated or corrupt safetensors file."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
+            header = json.loads(f.read(header_len))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{file}: not a valid safetensors file ({e})") from None
+    if 8 + header_len + end > size:
+        raise ConfigError(
+            f"{file}: truncated safetensors file "
+            f"({size} bytes, its header promises {8 + header_len + end})"
+        )
+
+
+def load_weights(model_path: Path) -> dict[str, mx.array]:
+    weights = {}
+    for file in weight_files(model_path):
+        weights.update(mx.load(str(file)))
+    return weights
+
+
+def cast(model: nn.Module, dtype: str | None) -> None:
+    if dtype is None:
+        return
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported (expected one of {', '.join(DTYPES)})")
+    model.set_dtype(getattr(mx, dtype))
+
+
+def load_target_model(model_path: Path, config: dict, lazy: bool = False) -> nn.Module:
+    if config["model_type"] == ASSISTANT_TYPE:
+        raise ConfigError(
+            f"{model_path / 'config.json'}: model_type {ASSISTANT_TYPE!r} is an assistant drafter; "
+            "pass it as the draft model, and a Gemma 4 target as the model"
+        )
+    weight_files(model_path)
+    normalized = normalize_target_config(config, str(model_path / "config.json"))
+    try:
+        model, _ = load_model(model_path, lazy=lazy, model_config=normalized)
+    except ValueError as e:
+        raise ConfigError(
+            f"{model_path}: weights do not match config.json ({one_line(e)})"
+        ) from None
+    return model
+
+
+def load_drafter_model(model_path: Path, config: dict, lazy: bool = False) -> nn.Module:
+    source = model_path / "config.json"
+    if config["model_type"] != ASSISTANT_TYPE:
+        raise ConfigError(
+            f"{source}: model_type {config['model_type']!r} is a target model, not a Gemma 4 "
+            f"assistant drafter (model_type {ASSISTANT_TYPE!r})"
+        )
+    if not isinstance(config.get("text_config"), dict):
+        raise ConfigError(f"{source}: an assistant config needs a 'text_config' object")
+    model = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(config))
+    weights = model.sanitize(load_weights(model_path))
+    if config.get("use_ordered_embeddings") and "masked_embedding.token_ordering" not in weights:
+        raise ConfigError(
+            f"{model_path}: weights lack masked_embedding.token_ordering, required because "
+            "use_ordered_embeddings is true"
+        )
+    if (quantization := config.get("quantization")) is not None:
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+        )
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ConfigError(
+            f"{model_path}: weights do not match config.json ({one_line(e)})"
+        ) from None
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def load_tokenizer_if_any(model_path: Path, config: dict) -> Any:
+    if not any((model_path / name).exists() for name in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(model_path, eos_token_ids=eos_ids(model_path, config))
+
+
+def eos_ids(model_path: Path, config: dict) -> list[int] | None:
+    """All EOS ids: config.json's and generation_config.json's."""
+    ids = []
+    for source in (config, read_json(model_path / "generation_config.json")):
+        eos = source.get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return sorted(set(ids)) or None
+
+
+def read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def validate_pair(target: Target, drafter: nn.Module) -> None:
+    """The drafter must read the target's K/V and hidden state as they are."""
+    t, d = target.args, drafter.args.text_args
+    checks = [
+        (
+            "hidden size (drafter backbone_hidden_size)",
+            t.hidden_size,
+            drafter.args.backbone_hidden_size,
+        ),
+        ("vocab size", t.vocab_size, d.vocab_size),
+        ("sliding_window", t.sliding_window, d.sliding_window),
+        ("sliding head_dim", t.head_dim, d.head_dim),
+        ("full-attention head_dim", t.global_head_dim, d.global_head_dim),
+        ("sliding K/V heads", t.num_key_value_heads, d.num_key_value_heads),
+        ("full-attention K/V heads", full_kv_heads(t), full_kv_heads(d)),
+    ]
+    for name, target_value, drafter_value in checks:
+        if target_value != drafter_value:
+            raise ConfigError(
+                f"target and drafter do not match: {name} is {target_value} in the target "
+                f"but {drafter_value} in the drafter"
+            )
+    missing = set(d.layer_types) - set(target.shared_kv_layers)
+    if missing:
+        raise ConfigError(f"target has no K/V-computing layer of type(s) {sorted(missing)}")
+
+
+def full_kv_heads(args) -> int:
+    if args.attention_k_eq_v and args.num_global_key_value_heads is not None:
+        return args.num_global_key_value_heads
+    return args.num_key_value_heads
+
+
+def load(
+    model: str, draft_model: str | None = None, dtype: str | None = None, lazy: bool = False
+) -> tuple[Target, nn.Module | None, Any]:
+    """Load ``(target, drafter, tokenizer)``; ``draft_model=None`` gives no drafter.
+
+    Each path may be a converted MLX folder, an unconverted Hugging Face folder, or a hub repo id.
+    ``dtype`` casts floating-point weights (e.g. ``"float32"`` for exact comparisons).
+    """
+    target_path = resolve_path(model)
+    target_config = read_config(target_path)
+    target = Target(load_target_model(target_path, target_config, lazy))
+    cast(target.model, dtype)
+    drafter = None
+    if draft_model is not None:
+        draft_path = resolve_path(draft_model)
+        drafter = load_drafter_model(draft_path, read_config(draft_path), lazy)
+        cast(drafter, dtype)
+        validate_pair(target, drafter)
+    tokenizer = load_tokenizer_if_any(target_path, target_config)
+    return target, drafter, tokenizer
