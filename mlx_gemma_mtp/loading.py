@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_model, load_tokenizer
 
+from .centroid_head import check_permutation
 from .config import ASSISTANT_TYPE, ConfigError, normalize_target_config, read_config
 from .models import gemma4_assistant
 from .target import Target
@@ -113,11 +114,8 @@ def load_drafter_model(model_path: Path, config: dict, lazy: bool = False) -> nn
         raise ConfigError(f"{source}: an assistant config needs a 'text_config' object")
     model = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(config))
     weights = model.sanitize(load_weights(model_path))
-    if config.get("use_ordered_embeddings") and "masked_embedding.token_ordering" not in weights:
-        raise ConfigError(
-            f"{model_path}: weights lack masked_embedding.token_ordering, required because "
-            "use_ordered_embeddings is true"
-        )
+    if config.get("use_ordered_embeddings"):
+        check_token_ordering(model_path, weights, model.vocab_size)
     if (quantization := config.get("quantization")) is not None:
         nn.quantize(
             model,
@@ -135,6 +133,21 @@ def load_drafter_model(model_path: Path, config: dict, lazy: bool = False) -> nn
     if not lazy:
         mx.eval(model.parameters())
     return model
+
+
+def check_token_ordering(model_path: Path, weights: dict, vocab_size: int) -> None:
+    if "masked_embedding.token_ordering" not in weights:
+        raise ConfigError(
+            f"{model_path}: weights lack masked_embedding.token_ordering, required because "
+            "use_ordered_embeddings is true"
+        )
+    try:
+        check_permutation(weights["masked_embedding.token_ordering"], vocab_size)
+    except ValueError:
+        raise ConfigError(
+            f"{model_path}: masked_embedding.token_ordering is not a permutation of the "
+            f"{vocab_size} vocabulary ids"
+        ) from None
 
 
 def load_tokenizer_if_any(model_path: Path, config: dict) -> Any:
@@ -213,6 +226,7 @@ def load(
         draft_path = resolve_path(draft_model)
         drafter = load_drafter_model(draft_path, read_config(draft_path), lazy)
         cast(drafter, dtype)
+        drafter.order_lm_head()
         validate_pair(target, drafter)
     tokenizer = load_tokenizer_if_any(target_path, target_config)
     return target, drafter, tokenizer

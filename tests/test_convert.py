@@ -117,7 +117,21 @@ def missing_token_ordering(tmp_path):
     return folder, "lack masked_embedding.token_ordering"
 
 
-BAD_INPUTS = [missing_config, unknown_model_type, truncated_weights, missing_token_ordering]
+def broken_token_ordering(tmp_path):
+    folder = copy_model(ASSISTANT, tmp_path / "model")
+    weights = mx.load(str(folder / "model.safetensors"))
+    weights["masked_embedding.token_ordering"] = mx.zeros((32768,), dtype=mx.int64)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    return folder, "token_ordering is not a permutation of the 32768 vocabulary ids"
+
+
+BAD_INPUTS = [
+    missing_config,
+    unknown_model_type,
+    truncated_weights,
+    missing_token_ordering,
+    broken_token_ordering,
+]
 
 
 @pytest.mark.parametrize("make_bad", BAD_INPUTS, ids=lambda f: f.__name__)

@@ -12,7 +12,13 @@ import mlx.nn as nn
 from mlx_lm.models import gemma4_text
 from mlx_lm.models.base import BaseModelArgs
 
-from ..centroid_head import centroid_candidates, scatter_full_vocab
+from ..centroid_head import (
+    candidate_argmax,
+    centroid_candidates,
+    full_vocab_lm_head,
+    order_by_centroid,
+    scatter_full_vocab,
+)
 from ..config import normalize_text_config
 
 
@@ -41,10 +47,9 @@ class DraftOutput(NamedTuple):
     hidden: mx.array
 
     def tokens(self) -> mx.array:
-        best = mx.argmax(self.logits, axis=-1, keepdims=True)
         if self.candidates is None:
-            return best[..., 0]
-        return mx.take_along_axis(self.candidates, best, axis=-1)[..., 0]
+            return mx.argmax(self.logits, axis=-1)
+        return candidate_argmax(self.candidates, self.logits)
 
 
 class MaskedEmbedding(nn.Module):
@@ -80,6 +85,7 @@ class Model(nn.Module):
         )
         if args.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedding(args)
+        self.lm_head_centroid_ordered = False
 
     @property
     def layers(self):
@@ -101,14 +107,25 @@ class Model(nn.Module):
             h, _, _ = layer(h, None, None, shared_kv=shared_kv[layer.layer_type], offset=position)
         return self.model.norm(h)
 
+    def order_lm_head(self) -> None:
+        """Store the tied lm_head in centroid order, so the selected centroids' vocab rows are
+        contiguous blocks. Safe because the drafter never embeds inputs with ``embed_tokens``
+        (its inputs are the target's embeddings); files on disk stay in vocab order."""
+        if self.args.use_ordered_embeddings and not self.lm_head_centroid_ordered:
+            order_by_centroid(self.model.embed_tokens, self.masked_embedding.token_ordering)
+            self.lm_head_centroid_ordered = True
+
     def head(self, hidden: mx.array, full_vocab: bool = False) -> tuple[mx.array, mx.array | None]:
-        if self.args.use_ordered_embeddings and not full_vocab:
-            me = self.masked_embedding
-            candidates, logits = centroid_candidates(
-                hidden, me.centroids, self.model.embed_tokens, me.token_ordering, me.top_k
-            )
-            return logits, candidates
-        return self.model.embed_tokens.as_linear(hidden), None
+        embed = self.model.embed_tokens
+        if not self.args.use_ordered_embeddings:
+            return embed.as_linear(hidden), None
+        me, ordered = self.masked_embedding, self.lm_head_centroid_ordered
+        if full_vocab:
+            return full_vocab_lm_head(hidden, embed, me.token_ordering if ordered else None), None
+        candidates, logits = centroid_candidates(
+            hidden, me.centroids, embed, me.token_ordering, me.top_k, centroid_ordered=ordered
+        )
+        return logits, candidates
 
     def __call__(
         self, inputs_embeds: mx.array, shared_kv: dict, position, full_vocab: bool = False
