@@ -1,7 +1,8 @@
 """Gemma 4 multi-token-prediction speculative decoding in MLX."""
 
 from .config import ConfigError
+from .generate import generate, stream_generate
 from .loading import load
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "load", "__version__"]
+__all__ = ["ConfigError", "__version__", "generate", "load", "stream_generate"]

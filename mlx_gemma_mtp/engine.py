@@ -1,0 +1,220 @@
+"""The speculative loop: the drafter proposes, the target verifies, rejected K/V roll back.
+
+State between rounds (the clean MTP semantics): the target cache holds positions ``0..p-1``,
+token ``x_p`` is pending (chosen, not yet fed), ``h_{p-1}`` is the target's final hidden state at
+``p - 1``. A round drafts ``d_1..d_k`` at constant position ``p`` from ``[embed(x_p); h_{p-1}]``,
+verifies ``[x_p, d_1..d_k]`` in one target forward, accepts ``n`` drafts, emits ``n + 1`` tokens,
+trims ``k - n`` entries from every cache and keeps the target hidden state at ``p + n``.
+"""
+
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from .sampling import TokenPolicy
+
+SCHEDULES = ("constant", "heuristic")
+
+
+@dataclass
+class Stats:
+    """Counters of one generation; ``mode`` says whether the drafter was used, and why not."""
+
+    mode: str = "mtp"
+    plain_reason: str | None = None
+    num_draft_tokens: int = 0
+    prompt_tokens: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    draft_lengths: list = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class Block(NamedTuple):
+    """Tokens emitted at once: ``logprobs[i]`` is the target's row for ``tokens[i]``; the first
+    ``num_from_draft`` tokens were drafted (and accepted)."""
+
+    tokens: list
+    logprobs: mx.array
+    num_from_draft: int
+
+
+class DraftSchedule:
+    """``constant``: always ``k_max``; ``heuristic`` (transformers'): +2 after a fully accepted
+    round, -1 after a rejection, within ``[1, k_max]``."""
+
+    def __init__(self, k_max: int, kind: str = "constant"):
+        if kind not in SCHEDULES:
+            raise ValueError(f"draft schedule {kind!r} is not one of {', '.join(SCHEDULES)}")
+        if k_max < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {k_max}")
+        self.k_max, self.kind, self.k = k_max, kind, k_max
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if self.kind == "heuristic" and drafted:
+            step = 2 if accepted == drafted else -1
+            self.k = max(1, min(self.k_max, self.k + step))
+
+
+def prefill(target, cache: list, prompt: mx.array, step_size: int) -> mx.array:
+    """Feed ``prompt`` ``[P]`` in chunks; returns the final hidden state ``[1, 1, H]`` at P-1."""
+    while prompt.size > step_size:
+        target.backbone(prompt[None, :step_size], cache=cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[step_size:]
+        mx.clear_cache()
+    return target.backbone(prompt[None], cache=cache)[:, -1:]
+
+
+class SpeculativeGenerator:
+    """Generates blocks of tokens; ``drafter=None`` gives plain decoding (one token per forward)."""
+
+    def __init__(
+        self,
+        target,
+        drafter=None,
+        policy: TokenPolicy | None = None,
+        *,
+        num_draft_tokens: int = 4,
+        draft_schedule: str = "constant",
+        full_vocab_draft: bool = False,
+        prefill_step_size: int = 512,
+        eos_token_ids: Iterable[int] = (),
+    ):
+        self.target, self.drafter = target, drafter
+        self.policy = policy or TokenPolicy()
+        self.stats = Stats(num_draft_tokens=num_draft_tokens if drafter is not None else 0)
+        if drafter is None:
+            self.stats.mode, self.stats.plain_reason = "plain", "no draft model"
+        elif num_draft_tokens == 0:
+            self.stats.mode, self.stats.plain_reason = "plain", "num_draft_tokens is 0"
+            self.stats.num_draft_tokens = 0
+        else:
+            self.schedule = DraftSchedule(num_draft_tokens, draft_schedule)
+        self.full_vocab_draft = full_vocab_draft  # full lm_head instead of centroid masking
+        self.full_rows = self.policy.needs_full_vocab_draft  # the policy reads whole rows
+        self.prefill_step_size = prefill_step_size
+        self.eos_token_ids = set(eos_token_ids)
+        self.cache = target.make_cache(draft_slack=max(num_draft_tokens, 1))
+        self.context = None  # prompt + emitted tokens, only for logits processors
+
+    # -- one target step / one speculative round (lazy graphs) -----------------------------
+
+    def _first_token(self, prompt: mx.array):
+        self.hidden = prefill(self.target, self.cache, prompt, self.prefill_step_size)
+        self.context = prompt if self.policy.processors else None
+        logprobs = self.policy.target_logprobs(self.target.logits(self.hidden[0]), prompt, [])
+        return self._accept([], [], logprobs), logprobs
+
+    def _accept(self, drafts: list, dists: list, logprobs: mx.array) -> mx.array:
+        """``[n, t_0, .., t_k]``: accepted count and target tokens (emitted: ``t_0..t_n``)."""
+        n, tokens = self.policy.accept(drafts, dists, logprobs)
+        return mx.concatenate([n.reshape(1), tokens]).astype(mx.int32)
+
+    def _draft(self, pending: mx.array, k: int):
+        target, drafter = self.target, self.drafter
+        shared_kv = target.shared_kv(self.cache)  # positions < p, read once per round
+        position = self.cache[0].offset
+        hidden, token, drafts, dists = self.hidden, pending, [], []
+        for _ in range(k):
+            inputs = mx.concatenate([target.embed(token[None]), hidden], axis=-1)
+            out = drafter(inputs, shared_kv, position, full_vocab=self.full_vocab_draft)
+            if self.full_rows:
+                logits = drafter.full_vocab_logits(out)[0]
+                token, dist = self.policy.draft(logits, self.context, drafts)
+            else:
+                token, dist = out.tokens()[0], None
+            drafts.append(token.astype(mx.int32))
+            dists.append(dist)
+            hidden = out.hidden
+        return drafts, dists
+
+    def _round(self, pending: mx.array, k: int):
+        drafts, dists = self._draft(pending, k) if k else ([], [])
+        out = self.target(mx.concatenate([pending, *drafts])[None], self.cache)
+        logprobs = self.policy.target_logprobs(out.logits[0], self.context, drafts)
+        return self._accept(drafts, dists, logprobs), logprobs, out.hidden
+
+    # -- the loops ------------------------------------------------------------------------
+
+    def _finish(self, tokens: list, remaining: int) -> tuple[list, bool]:
+        """Cut ``tokens`` after the first EOS or at ``remaining``; True if generation ends."""
+        for i, token in enumerate(tokens[:remaining]):
+            if token in self.eos_token_ids:
+                return tokens[: i + 1], True
+        return tokens[:remaining], len(tokens) >= remaining
+
+    def generate(self, prompt: mx.array, max_tokens: int) -> Generator[Block, None, None]:
+        """Yield blocks of tokens for ``prompt`` (token ids ``[P]``), at most ``max_tokens``."""
+        if prompt.size == 0:
+            raise ValueError("the prompt is empty")
+        self.stats.prompt_tokens = prompt.size
+        if self.stats.mode == "plain":
+            yield from self._generate_plain(prompt, max_tokens)
+        else:
+            yield from self._generate_mtp(prompt, max_tokens)
+
+    def _generate_plain(self, prompt, max_tokens):
+        """mlx-lm's loop: the next step is queued on the lazy token before this one is read."""
+        result, logprobs = self._first_token(prompt)
+        self.stats.target_forwards = 1
+        remaining = max_tokens
+        while True:
+            token = result[1:2]
+            if remaining > 1:
+                self._extend_context(token)
+                out = self.target(token[None], self.cache)
+                next_logprobs = self.policy.target_logprobs(out.logits[0], self.context, [])
+                next_result = self._accept([], [], next_logprobs)
+                mx.async_eval(next_result)
+            tokens, done = self._finish([result[1].item()], remaining)
+            yield Block(tokens, logprobs[:1], 0)
+            if done:
+                return
+            self.stats.target_forwards += 1
+            remaining -= 1
+            result, logprobs = next_result, next_logprobs
+
+    def _generate_mtp(self, prompt, max_tokens):
+        result, logprobs = self._first_token(prompt)
+        self.stats.target_forwards = 1
+        tokens, done = self._finish(result.tolist()[1:], max_tokens)
+        remaining = max_tokens - 1
+        block = Block(tokens, logprobs, 0)
+        while not done:
+            k = min(self.schedule.k, remaining - 1)
+            pending = mx.array(block.tokens[-1:], mx.int32)
+            self._extend_context(mx.array(block.tokens, mx.int32))
+            result, logprobs, hidden = self._round(pending, k)
+            mx.async_eval(result)
+            yield block  # the consumer's work overlaps the device's
+            values = result.tolist()  # the round's one host sync
+            n = values[0]
+            self._update(k, n, hidden)
+            tokens, done = self._finish(values[1 : n + 2], remaining)
+            remaining -= len(tokens)
+            block = Block(tokens, logprobs[: len(tokens)], min(n, len(tokens)))
+        yield block
+
+    def _update(self, k: int, n: int, hidden: mx.array) -> None:
+        stats = self.stats
+        stats.rounds += 1
+        stats.target_forwards += 1
+        stats.drafted += k
+        stats.accepted += n
+        stats.draft_lengths.append(k)
+        self.schedule.update(k, n)
+        for c in self.cache:
+            c.trim(k - n)
+        self.hidden = hidden[:, n : n + 1]
+
+    def _extend_context(self, tokens: mx.array) -> None:
+        if self.context is not None:
+            self.context = mx.concatenate([self.context, tokens.astype(self.context.dtype)])

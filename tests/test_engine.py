@@ -1,0 +1,526 @@
+"""The speculative loop: greedy MTP output is plain greedy decoding (mlx-lm's own), in float32."""
+
+import gc
+import itertools
+import json
+import random
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache
+from mlx_lm.sample_utils import make_logits_processors
+
+from mlx_gemma_mtp import load
+from mlx_gemma_mtp.cache import SlidingWindowCache
+from mlx_gemma_mtp.engine import DraftSchedule, SpeculativeGenerator
+from mlx_gemma_mtp.generate import make_policy, stream_generate
+from mlx_gemma_mtp.models.gemma4_assistant import DraftOutput
+
+FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
+# transformers 5.23.0 assisted generation on the fixture, float32, k=4, 20 prompts x 128 tokens
+# (TRAINING.md): mean acceptance over prompts, mean new tokens per target forward.
+HF_ACCEPTANCE, HF_TOKENS_PER_FORWARD = 0.797, 4.04
+
+
+@pytest.fixture(scope="module")
+def fixture_pair():
+    return load(str(FIXTURE / "target"), str(FIXTURE / "assistant"), dtype="float32")
+
+
+def held_out_prompts() -> list:
+    lines = (FIXTURE / "held_out_prompts.jsonl").read_text().splitlines()
+    return [json.loads(line)["input_ids"] for line in lines]
+
+
+def plain_greedy(target, prompt: list, max_tokens: int) -> list:
+    """The reference: mlx-lm's own decoding loop on the same loaded model."""
+    steps = generate_step(mx.array(prompt), target.model, max_tokens=max_tokens)
+    return [token for token, _ in steps]
+
+
+def run(target, drafter, prompt: list, max_tokens: int, **kwargs):
+    """Token ids and the last response of ``stream_generate`` (no tokenizer: ids in, ids out)."""
+    responses = list(stream_generate(target, drafter, None, prompt, max_tokens, **kwargs))
+    return [r.token for r in responses], responses
+
+
+class OracleDrafter:
+    """The real drafter's forward, with its proposal replaced by the reference continuation
+    (probability ``hit`` per step) or a wrong token: partial acceptances on demand."""
+
+    def __init__(self, drafter, reference: list, hit: float, seed: int = 0):
+        self.drafter, self.reference, self.hit = drafter, reference, hit
+        self.rng = random.Random(seed)
+        self.vocab_size = drafter.vocab_size
+        self.position, self.step = None, 0
+
+    def __call__(self, inputs_embeds, shared_kv, position, full_vocab=False):
+        out = self.drafter(inputs_embeds, shared_kv, position, full_vocab)
+        self.step = self.step + 1 if position == self.position else 1
+        self.position = position
+        index = position + self.step
+        token = self.reference[index] if index < len(self.reference) else 0
+        if self.rng.random() >= self.hit:
+            token = (token + 1) % self.vocab_size
+        logits = (mx.arange(self.vocab_size) == token).astype(mx.float32)[None, None]
+        return DraftOutput(logits, None, out.hidden)
+
+    def full_vocab_logits(self, out):
+        return out.logits
+
+
+# -- the fixture pair (window 128) ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fixture_pair_greedy_identical_and_acceptance_at_least_transformers(fixture_pair):
+    """20 held-out prompts, k=4, 128 new tokens: identical to mlx-lm's plain greedy decoding, and
+    acceptance / tokens per target forward at least transformers' (TRAINING.md)."""
+    target, drafter, _ = fixture_pair
+    acceptance, per_forward = [], []
+    for prompt in held_out_prompts():
+        tokens, responses = run(target, drafter, prompt, 128, num_draft_tokens=4)
+        assert tokens == plain_greedy(target, prompt, 128)
+        last = responses[-1]
+        acceptance.append(last.acceptance_rate)
+        per_forward.append(last.tokens_per_target_forward)
+    assert sum(acceptance) / len(acceptance) >= HF_ACCEPTANCE
+    assert sum(per_forward) / len(per_forward) >= HF_TOKENS_PER_FORWARD
+
+
+@pytest.mark.slow
+def test_identical_to_transformers_assisted_generation(fixture_pair):
+    torch = pytest.importorskip("torch")
+    from hf_reference import load_hf
+
+    target, drafter, _ = fixture_pair
+    hf_target, hf_drafter = load_hf(FIXTURE / "target"), load_hf(FIXTURE / "assistant")
+    hf_drafter.generation_config.num_assistant_tokens = 4
+    hf_drafter.generation_config.num_assistant_tokens_schedule = "constant"
+    for prompt in held_out_prompts()[:4]:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf_target.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                assistant_model=hf_drafter,
+                max_new_tokens=64,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        tokens, _ = run(target, drafter, prompt, 64, eos_token_ids=[1, 5])
+        assert tokens == out[0, len(prompt) :].tolist()
+
+
+# The contract for bf16 and quantized targets: one-token and multi-token forwards may round
+# differently, so MTP output equals plain decoding up to the first position where the plain run's
+# top two log-probabilities are within NEAR_TIE (two bf16 ulps of a logit in the softcap range
+# [16, 32)); from there on the two runs may differ. (On this CPU both runs are in fact identical.)
+NEAR_TIE = 0.25
+
+
+@pytest.mark.parametrize(
+    "quantized", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["bf16", "bf16-q4"]
+)
+def test_bf16_and_quantized_targets_are_identical_up_to_near_ties(quantized):
+    target, drafter, _ = load(str(FIXTURE / "target"), str(FIXTURE / "assistant"))
+    if quantized:
+        nn.quantize(target.model, group_size=32, bits=4)
+    for prompt in held_out_prompts()[8:10]:
+        steps = list(generate_step(mx.array(prompt), target.model, max_tokens=40))
+        tokens, _ = run(target, drafter, prompt, 40)
+        reference = [token for token, _ in steps]
+        if tokens != reference:
+            i = next(i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b)
+            top2 = mx.sort(steps[i][1].astype(mx.float32))[-2:].tolist()
+            assert top2[1] - top2[0] < NEAR_TIE, (i, top2)
+
+
+class Sabotaged:
+    """The drafter fed wrongly, the way other ports got it wrong."""
+
+    def __init__(self, drafter, target, how: str):
+        self.drafter, self.target, self.how = drafter, target, how
+
+    def __call__(self, inputs_embeds, shared_kv, position, full_vocab=False):
+        embedding, hidden = mx.split(inputs_embeds, 2, axis=-1)
+        if self.how == "concat_order":
+            inputs_embeds = mx.concatenate([hidden, embedding], axis=-1)
+        elif self.how == "embed_scale":
+            embedding = embedding / self.target.backbone.embed_scale
+            inputs_embeds = mx.concatenate([embedding, hidden], axis=-1)
+        return self.drafter(inputs_embeds, shared_kv, position, full_vocab)
+
+    def full_vocab_logits(self, out):
+        return self.drafter.full_vocab_logits(out)
+
+
+def pooled_acceptance(target, drafter, prompts, max_tokens=64) -> float:
+    drafted = accepted = 0
+    for prompt in prompts:
+        _, responses = run(target, drafter, prompt, max_tokens, num_draft_tokens=4)
+        drafted, accepted = drafted + responses[-1].drafted, accepted + responses[-1].accepted
+    return accepted / drafted
+
+
+# Clean: 0.72 on these prompts; each sabotage below brings it to 0.22 or less.
+GUARD_ACCEPTANCE = 0.65
+
+
+SABOTAGES = ["concat_order", "embed_scale", "kv_layer", "attn_scale"]
+
+
+@pytest.mark.parametrize(
+    "how", [None] + [pytest.param(h, marks=pytest.mark.slow) for h in SABOTAGES]
+)
+def test_acceptance_guard_catches_the_known_traps(fixture_pair, monkeypatch, how):
+    target, drafter, _ = fixture_pair
+    if how == "kv_layer":  # the first sliding layer instead of the last K/V-computing one
+        monkeypatch.setattr(
+            target,
+            "shared_kv_layers",
+            {
+                "sliding_attention": 0,
+                **{"full_attention": target.shared_kv_layers["full_attention"]},
+            },
+        )
+    elif how == "attn_scale":
+        for layer in drafter.layers:
+            monkeypatch.setattr(layer.self_attn, "scale", layer.self_attn.head_dim**-0.5)
+    elif how is not None:
+        drafter = Sabotaged(drafter, target, how)
+    acceptance = pooled_acceptance(target, drafter, held_out_prompts()[:3])
+    assert (acceptance >= GUARD_ACCEPTANCE) == (how is None), acceptance
+
+
+class Spy:
+    def __init__(self, drafter):
+        self.drafter, self.calls = drafter, []
+
+    def __call__(self, inputs_embeds, shared_kv, position, full_vocab=False):
+        out = self.drafter(inputs_embeds, shared_kv, position, full_vocab)
+        self.calls.append((inputs_embeds, shared_kv, position, out))
+        return out
+
+    def full_vocab_logits(self, out):
+        return self.drafter.full_vocab_logits(out)
+
+
+def test_drafter_sees_the_clean_mtp_inputs(fixture_pair):
+    """Each round: position p, [scaled embedding of x_p ; target hidden at p-1], the target's K/V
+    of positions < p (full) and at least window + 1 of them (sliding), then its own hidden."""
+    target, drafter, _ = fixture_pair
+    spy, prompt = Spy(drafter), held_out_prompts()[1]
+    tokens, _ = run(target, spy, prompt, 90, num_draft_tokens=3)
+    sequence = prompt + tokens
+    previous = None
+    for inputs, shared_kv, position, out in spy.calls:
+        embedding, hidden = mx.split(inputs, 2, axis=-1)
+        if previous is not None and previous[2] == position:  # a later step of the same round
+            assert mx.array_equal(hidden, previous[3].hidden).item()
+            assert mx.array_equal(embedding, target.embed(previous[3].tokens())).item()
+        else:
+            caches = [KVCache() for _ in target.make_cache()]
+            expected_hidden = target.backbone(mx.array([sequence[:position]]), cache=caches)
+            assert mx.allclose(hidden[0, 0], expected_hidden[0, -1], atol=1e-4).item()
+            expected_embedding = target.embed(mx.array([[sequence[position]]]))
+            assert mx.array_equal(embedding, expected_embedding).item()
+            for layer_type, layer in target.shared_kv_layers.items():
+                keys, values = shared_kv[layer_type]
+                expected_keys = caches[layer].keys[..., :position, :]
+                held = keys.shape[2]
+                assert (
+                    held == position
+                    if layer_type == "full_attention"
+                    else held >= min(position, 129)
+                )
+                assert mx.allclose(keys, expected_keys[..., position - held :, :], atol=1e-4).item()
+        previous = (inputs, shared_kv, position, out)
+    assert len({call[2] for call in spy.calls}) >= 5
+
+
+def test_stop_conditions_inside_drafted_blocks(fixture_pair):
+    target, drafter, _ = fixture_pair
+    prompt = held_out_prompts()[2]
+    reference = plain_greedy(target, prompt, 40)
+    tokens, responses = run(target, drafter, prompt, 40, num_draft_tokens=4)
+    assert tokens == reference
+    # A token first seen inside a drafted block (not the block's last) becomes the EOS.
+    inside = [
+        i
+        for i, r in enumerate(responses[:-1])
+        if r.from_draft and responses[i + 1].from_draft and reference.index(r.token) == i
+    ]
+    assert inside
+    i = inside[0]
+    tokens, responses = run(target, drafter, prompt, 40, eos_token_ids=[reference[i]])
+    assert tokens == reference[: i + 1]
+    assert responses[-1].finish_reason == "stop"
+    for max_tokens in range(1, 12):
+        tokens, responses = run(target, drafter, prompt, max_tokens, num_draft_tokens=4)
+        assert tokens == reference[:max_tokens]
+        assert responses[-1].finish_reason == "length"
+        assert responses[-1].generation_tokens == max_tokens
+        # No round drafts past max_tokens: emitted so far + drafts + the target's own <= max.
+        engine = SpeculativeGenerator(target, drafter, num_draft_tokens=4)
+        emitted = [len(block.tokens) for block in engine.generate(mx.array(prompt), max_tokens)]
+        before_rounds = itertools.accumulate(emitted[:-1])
+        for before, k in zip(before_rounds, engine.stats.draft_lengths, strict=True):
+            assert before + k + 1 <= max_tokens
+
+
+def test_every_k_and_schedule_on_the_fixture(fixture_pair):
+    target, drafter, _ = fixture_pair
+    prompt = held_out_prompts()[3]
+    reference = plain_greedy(target, prompt, 24)
+    for k in range(1, 9):
+        for schedule in ("constant", "heuristic"):
+            tokens, _ = run(
+                target, drafter, prompt, 24, num_draft_tokens=k, draft_schedule=schedule
+            )
+            assert tokens == reference, (k, schedule)
+
+
+def test_full_vocab_draft_and_plain_mode(fixture_pair):
+    target, drafter, _ = fixture_pair
+    prompt = held_out_prompts()[4]
+    reference = plain_greedy(target, prompt, 32)
+    tokens, responses = run(target, drafter, prompt, 32, full_vocab_draft=True)
+    assert tokens == reference and responses[-1].acceptance_rate > GUARD_ACCEPTANCE
+    for drafter_, k in ((None, 4), (drafter, 0)):
+        tokens, responses = run(target, drafter_, prompt, 32, num_draft_tokens=k)
+        assert tokens == reference
+        assert responses[-1].mode == "plain" and responses[-1].drafted == 0
+        assert responses[-1].target_forwards == 32
+
+
+def test_logits_processors_see_the_same_history_as_in_mlx_lm(fixture_pair):
+    """Greedy with a repetition penalty: each verified position is penalised with the tokens
+    before it (prompt, accepted tokens, the drafts up to it), exactly as mlx-lm's loop does."""
+    target, drafter, _ = fixture_pair
+    prompt = held_out_prompts()[9]
+    processors = make_logits_processors(repetition_penalty=1.5, repetition_context_size=8)
+    steps = generate_step(
+        mx.array(prompt), target.model, max_tokens=40, logits_processors=processors
+    )
+    reference = [token for token, _ in steps]
+    assert reference != plain_greedy(target, prompt, 40)  # the penalty matters here
+    tokens, responses = run(
+        target, drafter, prompt, 40, repetition_penalty=1.5, repetition_context_size=8
+    )
+    assert tokens == reference
+    assert responses[-1].accepted > 0
+
+    # Any sampler is honoured too: drafts are accepted where they equal its choices.
+    def second_best(logprobs):
+        return mx.argsort(logprobs, axis=-1)[..., -2]
+
+    steps = generate_step(mx.array(prompt), target.model, max_tokens=20, sampler=second_best)
+    reference = [token for token, _ in steps]
+    assert run(target, drafter, prompt, 20, sampler=second_best)[0] == reference
+
+
+# -- host syncs, memory, cancellation -----------------------------------------------------------
+
+
+SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__array__")
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    """Counts every way the host can wait for an array's value."""
+    count = {"n": 0}
+
+    def counting(original):
+        def wrapper(*args, **kwargs):
+            count["n"] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in SYNC_METHODS:
+        if hasattr(mx.array, name):
+            monkeypatch.setattr(mx.array, name, counting(getattr(mx.array, name)))
+    monkeypatch.setattr(mx, "eval", counting(mx.eval))
+    return count
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"temp": 0.8, "top_p": 0.9, "repetition_penalty": 1.1}],
+    ids=["greedy", "sampled"],
+)
+def test_one_host_sync_per_round(fixture_pair, count_syncs, options):
+    target, drafter, _ = fixture_pair
+    engine = SpeculativeGenerator(target, drafter, make_policy(**options), num_draft_tokens=6)
+    blocks = list(engine.generate(mx.array(held_out_prompts()[5]), 60))
+    assert sum(len(b.tokens) for b in blocks) == 60
+    # The first token, then exactly one per round (prompt shorter than one prefill chunk).
+    assert count_syncs["n"] == 1 + engine.stats.rounds
+    assert engine.stats.rounds < 40
+
+
+def test_memory_no_drafter_cache_and_bounded_peak(fixture_pair):
+    target, drafter, _ = fixture_pair
+    prompt = held_out_prompts()[6]
+
+    def peak(drafter_):
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        engine = SpeculativeGenerator(target, drafter_, num_draft_tokens=4)
+        for _ in engine.generate(mx.array(prompt), 64):
+            pass
+        assert len(engine.cache) == len(target.make_cache())  # target caches only
+        return mx.get_peak_memory() - base
+
+    plain, mtp = peak(None), peak(drafter)
+    drafter_weights = sum(v.nbytes for _, v in tree_flatten(drafter.parameters()))
+    # Weights are resident in both runs; the margin covers k+1-token activations and logits.
+    margin = 16 * 2**20
+    assert mtp <= plain + margin, (plain, mtp, drafter_weights)
+    assert not any("cache" in name for name in vars(drafter))
+
+
+def test_closing_early_leaves_nothing_behind(fixture_pair):
+    target, drafter, _ = fixture_pair
+    prompt = held_out_prompts()[7]
+    gc.collect()
+    mx.synchronize()
+    before = mx.get_active_memory()
+    stream = stream_generate(target, drafter, None, prompt, 100)
+    tokens = [next(stream).token for _ in range(5)]
+    stream.close()
+    gc.collect()
+    mx.synchronize()
+    assert mx.get_active_memory() <= before + 2**20
+    # and the model is untouched: a new generation gives the same tokens
+    assert run(target, drafter, prompt, 5)[0] == tokens
+
+
+def test_draft_schedule():
+    schedule = DraftSchedule(5, "heuristic")
+    ks = []
+    for accepted_all in (False, False, True, False, True, True, True):
+        k = schedule.k
+        ks.append(k)
+        schedule.update(k, k if accepted_all else 0)
+    assert ks == [5, 4, 3, 5, 4, 5, 5]
+    constant = DraftSchedule(3, "constant")
+    constant.update(3, 0)
+    assert constant.k == 3
+    with pytest.raises(ValueError, match="draft schedule"):
+        DraftSchedule(3, "sometimes")
+
+
+# -- tiny random pairs (sliding window 8): long generations, rollbacks after the window wrapped --
+
+
+KINDS = ["e2b", "31b", "26b"]
+
+
+@pytest.fixture(scope="module")
+def random_pairs(hf_pair):
+    pairs = {}
+
+    def get(kind, target_class="causal"):
+        if (kind, target_class) not in pairs:
+            pair = hf_pair(kind, target_class)
+            target, drafter, _ = load(str(pair.target), str(pair.assistant), "float32")
+            pairs[kind, target_class] = untie(target), drafter
+        return pairs[kind, target_class]
+
+    return get
+
+
+def untie(target):
+    """A random target with a tied head mostly predicts its input token again (a loop that would
+    hide errors); a random untied head makes it chaotic."""
+    model = target.language_model
+    hidden, vocab = target.args.hidden_size, target.args.vocab_size
+    mx.random.seed(0)
+    model.lm_head = nn.Linear(hidden, vocab, bias=False)
+    model.lm_head.weight = mx.random.normal((vocab, hidden)) * hidden**-0.5
+    model.tie_word_embeddings = False
+    return target
+
+
+def long_prompt(seed: int, length: int = 40, vocab: int = 512) -> list:
+    rng = random.Random(seed)
+    return [2] + [rng.randrange(3, vocab) for _ in range(length - 1)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_generations_past_the_window(random_pairs, kind):
+    """Prompt 5x and generation 8x the sliding window; the real drafter (mostly rejected) and
+    an oracle that makes partial acceptances common: rollbacks long after the window wrapped."""
+    target, drafter = random_pairs(kind)
+    prompt = long_prompt(1)
+    reference = plain_greedy(target, prompt, 64)
+    assert len(set(reference)) > 20  # a chaotic model, not a loop that hides errors
+    tokens, _ = run(target, drafter, prompt, 64, num_draft_tokens=4)
+    assert tokens == reference
+    for hit, k in ((0.6, 3), (0.8, 6)):
+        oracle = OracleDrafter(drafter, prompt + reference, hit, seed=k)
+        tokens, responses = run(target, oracle, prompt, 64, num_draft_tokens=k)
+        assert tokens == reference
+        assert 0 < responses[-1].accepted < responses[-1].drafted
+
+
+def test_conditional_target_class(random_pairs):
+    target, drafter = random_pairs("e2b", "conditional")
+    prompt = long_prompt(2, 20)
+    reference = plain_greedy(target, prompt, 24)
+    oracle = OracleDrafter(drafter, prompt + reference, 0.7)
+    assert run(target, oracle, prompt, 24)[0] == reference
+
+
+def test_the_rollback_trap_is_caught(random_pairs, monkeypatch):
+    """A sliding cache that silently stops rolling back once wrapped (mlx-lm's RotatingKVCache
+    behaviour) changes the output: the long-generation test would fail."""
+    target, drafter = random_pairs("e2b")
+    prompt = long_prompt(3)
+    reference = plain_greedy(target, prompt, 48)
+    original = SlidingWindowCache.trim
+
+    def broken_trim(self, n):
+        return 0 if self.offset > self.window else original(self, n)
+
+    monkeypatch.setattr(SlidingWindowCache, "trim", broken_trim)
+    oracle = OracleDrafter(drafter, prompt + reference, 0.7)
+    assert run(target, oracle, prompt, 48, num_draft_tokens=4)[0] != reference
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_every_k_and_schedule_with_rollbacks(random_pairs, k):
+    target, drafter = random_pairs("e2b")
+    prompt = long_prompt(k, 24)
+    reference = plain_greedy(target, prompt, 40)
+    for schedule in ("constant", "heuristic"):
+        oracle = OracleDrafter(drafter, prompt + reference, 0.75, seed=k)
+        tokens, _ = run(target, oracle, prompt, 40, num_draft_tokens=k, draft_schedule=schedule)
+        assert tokens == reference, schedule
+
+
+def test_stop_conditions_with_full_acceptance(random_pairs):
+    """Every draft accepted: EOS at each position of a block, and max_tokens, never overshoot."""
+    target, drafter = random_pairs("e2b")
+    prompt = long_prompt(4, 12)
+    reference = plain_greedy(target, prompt, 30)
+    firsts = [i for i, token in enumerate(reference) if reference.index(token) == i]
+    for i in firsts[:10]:
+        oracle = OracleDrafter(drafter, prompt + reference, 1.0)
+        tokens, responses = run(target, oracle, prompt, 30, eos_token_ids=[reference[i]])
+        assert tokens == reference[: i + 1]
+        assert responses[-1].finish_reason == "stop"
+    for max_tokens in (1, 2, 5, 6, 7, 11):
+        oracle = OracleDrafter(drafter, prompt + reference, 1.0)
+        tokens, responses = run(target, oracle, prompt, max_tokens, num_draft_tokens=5)
+        assert tokens == reference[:max_tokens]
+        last = responses[-1]
+        assert last.accepted == last.drafted == max_tokens - 1 - last.rounds

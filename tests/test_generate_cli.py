@@ -1,0 +1,229 @@
+"""``python -m mlx_gemma_mtp.generate`` and the text side of ``stream_generate``."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_gemma_mtp import load
+from mlx_gemma_mtp.generate import StopStrings, generate, main, stream_generate
+
+FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
+TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
+STATS_KEYS = {
+    "prompt_tokens",
+    "generation_tokens",
+    "generation_tps",
+    "prompt_tps",
+    "num_draft_tokens",
+    "drafted",
+    "accepted",
+    "acceptance_rate",
+    "target_forwards",
+    "peak_memory_gb",
+    "finish_reason",
+    "tokens",
+}
+PROMPT = "import json\n\n\ndef load_config(path):\n"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """As the CLI loads it (the checkpoint's own dtype)."""
+    return load(TARGET, ASSISTANT)
+
+
+def invoke(*args, input=None, tmp_path=None):
+    stats = tmp_path / "stats.json" if tmp_path else None
+    extra = ["--stats-json", str(stats)] if stats else []
+    result = CliRunner().invoke(main, [*args, *extra], input=input)
+    return result, json.loads(stats.read_text()) if stats and stats.exists() else None
+
+
+def chat_prompt(tokenizer, text: str) -> list:
+    messages = [{"role": "user", "content": text}]
+    templated = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(templated, add_special_tokens=False)
+
+
+def test_cli_streams_text_and_writes_stats(pair, tmp_path):
+    target, drafter, tokenizer = pair
+    result, stats = invoke(
+        "--model",
+        TARGET,
+        "--draft-model",
+        ASSISTANT,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "40",
+        tmp_path=tmp_path,
+    )
+    assert result.exit_code == 0, result.output
+    assert set(stats) >= STATS_KEYS
+    # The chat template is applied by default, as mlx_lm.generate does.
+    prompt = chat_prompt(tokenizer, PROMPT)
+    expected = list(stream_generate(target, drafter, tokenizer, prompt, 40))
+    assert stats["tokens"] == [r.token for r in expected]
+    assert stats["prompt_tokens"] == len(prompt)
+    assert stats["generation_tokens"] == 40 and stats["finish_reason"] == "length"
+    assert stats["drafted"] > 0 and stats["acceptance_rate"] == stats["accepted"] / stats["drafted"]
+    assert stats["mode"] == "mtp" and stats["num_draft_tokens"] == 4
+    assert "".join(r.text for r in expected) in result.stdout
+    for line in ("Prompt:", "Generation:", "tokens per target forward", "Peak memory:"):
+        assert line in result.stderr
+
+
+def test_cli_reads_the_prompt_from_stdin(pair, tmp_path):
+    target, drafter, tokenizer = pair
+    result, stats = invoke(
+        "--model",
+        TARGET,
+        "--draft-model",
+        ASSISTANT,
+        "--prompt",
+        "-",
+        "--ignore-chat-template",
+        "--max-tokens",
+        "12",
+        "--draft-schedule",
+        "heuristic",
+        "--num-draft-tokens",
+        "6",
+        input=PROMPT,
+        tmp_path=tmp_path,
+    )
+    assert result.exit_code == 0, result.output
+    prompt = tokenizer.encode(PROMPT)
+    expected = [r.token for r in stream_generate(target, drafter, tokenizer, prompt, 12)]
+    assert stats["tokens"] == expected
+    assert stats["prompt_tokens"] == len(prompt)
+
+
+def test_cli_prompt_tokens_and_no_draft(tmp_path):
+    ids = json.loads((FIXTURE / "held_out_prompts.jsonl").read_text().splitlines()[0])["input_ids"]
+    common = ["--model", TARGET, "--prompt-tokens", " ".join(map(str, ids)), "--max-tokens", "16"]
+    result, with_draft = invoke(*common, "--draft-model", ASSISTANT, tmp_path=tmp_path)
+    assert result.exit_code == 0, result.output
+    result, plain = invoke(*common, "--draft-model", ASSISTANT, "--no-draft", tmp_path=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert plain["mode"] == "plain" and plain["drafted"] == 0 and plain["num_draft_tokens"] == 0
+    assert plain["target_forwards"] == 16
+    assert with_draft["prompt_tokens"] == plain["prompt_tokens"] == len(ids)
+    # bf16 checkpoint: the same tokens up to near-ties (exact identity is tested in float32).
+    same = sum(a == b for a, b in zip(with_draft["tokens"], plain["tokens"], strict=True))
+    assert same >= 12
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/no/such/model"], "/no/such/model: no such folder"),
+        (["--model", TARGET, "--draft-model", TARGET], "not a Gemma 4 assistant drafter"),
+        (["--model", ASSISTANT], "is an assistant drafter"),
+    ],
+    ids=["bad-path", "target-as-drafter", "drafter-as-target"],
+)
+def test_cli_bad_input_is_one_clear_line(args, message):
+    result, _ = invoke(*args, "--prompt", "hi")
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_needs_exactly_one_prompt():
+    result, _ = invoke("--model", TARGET)
+    assert result.exit_code != 0 and "exactly one of --prompt and --prompt-tokens" in result.output
+    result, _ = invoke("--model", TARGET, "--prompt", "x", "--prompt-tokens", "1 two")
+    assert result.exit_code != 0
+
+
+def test_module_runs_as_a_new_user_would(tmp_path):
+    """The real entry point, prompt from stdin."""
+    stats = tmp_path / "stats.json"
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_gemma_mtp.generate",
+        "--model",
+        TARGET,
+        "--draft-model",
+        ASSISTANT,
+        "--prompt",
+        "-",
+        "--max-tokens",
+        "8",
+        "--stats-json",
+        str(stats),
+    ]
+    result = subprocess.run(command, input="def main():", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(stats.read_text())["tokens"]) == 8
+    assert "tokens per target forward" in result.stderr
+
+
+# -- text, stop strings, EOS -------------------------------------------------------------------
+
+
+def test_stop_strings_hold_back_partial_matches():
+    stops = StopStrings(["\n\n", "END"])
+    assert stops.feed("abc") == ("abc", False)
+    assert stops.feed("de\n") == ("de", False)  # "\n" may begin "\n\n"
+    assert stops.feed("x") == ("\nx", False)
+    assert stops.feed("E") == ("", False)
+    assert stops.feed("ND more") == ("", True)
+    assert StopStrings().feed("anything") == ("anything", False)
+
+
+def test_stop_string_inside_a_drafted_block(pair):
+    target, drafter, tokenizer = pair
+    prompt = chat_prompt(tokenizer, PROMPT)
+    responses = list(stream_generate(target, drafter, tokenizer, prompt, 48))
+    text = "".join(r.text for r in responses)
+    # A stop string completed by a token in the middle of a drafted block.
+    offsets = [0]
+    for r in responses:
+        offsets.append(offsets[-1] + len(r.text))
+    inside = [
+        i
+        for i in range(1, len(responses) - 1)
+        if responses[i].from_draft and responses[i + 1].from_draft and responses[i].text.strip()
+    ]
+    first_seen = [
+        i for i in inside if text.find(text[offsets[i] - 3 : offsets[i + 1]]) == offsets[i] - 3
+    ]
+    assert first_seen
+    i = first_seen[0]
+    stop = text[offsets[i] - 3 : offsets[i + 1]]
+    stopped = list(stream_generate(target, drafter, tokenizer, prompt, 48, stop=[stop]))
+    assert "".join(r.text for r in stopped) == text[: offsets[i] - 3]
+    assert stopped[-1].finish_reason == "stop"
+    assert [r.token for r in stopped] == [r.token for r in responses[: i + 1]]
+
+
+def test_eos_ends_generation_without_its_text(pair):
+    target, drafter, tokenizer = pair
+    prompt = chat_prompt(tokenizer, PROMPT)
+    reference = list(stream_generate(target, drafter, tokenizer, prompt, 30))
+    eos = reference[10].token
+    first = next(i for i, r in enumerate(reference) if r.token == eos)
+    responses = list(stream_generate(target, drafter, tokenizer, prompt, 30, eos_token_ids=[eos]))
+    assert [r.token for r in responses] == [r.token for r in reference[: first + 1]]
+    assert responses[-1].finish_reason == "stop"
+    assert responses[-1].generation_tokens == first + 1
+    assert "".join(r.text for r in responses) == "".join(r.text for r in reference[:first])
+
+
+def test_generate_returns_the_text_and_rejects_text_without_tokenizer(pair, capsys):
+    target, drafter, tokenizer = pair
+    text = generate(target, drafter, tokenizer, PROMPT, max_tokens=10, verbose=True)
+    streamed = "".join(r.text for r in stream_generate(target, drafter, tokenizer, PROMPT, 10))
+    assert text == streamed
+    captured = capsys.readouterr()
+    assert text in captured.out and "Generation: 10 tokens" in captured.err
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        list(stream_generate(target, drafter, None, PROMPT, 10))
