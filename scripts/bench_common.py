@@ -1,0 +1,200 @@
+"""Helpers shared by the benchmark scripts: timing statistics, the ideal-speedup model, tables."""
+
+import datetime
+import hashlib
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import mlx.core as mx
+
+
+def summarize(samples: Sequence[float]) -> dict:
+    """Median and spread of ``samples`` (quartiles need at least 4 samples, else min/max)."""
+    values = sorted(samples)
+    if not values:
+        return {"n": 0, "median": None, "min": None, "max": None, "p25": None, "p75": None}
+    if len(values) >= 4:
+        p25, _, p75 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        p25, p75 = values[0], values[-1]
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "min": values[0],
+        "max": values[-1],
+        "p25": p25,
+        "p75": p75,
+    }
+
+
+def time_calls(
+    fn: Callable[[], None],
+    iters: int,
+    warmup: int = 1,
+    after: Callable[[], None] | None = None,
+) -> dict:
+    """Seconds per ``fn()`` call (``fn`` must evaluate what it computes); ``after`` runs
+    untimed after every call (e.g. to roll a cache back)."""
+    samples = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if after is not None:
+            after()
+        if i >= warmup:
+            samples.append(elapsed)
+    return summarize(samples)
+
+
+def tokens_per_round(alpha: float, k: int) -> float:
+    """Expected tokens per verification round for ``k`` drafts, each accepted with probability
+    ``alpha`` given the previous ones were (the bonus/correction token included)."""
+    return sum(alpha**i for i in range(k + 1))
+
+
+def alpha_from_tokens_per_round(length: float, k: int) -> float:
+    """Inverse of ``tokens_per_round`` in ``alpha`` (bisection)."""
+    if not 1.0 <= length <= k + 1:
+        raise ValueError(f"tokens per round {length} is outside [1, {k + 1}]")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tokens_per_round(mid, k) < length else (lo, mid)
+    return (lo + hi) / 2
+
+
+def ideal_speedup(
+    tokens_per_round: float, t_target_one: float, t_target_verify: float, k: int, t_draft: float
+) -> float:
+    """ideal = E[tokens per round] x t_target(1) / (t_target(k+1) + k t_draft): the speedup
+    over plain decoding if the loop cost nothing but its forwards."""
+    return tokens_per_round * t_target_one / (t_target_verify + k * t_draft)
+
+
+def spread(stat: dict, scale: float = 1.0, digits: int = 1) -> str:
+    """``median [min-max]`` (or the quartiles when there are enough samples)."""
+    if not stat or stat.get("median") is None:
+        return "-"
+    lo, hi = (stat["p25"], stat["p75"]) if stat["n"] >= 4 else (stat["min"], stat["max"])
+    f = f"{{:.{digits}f}}"
+    return f"{f.format(stat['median'] * scale)} [{f.format(lo * scale)}-{f.format(hi * scale)}]"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def total_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def blas_library() -> str:
+    """Which BLAS MLX's CPU float32 matmuls use: the MLX Linux wheel bundles the reference
+    (netlib) BLAS in ``mlx_cpu.libs``; an optimized one can be preloaded (scripts/README.md)."""
+    preload = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if "blas" in p.lower()]
+    if preload:
+        return f"preloaded {Path(preload[0]).name} ({preload[0]})"
+    try:
+        with open("/proc/self/maps") as f:
+            mapped = {line.split()[-1] for line in f if "mlx_cpu.libs" in line}
+    except OSError:
+        mapped = set()
+    bundled = sorted(Path(p).name for p in mapped if Path(p).name.startswith("libblas"))
+    if bundled:
+        return f"reference BLAS bundled with the MLX wheel ({bundled[0]})"
+    if platform.system() == "Darwin":
+        return "Accelerate"
+    return "unknown"
+
+
+def code_version() -> dict:
+    """The commit and a hash of the package sources as run (uncommitted changes included)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for file in sorted((root / "mlx_gemma_mtp").rglob("*.py")):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "mlx_gemma_mtp"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        commit, dirty = "", ""
+    return {
+        "commit": commit or None,
+        "package_changed_since_commit": bool(dirty),
+        "package_sha256": digest.hexdigest()[:12],
+    }
+
+
+def machine_info() -> dict:
+    import mlx_lm
+
+    memory = total_memory_bytes()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory / 2**30, 1) if memory else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "device": str(mx.default_device()),
+        "blas": blas_library(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "code": code_version(),
+    }
+
+
+def machine_line(info: dict) -> str:
+    return (
+        f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, {info['platform']}; "
+        f"MLX {info['mlx']} ({info['device']}, BLAS: {info.get('blas', '?')}), "
+        f"mlx-lm {info['mlx_lm']}; {info['date']}"
+    ) + code_line(info.get("code"))
+
+
+def code_line(code: dict | None) -> str:
+    if not code:
+        return ""
+    changed = " + uncommitted changes" if code["package_changed_since_commit"] else ""
+    return f"; code {code['commit']}{changed} (package sha256 {code['package_sha256']})"

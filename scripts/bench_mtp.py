@@ -1,0 +1,823 @@
+"""MTP speculative decoding against plain decoding (and transformers), side by side in one process.
+
+Arms, interleaved run by run (shuffled per prompt, with a short cool-down between runs):
+
+- ``plain``: mlx-lm's own ``stream_generate`` on the same loaded target model (greedy, and at each
+  ``--temps`` temperature): the baseline every mlx-lm user already has;
+- ``ours-plain``: our engine without a drafter (greedy), to separate loop cost from drafting;
+- ``mtp``: our ``stream_generate`` for each ``k`` in ``--ks``, ``constant`` and ``heuristic``
+  schedules, at each temperature;
+- with ``--with-transformers``: transformers' plain and assisted generation on the Hugging Face
+  checkpoints (CPU, float32, greedy, ``num_assistant_tokens=--hf-k``, constant schedule).
+
+Per arm: generation tokens/s (first to last generated token; median and quartiles over prompts and
+repeats), speedup over plain (median of per-run ratios against mlx-lm plain at the same temperature,
+and the ratio of total generation times), acceptance, tokens per target forward, rounds, peak
+memory, and for greedy arms whether every output equals mlx-lm's plain greedy output.
+
+Engine efficiency, in the same process on the loaded pair (cache prefilled with a long prompt):
+t_target(1), t_target(k+1), t_draft, and ideal = E[tokens per round] x t_target(1) /
+(t_target(k+1) + k t_draft), E from the measured rounds; reported with measured/ideal. With
+``--profile`` a separate pass times each phase of a round (draft, verify, the rest).
+
+    python scripts/bench_mtp.py                      # the fixture pair, all arms (~30 min)
+    python scripts/bench_mtp.py --ks 2,3,4 --temps 0 --schedules constant --num-prompts 8
+
+Writes ``--out``/bench_mtp.json, bench_mtp.md and bench_mtp.png (the plot needs matplotlib:
+``pip install -e ".[bench]"``).
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+
+import bench_common as bc  # noqa: E402
+from bench_projection import linear_fit, measure_pair  # noqa: E402
+from mlx_lm.generate import stream_generate as mlx_lm_stream_generate  # noqa: E402
+from mlx_lm.sample_utils import make_sampler  # noqa: E402
+
+from mlx_gemma_mtp import load  # noqa: E402
+from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
+from mlx_gemma_mtp.generate import stream_generate  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+def read_prompts(path: Path, num_prompts: int | None) -> list[list[int]]:
+    prompts = [json.loads(line)["input_ids"] for line in path.read_text().splitlines() if line]
+    return prompts[:num_prompts] if num_prompts else prompts
+
+
+def long_prompts(prompts: list[list[int]], count: int, length: int) -> list[list[int]]:
+    """``count`` prompts of ``length`` tokens: concatenations of the prompts (each later one
+    without its first token, the BOS), starting from a different prompt each time."""
+    result = []
+    for start in range(count):
+        ids = list(prompts[start % len(prompts)])
+        i = start + 1
+        while len(ids) < length:
+            ids += prompts[i % len(prompts)][1:]
+            i += 1
+        result.append(ids[:length])
+    return result
+
+
+# -- arms -------------------------------------------------------------------------------------
+
+
+class Arm:
+    def __init__(self, kind: str, temp: float = 0.0, k: int = 0, schedule: str | None = None):
+        self.kind, self.temp, self.k, self.schedule = kind, temp, k, schedule
+
+    @property
+    def name(self) -> str:
+        name = self.kind
+        if self.kind == "mtp":
+            name += f" k={self.k} {self.schedule}"
+        elif self.kind == "hf-assisted":
+            name += f" k={self.k}"
+        return name + ("" if self.temp == 0 else f" temp={self.temp:g}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temp == 0
+
+
+def make_arms(args) -> list[Arm]:
+    arms = []
+    for temp in args.temps:
+        arms.append(Arm("plain", temp))
+        if temp == 0 and not args.no_engine_plain:
+            arms.append(Arm("ours-plain", temp))
+        for schedule in args.schedules:
+            for k in args.ks:
+                if schedule == "heuristic" and k == 1:
+                    continue  # identical to constant k=1
+                arms.append(Arm("mtp", temp, k, schedule))
+    if args.with_transformers:
+        arms += [Arm("hf-plain"), Arm("hf-assisted", k=args.hf_k)]
+    return arms
+
+
+def timed_stream(responses) -> dict:
+    """Consume a response stream; times of the first and the last token."""
+    start = time.perf_counter()
+    tokens, first, last, response = [], None, None, None
+    for response in responses:
+        now = time.perf_counter()
+        if first is None:
+            first = now
+        last = now
+        tokens.append(response.token)
+    record = {"tokens": tokens, "t_total": last - start, "t_first": first - start}
+    record["t_gen"] = last - first
+    if response is not None:
+        for key in ("drafted", "accepted", "rounds", "target_forwards"):
+            record[key] = getattr(response, key, None)
+    return record
+
+
+class Runner:
+    def __init__(self, target, drafter, tokenizer, max_tokens: int, hf=None):
+        self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
+        self.max_tokens = max_tokens
+        self.hf = hf
+
+    def run(self, arm: Arm, prompt: list[int], seed: int) -> dict:
+        mx.random.seed(seed)
+        mx.reset_peak_memory()
+        if arm.kind == "plain":
+            sampler = make_sampler(temp=arm.temp)
+            stream = mlx_lm_stream_generate(
+                self.target.model,
+                self.tokenizer,
+                mx.array(prompt),
+                max_tokens=self.max_tokens,
+                sampler=sampler,
+            )
+            record = timed_stream(stream)
+        elif arm.kind in ("ours-plain", "mtp"):
+            stream = stream_generate(
+                self.target,
+                self.drafter if arm.kind == "mtp" else None,
+                self.tokenizer,
+                prompt,
+                self.max_tokens,
+                num_draft_tokens=max(arm.k, 1),
+                draft_schedule=arm.schedule or "constant",
+                temp=arm.temp,
+            )
+            record = timed_stream(stream)
+        else:
+            record = self.hf.run(arm, prompt, self.max_tokens)
+        record["peak_memory"] = mx.get_peak_memory() if not arm.kind.startswith("hf") else None
+        return record
+
+
+# -- transformers ------------------------------------------------------------------------------
+
+
+class HFRunner:
+    """transformers' generation on the Hugging Face checkpoints, CPU, float32."""
+
+    def __init__(self, target_path: Path, assistant_path: Path, threads: int | None):
+        import torch
+        from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from hf_reference import patch_transformers
+
+        patch_transformers()
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.target = Gemma4ForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+        self.assistant = Gemma4AssistantForCausalLM.from_pretrained(
+            assistant_path, dtype=torch.float32
+        ).eval()
+        self.forwards = 0
+        self.target.register_forward_hook(self._count)
+
+    def _count(self, *_):
+        self.forwards += 1
+
+    def run(self, arm: Arm, prompt: list[int], max_tokens: int) -> dict:
+        torch = self.torch
+        streamer = _TimingStreamer()
+        kwargs = dict(max_new_tokens=max_tokens, do_sample=False, streamer=streamer)
+        if arm.kind == "hf-assisted":
+            self.assistant.generation_config.num_assistant_tokens = arm.k
+            self.assistant.generation_config.num_assistant_tokens_schedule = "constant"
+            kwargs["assistant_model"] = self.assistant
+        self.forwards = 0
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.target.generate(torch.tensor([prompt]), **kwargs)
+        end = time.perf_counter()
+        tokens = out[0, len(prompt) :].tolist()
+        first = streamer.times[1] if len(streamer.times) > 1 else end
+        return {
+            "tokens": tokens,
+            "t_total": end - start,
+            "t_first": first - start,
+            "t_gen": streamer.times[-1] - first if len(streamer.times) > 1 else 0.0,
+            "target_forwards": self.forwards,
+            "drafted": None,
+            "accepted": None,
+            "rounds": self.forwards - 1 if arm.kind == "hf-assisted" else None,
+        }
+
+
+class _TimingStreamer:
+    """A transformers streamer that only records when tokens arrive (the first put is the
+    prompt)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, _):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+# -- summaries --------------------------------------------------------------------------------
+
+
+def baseline_kind(arm: Arm) -> str:
+    return "hf-plain" if arm.kind.startswith("hf") else "plain"
+
+
+def summarize_arms(arms: list[Arm], runs: list[dict], drafter_bytes: int) -> list[dict]:
+    by_key = {(r["arm"], r["prompt"], r["repeat"]): r for r in runs}
+    plain_greedy = {(r["prompt"], r["repeat"]): r["tokens"] for r in runs if r["arm"] == "plain"}
+    summaries = []
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm.name]
+        base_name = Arm(baseline_kind(arm), arm.temp if arm.kind != "hf-assisted" else 0).name
+        ratios, base_time, my_time = [], 0.0, 0.0
+        for r in mine:
+            base = by_key.get((base_name, r["prompt"], r["repeat"]))
+            if base is None or not r["gen_tps"] or not base["gen_tps"]:
+                continue
+            ratios.append(r["gen_tps"] / base["gen_tps"])
+            base_time += base["t_gen"] / max(len(base["tokens"]) - 1, 1)
+            my_time += r["t_gen"] / max(len(r["tokens"]) - 1, 1)
+        drafted = sum(r["drafted"] or 0 for r in mine)
+        accepted = sum(r["accepted"] or 0 for r in mine)
+        rounds = sum(r["rounds"] or 0 for r in mine)
+        forwards = sum(r["target_forwards"] or 0 for r in mine)
+        tokens = sum(len(r["tokens"]) for r in mine)
+        identical = None
+        if arm.greedy and arm.kind != "plain":
+            same = [r["tokens"] == plain_greedy.get((r["prompt"], r["repeat"])) for r in mine]
+            identical = f"{sum(same)}/{len(same)}"
+        gen_time = sum(r["t_gen"] for r in mine)
+        peaks = [r["peak_memory"] for r in mine if r["peak_memory"] is not None]
+        summaries.append(
+            {
+                "arm": arm.name,
+                "kind": arm.kind,
+                "k": arm.k,
+                "schedule": arm.schedule,
+                "temp": arm.temp,
+                "runs": len(mine),
+                "gen_tps": bc.summarize([r["gen_tps"] for r in mine if r["gen_tps"]]),
+                "e2e_tps": bc.summarize([len(r["tokens"]) / r["t_total"] for r in mine]),
+                "speedup": bc.summarize(ratios),
+                "speedup_total_time": base_time / my_time if my_time else None,
+                "acceptance": accepted / drafted if drafted else None,
+                # Tokens per verification round (the first token comes from the prefill).
+                "tokens_per_round": (tokens - len(mine)) / rounds if rounds else None,
+                "tokens_per_target_forward": tokens / forwards if forwards else None,
+                "mean_draft_length": drafted / rounds if rounds and drafted else None,
+                "rounds": bc.summarize([r["rounds"] for r in mine if r["rounds"] is not None]),
+                # Generation time (first to last token) per round and per token, over all runs.
+                "seconds_per_round": gen_time / rounds if rounds else None,
+                "seconds_per_token": gen_time / max(tokens - len(mine), 1) if len(mine) else None,
+                "peak_memory": max(peaks) if peaks else None,
+                "identical_to_plain_greedy": identical,
+                "drafter_bytes": drafter_bytes if arm.kind == "mtp" else 0,
+            }
+        )
+    return summaries
+
+
+def interpolate(t_target: dict, length: float) -> float:
+    lengths = sorted(t_target)
+    if length <= lengths[0]:
+        return t_target[lengths[0]]["median"]
+    for lo, hi in zip(lengths, lengths[1:], strict=False):
+        if lo <= length <= hi:
+            w = (length - lo) / (hi - lo)
+            return (1 - w) * t_target[lo]["median"] + w * t_target[hi]["median"]
+    return t_target[lengths[-1]]["median"]
+
+
+def add_efficiency(summaries: list[dict], micro: dict, full_vocab: bool) -> None:
+    """ideal and measured/ideal per MTP arm, and the two factors measured/ideal splits into:
+    loop efficiency = (t_target(k+1) + k t_draft) / measured time per round, and the plain
+    factor = mlx-lm's measured time per token / t_target(1) (below 1 when mlx-lm's pipelined
+    loop runs faster than one synchronous forward)."""
+    t_target = micro["t_target"]
+    head = "full_vocab" if full_vocab else "centroid"
+    head = head + "_compiled" if head + "_compiled" in micro["t_draft"] else head
+    micro["draft_head_for_ideal"] = head
+    t_draft = micro["t_draft"][head]["median"]
+    t_one = t_target[1]["median"]
+    plain = next((s for s in summaries if s["kind"] == "plain" and s["temp"] == 0), None)
+    if plain is not None and plain["seconds_per_token"]:
+        micro["plain_seconds_per_token"] = plain["seconds_per_token"]
+        micro["plain_factor"] = plain["seconds_per_token"] / t_one
+    for s in summaries:
+        if s["kind"] != "mtp" or not s["tokens_per_round"] or not s["mean_draft_length"]:
+            continue
+        k = s["mean_draft_length"]
+        t_round = interpolate(t_target, k + 1) + k * t_draft
+        s["ideal_speedup"] = s["tokens_per_round"] * t_one / t_round
+        measured = s["speedup"]["median"]
+        s["measured_over_ideal"] = measured / s["ideal_speedup"] if measured else None
+        if s["seconds_per_round"]:
+            s["loop_efficiency"] = t_round / s["seconds_per_round"]
+
+
+def memory_check(summaries: list[dict]) -> dict:
+    """Peak with the drafter vs a target-only run, against mlx-lm plain and against our engine
+    without a drafter. The drafter's weights are resident in the process during the target-only
+    arms too, so they are subtracted from those peaks first."""
+    mtp = [s for s in summaries if s["kind"] == "mtp" and s["peak_memory"]]
+    if not mtp:
+        return {}
+    drafter = mtp[0]["drafter_bytes"]
+    worst = max(s["peak_memory"] for s in mtp)
+    checks = {"drafter_bytes": drafter, "worst_mtp_peak": worst}
+    for kind in ("plain", "ours-plain"):
+        base = next((s for s in summaries if s["kind"] == kind and s["temp"] == 0), None)
+        if base is None or base["peak_memory"] is None:
+            continue
+        target_only = base["peak_memory"] - drafter
+        limit = 1.05 * target_only + drafter
+        checks[kind] = {
+            "target_only_peak": target_only,
+            "limit": limit,
+            "within_limit": worst <= limit,
+        }
+    return checks
+
+
+# -- profile ----------------------------------------------------------------------------------
+
+
+class _Timed:
+    """Forwards attributes to ``inner``; calls are evaluated and timed into ``bucket``."""
+
+    def __init__(self, inner, totals: dict, bucket: str):
+        self._inner, self._totals, self._bucket = inner, totals, bucket
+
+    def __getattr__(self, name):
+        value = getattr(self._inner, name)
+        if name == "backbone":  # the engine's prefill calls the target's backbone directly
+            return _Timed(value, self._totals, "prefill")
+        return value
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self._inner(*args, **kwargs)
+        mx.eval(out)
+        self._totals[self._bucket] += time.perf_counter() - start
+        return out
+
+
+@contextlib.contextmanager
+def timed_drafting(totals: dict):
+    """Time the engine's draft phase (``SpeculativeGenerator._draft``: k draft steps, built and
+    evaluated); the drafter itself may run inside ``mx.compile``, where nothing can be evaluated."""
+    original = SpeculativeGenerator._draft
+
+    def draft(self, pending, k):
+        start = time.perf_counter()
+        drafts, dists = original(self, pending, k)
+        mx.eval(drafts, [d for d in dists if d is not None])
+        totals["draft"] += time.perf_counter() - start
+        return drafts, dists
+
+    SpeculativeGenerator._draft = draft
+    try:
+        yield
+    finally:
+        SpeculativeGenerator._draft = original
+
+
+def profile(runner: Runner, prompts: list[list[int]], ks: list[int]) -> list[dict]:
+    """Per round: time drafting, in target forwards (verification), and in everything else
+    (acceptance, cache trims, host syncs, Python, detokenizing). Each phase is evaluated where it
+    ends, so this pass runs a little slower than the real loop (one host sync per round); its
+    'unprofiled' column is the real loop's time per round for comparison."""
+    rows = []
+    for k in ks:
+        totals = dict.fromkeys(("draft", "verify", "prefill"), 0.0)
+        target = _Timed(runner.target, totals, "verify")
+        wall, rounds, unprofiled = 0.0, 0, 0.0
+        for prompt in prompts:
+            with timed_drafting(totals):
+                record = timed_stream(
+                    stream_generate(
+                        target, runner.drafter, runner.tokenizer, prompt, runner.max_tokens,
+                        num_draft_tokens=k,
+                    )
+                )  # fmt: skip
+            wall += record["t_total"]
+            rounds += record["rounds"]
+            unprofiled += timed_stream(
+                stream_generate(
+                    runner.target, runner.drafter, runner.tokenizer, prompt, runner.max_tokens,
+                    num_draft_tokens=k,
+                )
+            )["t_total"]  # fmt: skip
+        rounds_wall = wall - totals["prefill"]
+        other = rounds_wall - totals["draft"] - totals["verify"]
+        rows.append(
+            {
+                "k": k,
+                "rounds": rounds,
+                "draft_ms_per_round": totals["draft"] / rounds * 1e3,
+                "verify_ms_per_round": totals["verify"] / rounds * 1e3,
+                "other_ms_per_round": other / rounds * 1e3,
+                "profiled_ms_per_round": rounds_wall / rounds * 1e3,
+                # The same prefill time is taken off the unprofiled run.
+                "unprofiled_ms_per_round": (unprofiled - totals["prefill"]) / rounds * 1e3,
+            }
+        )
+    return rows
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def fmt(value, pattern="{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def report(result: dict) -> str:
+    info = result["machine"]
+    lines = [
+        "## MTP speculative decoding vs plain decoding",
+        "",
+        f"Machine: {bc.machine_line(info)}",
+        f"Command: `{result['command']}`",
+        f"Pair: `{result['model']}` + `{result['draft_model']}` ({result['dtype']}); "
+        f"{result['num_prompts']} prompts ({result['prompt_lengths']}), "
+        f"{result['max_tokens']} new tokens each, {result['repeats']} repeat(s), arms interleaved "
+        f"run by run in random order with a {result['cooldown']} s cool-down.",
+        "",
+        "tokens/s: generation tokens/s from the first to the last generated token, median "
+        "[quartiles] over runs. speedup: median [quartiles] of per-run ratios to mlx-lm plain "
+        "decoding at the same temperature (transformers arms: to transformers plain); "
+        "total: ratio of summed per-token generation times.",
+        "",
+    ]
+    headers = [
+        "arm",
+        "tokens/s",
+        "speedup",
+        "total",
+        "acceptance",
+        "tokens/round",
+        "tokens/forward",
+        "rounds",
+        "peak MiB",
+        "identical",
+        "ideal",
+        "measured/ideal",
+    ]
+    rows = []
+    for s in result["arms"]:
+        rows.append(
+            [
+                s["arm"],
+                bc.spread(s["gen_tps"], 1, 1),
+                bc.spread(s["speedup"], 1, 2) if s["kind"] not in ("plain", "hf-plain") else "1",
+                fmt(s["speedup_total_time"]),
+                fmt(s["acceptance"], "{:.3f}"),
+                fmt(s["tokens_per_round"]),
+                fmt(s["tokens_per_target_forward"]),
+                fmt(s["rounds"]["median"], "{:.0f}") if s["rounds"]["n"] else "-",
+                fmt(s["peak_memory"] / 2**20 if s["peak_memory"] else None, "{:.1f}"),
+                s["identical_to_plain_greedy"] or "-",
+                fmt(s.get("ideal_speedup")),
+                fmt(s.get("measured_over_ideal")),
+                fmt(s.get("loop_efficiency")),
+            ]
+        )
+    lines += [bc.markdown_table(headers, rows), ""]
+    micro = result["efficiency"]
+    fit = micro["fit"]
+    lines += [
+        f"Engine costs on the loaded pair ({micro['context']} cached positions, median "
+        f"[min-max] of {micro['iters']} calls): t_target(L) in ms: "
+        + ", ".join(f"L={L}: {bc.spread(s, 1e3, 2)}" for L, s in micro["t_target"].items())
+        + f" (fit {fit['fixed'] * 1e3:.2f} + {fit['per_token'] * 1e3:.2f} L); t_draft: "
+        + ", ".join(f"{m} {bc.spread(s, 1e3, 2)}" for m, s in micro["t_draft"].items())
+        + ". ideal = tokens/round x t_target(1) / (t_target(k+1) + k t_draft), "
+        f"k = mean draft length, t_draft = {micro.get('draft_head_for_ideal', 'centroid')}; "
+        "loop eff. = (t_target(k+1) + k t_draft) / measured time per round.",
+        "",
+    ]
+    if micro.get("plain_factor"):
+        lines += [
+            f"mlx-lm plain decoding took {micro['plain_seconds_per_token'] * 1e3:.2f} ms per "
+            f"token, {micro['plain_factor']:.2f} x t_target(1) (a chain of single-token forwards "
+            f"queued like mlx-lm's loop: {micro['t_target_pipelined'] * 1e3:.2f} ms each), so "
+            "measured/ideal = loop eff. x that factor, about: a synchronous round cannot overlap "
+            "the host with the device the way plain decoding does.",
+            "",
+        ]
+    memory = result.get("memory_check") or {}
+    for kind, label in (("plain", "mlx-lm plain"), ("ours-plain", "our engine without drafter")):
+        check = memory.get(kind)
+        if not check:
+            continue
+        lines += [
+            f"Memory vs {label}: worst MTP peak {memory['worst_mtp_peak'] / 2**20:.1f} MiB; "
+            f"target-only peak {check['target_only_peak'] / 2**20:.1f} MiB (drafter weights "
+            f"{memory['drafter_bytes'] / 2**20:.1f} MiB subtracted); limit (+5% + drafter) "
+            f"{check['limit'] / 2**20:.1f} MiB: {'within' if check['within_limit'] else 'OVER'}.",
+            "",
+        ]
+    if result.get("profile"):
+        headers = [
+            "k",
+            "draft ms/round",
+            "verify ms/round",
+            "other ms/round",
+            "profiled ms/round",
+            "unprofiled ms/round",
+        ]
+        rows = [[p["k"]] + [f"{p[key]:.2f}" for key in headers_keys()] for p in result["profile"]]
+        lines += ["Per-phase breakdown (greedy, constant k; every call evaluated in place):", ""]
+        lines += [bc.markdown_table(headers, rows), ""]
+    return "\n".join(lines)
+
+
+def headers_keys() -> list[str]:
+    return [
+        "draft_ms_per_round",
+        "verify_ms_per_round",
+        "other_ms_per_round",
+        "profiled_ms_per_round",
+        "unprofiled_ms_per_round",
+    ]
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib not installed: no plot (pip install -e '.[bench]')")
+        return False
+    fig, (ax_tps, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    temps = sorted({s["temp"] for s in result["arms"]})
+    for temp in temps:
+        plain = next(
+            (s for s in result["arms"] if s["kind"] == "plain" and s["temp"] == temp), None
+        )
+        if plain is not None:
+            ax_tps.axhline(
+                plain["gen_tps"]["median"],
+                linestyle=":",
+                color="gray" if temp == 0 else "silver",
+                label=f"mlx-lm plain, temp {temp:g}",
+            )
+        for schedule in ("constant", "heuristic"):
+            arms = [
+                s
+                for s in result["arms"]
+                if s["kind"] == "mtp" and s["temp"] == temp and s["schedule"] == schedule
+            ]
+            if not arms:
+                continue
+            ks = [s["k"] for s in arms]
+            label = f"{schedule}, temp {temp:g}"
+            med = [s["gen_tps"]["median"] for s in arms]
+            lo = [s["gen_tps"]["median"] - s["gen_tps"]["p25"] for s in arms]
+            hi = [s["gen_tps"]["p75"] - s["gen_tps"]["median"] for s in arms]
+            ax_tps.errorbar(ks, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+            ax_acc.plot(ks, [s["acceptance"] for s in arms], marker="o", label=label)
+    ax_tps.set_xlabel("k (draft tokens per round; max for heuristic)")
+    ax_tps.set_ylabel("generation tokens/s (median, quartiles)")
+    ax_tps.legend(fontsize=7)
+    ax_acc.set_xlabel("k")
+    ax_acc.set_ylabel("acceptance (accepted / drafted)")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend(fontsize=7)
+    model = Path(result["model"])
+    fig.suptitle(
+        f"{model.parent.name}/{model.name} + drafter, {result['dtype']}, "
+        f"{result['machine']['cpu']} ({result['machine']['cores']} cores), "
+        f"BLAS: {result['machine'].get('blas', '?').split(' (')[0]}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(FIXTURE / "target"))
+    parser.add_argument("--draft-model", default=str(FIXTURE / "assistant"))
+    parser.add_argument("--dtype", default="float32", help="cast weights (float32, bfloat16...)")
+    parser.add_argument(
+        "--prompts",
+        default=str(FIXTURE / "held_out_prompts.jsonl"),
+        help="JSONL with an input_ids list per line",
+    )
+    parser.add_argument("--num-prompts", type=int, default=None, help="first N prompts only")
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=None, help="cut the prompts (quick runs)"
+    )
+    parser.add_argument(
+        "--long-prompts",
+        type=int,
+        default=4,
+        help="extra prompts made by concatenating the prompts",
+    )
+    parser.add_argument("--long-length", type=int, default=500, help="tokens per long prompt")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--ks", default="1,2,3,4,5,6")
+    parser.add_argument("--schedules", default="constant,heuristic")
+    parser.add_argument("--temps", default="0,0.7")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--cooldown", type=float, default=0.2, help="seconds between runs")
+    parser.add_argument("--no-engine-plain", action="store_true", help="skip the ours-plain arm")
+    parser.add_argument("--with-transformers", action="store_true")
+    parser.add_argument("--hf-k", type=int, default=4, help="num_assistant_tokens for transformers")
+    parser.add_argument("--hf-model", default=None, help="HF target folder (default --model)")
+    parser.add_argument(
+        "--hf-draft-model", default=None, help="HF assistant (default --draft-model)"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads for the transformers arms (1: like MLX here, and stable on a shared "
+        "machine; 2 threads with another process on the other core is several times slower)",
+    )
+    parser.add_argument("--micro-iters", type=int, default=10, help="calls per engine-cost figure")
+    parser.add_argument("--profile", action="store_true", help="add the per-phase breakdown")
+    parser.add_argument("--profile-ks", default=None, help="ks to profile (default --ks)")
+    parser.add_argument("--profile-prompts", type=int, default=4)
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument(
+        "--from-json", default=None, help="only rewrite the report and plot of a saved run"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.ks = [int(k) for k in args.ks.split(",") if k]
+    args.schedules = [s for s in args.schedules.split(",") if s]
+    args.temps = [float(t) for t in args.temps.split(",") if t]
+    if 0.0 not in args.temps:
+        args.temps.insert(0, 0.0)  # the greedy plain run is the reference for 'identical'
+    args.profile_ks = [int(k) for k in args.profile_ks.split(",")] if args.profile_ks else args.ks
+    return args
+
+
+def prefilled_cache(target, prompt: list[int], slack: int) -> list:
+    cache = target.make_cache(draft_slack=slack)
+    mx.eval(target.backbone(mx.array(prompt)[None], cache=cache))
+    return cache
+
+
+def pipelined_forward(target, prompt: list[int], steps: int) -> float:
+    """Seconds per single-token forward in a greedy chain queued like mlx-lm's loop (the next
+    forward is dispatched before the current token is read)."""
+    cache = prefilled_cache(target, prompt, 1)
+    token = mx.array([prompt[-1:]])
+    start = time.perf_counter()
+    for i in range(steps):
+        next_token = mx.argmax(target(token, cache).logits[:, -1:], axis=-1)
+        mx.async_eval(next_token)
+        if i:
+            token.item()  # evaluated already: no new op is queued behind the next forward
+        token = next_token
+    token.item()
+    return (time.perf_counter() - start) / steps
+
+
+def engine_costs(target, drafter, prompt: list[int], ks: list[int], iters: int, dtype) -> dict:
+    pipelined = pipelined_forward(target, prompt, 4 * iters)
+    cache = prefilled_cache(target, prompt, max(ks) + 1)
+    lengths = list(range(1, max(ks) + 2))
+    micro = measure_pair(target, drafter, cache, lengths, iters, 2, target.args.vocab_size, dtype)
+    micro["t_target_pipelined"] = pipelined
+    micro["fit"] = linear_fit(micro["t_target"])
+    micro["context"] = len(prompt)
+    micro["iters"] = iters
+    return micro
+
+
+def write_outputs(result: dict, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = report(result)
+    (out / "bench_mtp.md").write_text(markdown + "\n")
+    plot(result, out / "bench_mtp.png")
+    return markdown
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        print(write_outputs(result, Path(args.out)))
+        return result
+    target, drafter, tokenizer = load(args.model, args.draft_model, dtype=args.dtype)
+    drafter_bytes = sum(p.nbytes for _, p in tree_flatten(drafter.parameters()))
+    prompts = read_prompts(Path(args.prompts), args.num_prompts)
+    if args.max_prompt_tokens:
+        prompts = [p[: args.max_prompt_tokens] for p in prompts]
+    prompts += long_prompts(prompts, args.long_prompts, args.long_length)
+    hf = None
+    if args.with_transformers:
+        hf = HFRunner(
+            Path(args.hf_model or args.model),
+            Path(args.hf_draft_model or args.draft_model),
+            args.torch_threads,
+        )
+    runner = Runner(target, drafter, tokenizer, args.max_tokens, hf)
+    arms = make_arms(args)
+    command = "python scripts/bench_mtp.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(
+        f"[bench] {len(arms)} arms x {len(prompts)} prompts x {args.repeats} repeat(s)", flush=True
+    )
+
+    # Warm up every code path once (first calls build caches and compile small kernels).
+    for arm in arms:
+        runner.run(arm, prompts[0][:16], args.seed)
+
+    runs = []
+    rng = random.Random(args.seed)
+    started = time.perf_counter()
+    for repeat in range(args.repeats):
+        for p, prompt in enumerate(prompts):
+            order = list(arms)
+            rng.shuffle(order)
+            for arm in order:
+                time.sleep(args.cooldown)
+                record = runner.run(arm, prompt, args.seed + 1000 * repeat + p)
+                n = len(record["tokens"])
+                record["gen_tps"] = (n - 1) / record["t_gen"] if n > 1 and record["t_gen"] else None
+                record.update(arm=arm.name, prompt=p, repeat=repeat, prompt_tokens=len(prompt))
+                runs.append(record)
+            print(
+                f"[bench] repeat {repeat} prompt {p + 1}/{len(prompts)} "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+            gc.collect()
+
+    summaries = summarize_arms(arms, runs, drafter_bytes)
+    micro = engine_costs(
+        target,
+        drafter,
+        max(prompts, key=len),
+        args.ks,
+        args.micro_iters,
+        getattr(mx, args.dtype) if args.dtype else mx.float32,
+    )
+    add_efficiency(summaries, micro, full_vocab=False)
+    lengths = sorted({len(p) for p in prompts})
+    result = {
+        "machine": bc.machine_info(),
+        "command": command,
+        "model": args.model,
+        "draft_model": args.draft_model,
+        "dtype": args.dtype,
+        "num_prompts": len(prompts),
+        "prompt_lengths": f"{lengths[0]}-{lengths[-1]} tokens",
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "cooldown": args.cooldown,
+        "arms": summaries,
+        "efficiency": micro,
+        "memory_check": memory_check(summaries),
+        "tokens_per_round_by_k": {
+            s["k"]: s["tokens_per_round"]
+            for s in summaries
+            if s["kind"] == "mtp" and s["temp"] == 0 and s["schedule"] == "constant"
+        },
+        "runs": runs,
+    }
+    if args.profile:
+        result["profile"] = profile(runner, prompts[: args.profile_prompts], args.profile_ks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_mtp.json").write_text(json.dumps(result, indent=1, default=str))
+    print(write_outputs(result, out))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The benchmark scripts run end to end at tiny settings (their timings are not checked)."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from mlx_lm.models import gemma4_text
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_common as bc  # noqa: E402
+import bench_mtp  # noqa: E402
+import bench_projection  # noqa: E402
+
+from mlx_gemma_mtp.config import normalize_text_config  # noqa: E402
+from mlx_gemma_mtp.loading import validate_pair  # noqa: E402
+from mlx_gemma_mtp.models import gemma4_assistant  # noqa: E402
+from mlx_gemma_mtp.target import Target  # noqa: E402
+
+
+def test_acceptance_model():
+    assert bc.tokens_per_round(0.5, 2) == pytest.approx(1.75)
+    assert bc.tokens_per_round(1.0, 4) == pytest.approx(5.0)
+    assert bc.alpha_from_tokens_per_round(1.75, 2) == pytest.approx(0.5, abs=1e-9)
+    assert bc.alpha_from_tokens_per_round(2.28, 2) == pytest.approx(0.737, abs=1e-3)
+    with pytest.raises(ValueError):
+        bc.alpha_from_tokens_per_round(3.5, 2)
+    # 3 tokens per round; target forward 10 ms on 1 token, 20 ms on 3; draft 1 ms.
+    assert bc.ideal_speedup(3.0, 0.010, 0.020, 2, 0.001) == pytest.approx(0.030 / 0.022)
+
+
+def test_summarize_spread():
+    stat = bc.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (stat["n"], stat["median"], stat["min"], stat["max"]) == (5, 3.0, 1.0, 5.0)
+    assert (stat["p25"], stat["p75"]) == (2.0, 4.0)
+    assert bc.spread(stat) == "3.0 [2.0-4.0]"
+    assert bc.summarize([])["median"] is None
+
+
+@pytest.mark.parametrize("name", ["gemma-4-E2B-it", "gemma-4-E4B-it"])
+def test_real_configs_make_a_valid_pair(name):
+    """The transcribed configs build (lazily: nothing is allocated) into a target and a drafter
+    that fit together, and say where they come from."""
+    folder = SCRIPTS / "real_configs"
+    raw = json.loads((folder / f"{name}.json").read_text())
+    raw_assistant = json.loads((folder / f"{name}-assistant.json").read_text())
+    for config in (raw, raw_assistant):
+        assert config["_source"]["url"].startswith("https://huggingface.co/google/")
+        assert config["_source"]["retrieved"]
+    target_config = bench_projection.read_config(name)
+    args = gemma4_text.ModelArgs.from_dict(normalize_text_config(target_config))
+    target = Target(gemma4_text.Model(args))
+    drafter = gemma4_assistant.Model(
+        gemma4_assistant.ModelArgs.from_dict(bench_projection.read_config(f"{name}-assistant"))
+    )
+    validate_pair(target, drafter)
+    assert len(args.layer_types) == args.num_hidden_layers
+
+
+def tiny_config_dir(tmp_path: Path) -> Path:
+    """The fixture pair's configs under the names bench_projection.py reads."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    shutil.copy(FIXTURE / "target" / "config.json", folder / "tiny.json")
+    shutil.copy(FIXTURE / "assistant" / "config.json", folder / "tiny-assistant.json")
+    shutil.copy(SCRIPTS / "real_configs" / "published_acceptance.json", folder)
+    return folder
+
+
+def test_projection_runs(tmp_path):
+    out = tmp_path / "out"
+    result = bench_projection.main(
+        ["--models", "tiny", "--config-dir", str(tiny_config_dir(tmp_path)),
+         "--precisions", "fp32,q4", "--ks", "1,2", "--iters", "1", "--context", "40",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert [arm["precision"] for arm in result["arms"]] == ["fp32", "q4"]
+    for arm in result["arms"]:
+        assert sorted(arm["t_target"]) == [1, 2, 3]
+        assert set(arm["t_draft"]) == {
+            "centroid",
+            "centroid_compiled",
+            "full_vocab",
+            "full_vocab_compiled",
+        }
+        assert not arm["target"]["ple_truncated"]
+        assert {p["k"] for p in arm["projection"]} == {1, 2}
+        assert all(p["ideal_speedup"] > 0 for p in arm["projection"])
+    saved = json.loads((out / "projection.json").read_text())
+    assert len(saved["arms"]) == 2
+    assert "| tiny | q4 |" in (out / "projection.md").read_text()
+
+
+def test_projection_cuts_the_per_layer_table_when_asked(tmp_path):
+    config_dir = tiny_config_dir(tmp_path)
+    result = bench_projection.main(
+        ["--models", "tiny", "--config-dir", str(config_dir), "--precisions", "bf16",
+         "--ks", "1", "--iters", "1", "--context", "8", "--ple-rows", "1024",
+         "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    target = result["arms"][0]["target"]
+    assert target["ple_truncated"] and target["ple_rows"] == 1024
+    assert target["params_bytes_built"] < target["params_bytes_full_size"]
+
+
+def run_bench(tmp_path: Path, *extra: str) -> tuple[dict, Path]:
+    out = tmp_path / "bench"
+    result = bench_mtp.main(
+        ["--num-prompts", "2", "--max-prompt-tokens", "12", "--long-prompts", "1",
+         "--long-length", "30", "--max-tokens", "8",
+         "--cooldown", "0", "--micro-iters", "1", "--out", str(out), *extra]
+    )  # fmt: skip
+    return result, out
+
+
+def test_bench_mtp_runs(tmp_path):
+    result, out = run_bench(
+        tmp_path,
+        *("--ks", "2", "--schedules", "constant,heuristic", "--temps", "0,0.7"),
+        *("--profile", "--profile-prompts", "1", "--profile-ks", "2"),
+    )
+    arms = {s["arm"]: s for s in result["arms"]}
+    assert set(arms) == {
+        "plain", "ours-plain", "mtp k=2 constant", "mtp k=2 heuristic",
+        "plain temp=0.7", "mtp k=2 constant temp=0.7", "mtp k=2 heuristic temp=0.7",
+    }  # fmt: skip
+    for name, s in arms.items():
+        assert s["runs"] == 3
+        if s["kind"] == "mtp":
+            assert 0.0 <= s["acceptance"] <= 1.0
+            assert 1.0 <= s["tokens_per_round"] <= s["k"] + 1
+            assert s["ideal_speedup"] > 0
+        if s["kind"] in ("mtp", "ours-plain") and s["temp"] == 0:
+            assert s["identical_to_plain_greedy"] == "3/3", name
+    assert sorted(result["tokens_per_round_by_k"]) == [2]
+    assert sorted(result["efficiency"]["t_target"]) == [1, 2, 3]
+    assert [p["k"] for p in result["profile"]] == [2]
+    assert {"plain", "ours-plain"} <= set(result["memory_check"])
+    saved = json.loads((out / "bench_mtp.json").read_text())
+    assert len(saved["runs"]) == 7 * 3
+    assert "| mtp k=2 heuristic temp=0.7 |" in (out / "bench_mtp.md").read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "bench_mtp.png").stat().st_size > 0
+
+
+def test_bench_mtp_with_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    result, _ = run_bench(
+        tmp_path,
+        *("--ks", "2", "--schedules", "constant", "--temps", "0", "--no-engine-plain"),
+        *("--with-transformers", "--hf-k", "2"),
+    )
+    arms = {s["arm"]: s for s in result["arms"]}
+    assert arms["hf-assisted k=2"]["identical_to_plain_greedy"] == "3/3"
+    assert arms["hf-plain"]["identical_to_plain_greedy"] == "3/3"
+    assert arms["hf-assisted k=2"]["tokens_per_target_forward"] > 1.0
