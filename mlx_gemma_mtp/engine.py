@@ -66,13 +66,17 @@ class DraftSchedule:
 
 
 def prefill(target, cache: list, prompt: mx.array, step_size: int) -> mx.array:
-    """Feed ``prompt`` ``[P]`` in chunks; returns the final hidden state ``[1, 1, H]`` at P-1."""
-    while prompt.size > step_size:
-        target.backbone(prompt[None, :step_size], cache=cache)
+    """Feed ``prompt`` ``[P]`` in chunks; returns the final hidden state ``[1, 1, H]`` at P-1.
+
+    As mlx-lm does, all but the last token only fill the cache (evaluated chunk by chunk, so no
+    prompt-length activations outlive a chunk) and the last token runs alone."""
+    while prompt.size > 1:
+        chunk = min(step_size, prompt.size - 1)
+        target.backbone(prompt[None, :chunk], cache=cache)
         mx.eval([c.state for c in cache])
-        prompt = prompt[step_size:]
+        prompt = prompt[chunk:]
         mx.clear_cache()
-    return target.backbone(prompt[None], cache=cache)[:, -1:]
+    return target.backbone(prompt[None], cache=cache)
 
 
 class SpeculativeGenerator:
