@@ -13,8 +13,6 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .models.gemma4_assistant import DraftOutput
-from .models.gemma4_assistant import Model as Drafter
 from .sampling import TokenPolicy
 
 SCHEDULES = ("constant", "heuristic")
@@ -109,11 +107,6 @@ class SpeculativeGenerator:
         self.prefill_step_size = prefill_step_size
         self.eos_token_ids = set(eos_token_ids)
         self.cache = target.make_cache(draft_slack=max(num_draft_tokens, 1))
-        # Our drafter's step is compiled over whole K/V buffers + visibility masks, whose shapes
-        # change only when a buffer grows (rare retraces); other drafter objects run eagerly.
-        self._compiled_draft_step = (
-            mx.compile(self._draft_forward) if isinstance(drafter, Drafter) else None
-        )
         self.context = None  # prompt + emitted tokens, only for logits processors
 
     # -- one target step / one speculative round (lazy graphs) -----------------------------
@@ -129,31 +122,14 @@ class SpeculativeGenerator:
         n, tokens = self.policy.accept(drafts, dists, logprobs)
         return mx.concatenate([n.reshape(1), tokens]).astype(mx.int32)
 
-    def _draft_forward(self, token, hidden, shared_kv, masks, position) -> dict:
-        inputs = mx.concatenate([self.target.embed(token[None]), hidden], axis=-1)
-        if masks is None:
-            out = self.drafter(inputs, shared_kv, position, self.full_vocab_draft)
-        else:
-            out = self.drafter(inputs, shared_kv, position, self.full_vocab_draft, masks)
-        return {name: value for name, value in out._asdict().items() if value is not None}
-
-    def _draft_inputs(self):
-        """The target K/V of positions < p (read once per round), masks, and position p."""
-        position = self.cache[0].offset
-        if self._compiled_draft_step is None:
-            return self._draft_forward, self.target.shared_kv(self.cache), None, position
-        shared_kv, layout = self.target.shared_kv_buffers(self.cache)
-        position = mx.array(position)
-        masks = self.drafter.visibility_masks(layout, position)
-        return self._compiled_draft_step, shared_kv, masks, position
-
     def _draft(self, pending: mx.array, k: int):
-        drafter = self.drafter
-        draft_step, shared_kv, masks, position = self._draft_inputs()
+        target, drafter = self.target, self.drafter
+        shared_kv = target.shared_kv(self.cache)  # positions < p, read once per round
+        position = self.cache[0].offset
         hidden, token, drafts, dists = self.hidden, pending, [], []
         for _ in range(k):
-            step = draft_step(token, hidden, shared_kv, masks, position)
-            out = DraftOutput(step["logits"], step.get("candidates"), step["hidden"])
+            inputs = mx.concatenate([target.embed(token[None]), hidden], axis=-1)
+            out = drafter(inputs, shared_kv, position, full_vocab=self.full_vocab_draft)
             if self.full_rows:
                 logits = drafter.full_vocab_logits(out)[0]
                 token, dist = self.policy.draft(logits, self.context, drafts)
@@ -202,9 +178,7 @@ class SpeculativeGenerator:
                 next_logprobs = self.policy.target_logprobs(out.logits[0], self.context, [])
                 next_result = self._accept([], [], next_logprobs)
                 mx.async_eval(next_result)
-            # tolist() of the evaluated result: result[1].item() would queue a new op behind
-            # the step just dispatched and wait for it, losing the overlap.
-            tokens, done = self._finish([result.tolist()[1]], remaining)
+            tokens, done = self._finish([result[1].item()], remaining)
             yield Block(tokens, logprobs[:1], 0)
             if done:
                 return

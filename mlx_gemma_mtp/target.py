@@ -65,17 +65,6 @@ class Target:
         """Per layer type, the cached ``(keys, values)`` in position order."""
         return {t: ordered_kv(cache[i]) for t, i in self.shared_kv_layers.items()}
 
-    def shared_kv_buffers(self, cache: list) -> tuple[dict, dict]:
-        """Per layer type, the whole ``(keys, values)`` buffers of ``make_cache()`` caches and
-        their layout ``(capacity, first_position, length)``, for ``visibility_masks``."""
-        shared_kv, layout = {}, {}
-        for layer_type, i in self.shared_kv_layers.items():
-            c = cache[i]
-            length = getattr(c, "length", c.offset)  # KVCache holds every position from 0
-            shared_kv[layer_type] = (c.keys, c.values)
-            layout[layer_type] = (c.keys.shape[2], c.offset - length, length)
-        return shared_kv, layout
-
 
 def ordered_kv(layer_cache) -> tuple[mx.array, mx.array]:
     if hasattr(layer_cache, "ordered_kv"):

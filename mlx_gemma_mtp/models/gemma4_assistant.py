@@ -100,28 +100,11 @@ class Model(nn.Module):
             keys, values = keys[..., -window:, :], values[..., -window:, :]
         return {"full_attention": shared_kv["full_attention"], "sliding_attention": (keys, values)}
 
-    def visibility_masks(self, layout: dict, position: mx.array) -> dict:
-        """``visible_kv`` as masks over whole K/V buffers, whose shapes change only when a
-        buffer grows (so a compiled draft step is not retraced every round). ``layout`` maps
-        layer type to ``(capacity, first_position, length)`` of the buffer."""
-        masks = {}
-        for layer_type, (capacity, first, length) in layout.items():
-            index = mx.arange(capacity)
-            visible = index < length
-            if layer_type == "sliding_attention":
-                visible &= index + first >= position - (self.sliding_window + 1)
-            masks[layer_type] = visible
-        return masks
-
-    def backbone(
-        self, inputs_embeds: mx.array, shared_kv: dict, position, masks: dict | None = None
-    ) -> mx.array:
+    def backbone(self, inputs_embeds: mx.array, shared_kv: dict, position) -> mx.array:
         """Final-norm hidden state for ``[target embedding ; target hidden]`` inputs."""
-        masks = masks or {}
         h = self.pre_projection(inputs_embeds)
         for layer in self.model.layers:
-            kv, mask = shared_kv[layer.layer_type], masks.get(layer.layer_type)
-            h, _, _ = layer(h, mask, None, shared_kv=kv, offset=position)
+            h, _, _ = layer(h, None, None, shared_kv=shared_kv[layer.layer_type], offset=position)
         return self.model.norm(h)
 
     def order_lm_head(self) -> None:
@@ -145,20 +128,11 @@ class Model(nn.Module):
         return logits, candidates
 
     def __call__(
-        self,
-        inputs_embeds: mx.array,
-        shared_kv: dict,
-        position,
-        full_vocab: bool = False,
-        masks: dict | None = None,
+        self, inputs_embeds: mx.array, shared_kv: dict, position, full_vocab: bool = False
     ) -> DraftOutput:
         """One draft step. ``shared_kv`` maps layer type to the target's ``(keys, values)``
-        for positions ``< position``, in order; ``position`` may be an int or an ``mx.array``.
-        With ``masks`` (from ``visibility_masks``) the K/V are whole buffers and the masks say
-        which entries the drafter sees."""
-        if masks is None:
-            shared_kv = self.visible_kv(shared_kv)
-        hidden = self.backbone(inputs_embeds, shared_kv, position, masks)
+        for positions ``< position``, in order; ``position`` may be an int or an ``mx.array``."""
+        hidden = self.backbone(inputs_embeds, self.visible_kv(shared_kv), position)
         logits, candidates = self.head(hidden, full_vocab)
         return DraftOutput(logits, candidates, self.post_projection(hidden))
 
