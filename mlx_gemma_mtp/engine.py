@@ -178,7 +178,7 @@ class SpeculativeGenerator:
                 next_logprobs = self.policy.target_logprobs(out.logits[0], self.context, [])
                 next_result = self._accept([], [], next_logprobs)
                 mx.async_eval(next_result)
-            tokens, done = self._finish([result[1].item()], remaining)
+            tokens, done = self._finish([result.tolist()[1]], remaining)
             yield Block(tokens, logprobs[:1], 0)
             if done:
                 return
