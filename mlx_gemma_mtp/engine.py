@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+from .models.gemma4_assistant import Model as Drafter
 from .sampling import TokenPolicy
 
 SCHEDULES = ("constant", "heuristic")
@@ -56,6 +57,11 @@ class DraftSchedule:
         if k_max < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {k_max}")
         self.k_max, self.kind, self.k = k_max, kind, k_max
+
+    def most_next(self) -> int:
+        """The largest ``k`` the next ``update`` can give (the next round's drafts are dispatched
+        before this round's acceptance is known)."""
+        return min(self.k_max, self.k + 2) if self.kind == "heuristic" else self.k
 
     def update(self, drafted: int, accepted: int) -> None:
         if self.kind == "heuristic" and drafted:
@@ -108,6 +114,17 @@ class SpeculativeGenerator:
         self.eos_token_ids = set(eos_token_ids)
         self.cache = target.make_cache(draft_slack=max(num_draft_tokens, 1))
         self.context = None  # prompt + emitted tokens, only for logits processors
+        # Our drafter without logits processors (which need each round's tokens on the host):
+        # drafting is pipelined and its step compiled (see _generate_pipelined).
+        self.pipelined = (
+            self.stats.mode == "mtp" and isinstance(drafter, Drafter) and not self.policy.processors
+        )
+        self._compiled_step = None
+        if self.pipelined:
+            # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs and
+            # would recompute them on every call.
+            mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
+            self._compiled_step = mx.compile(self._draft_step)
 
     # -- one target step / one speculative round (lazy graphs) -----------------------------
 
@@ -122,27 +139,37 @@ class SpeculativeGenerator:
         n, tokens = self.policy.accept(drafts, dists, logprobs)
         return mx.concatenate([n.reshape(1), tokens]).astype(mx.int32)
 
-    def _draft(self, pending: mx.array, k: int):
-        target, drafter = self.target, self.drafter
-        shared_kv = target.shared_kv(self.cache)  # positions < p, read once per round
-        position = self.cache[0].offset
-        hidden, token, drafts, dists = self.hidden, pending, [], []
-        for _ in range(k):
-            inputs = mx.concatenate([target.embed(token[None]), hidden], axis=-1)
-            out = drafter(inputs, shared_kv, position, full_vocab=self.full_vocab_draft)
+    def _draft_step(self, token, hidden, shared_kv, masks, position) -> dict:
+        """One draft step from the pending ``token`` [1] and ``hidden`` [1, 1, H]: the next
+        hidden state and the drafted ``token``, or the draft ``logits`` when the policy samples."""
+        inputs = mx.concatenate([self.target.embed(token[None]), hidden], axis=-1)
+        extra = {} if masks is None else {"masks": masks}  # any drafter callable works eagerly
+        out = self.drafter(inputs, shared_kv, position, self.full_vocab_draft, **extra)
+        if self.full_rows:
+            return {"logits": self.drafter.full_vocab_logits(out)[0], "hidden": out.hidden}
+        return {"token": out.tokens()[0].astype(mx.int32), "hidden": out.hidden}
+
+    def _draft(self, token, hidden, count: int, shared_kv: dict, position, masks=None):
+        """``count`` drafts (lazy) and, when speculative, their distributions."""
+        step_fn = self._draft_step if masks is None else self._compiled_step
+        drafts, dists = [], []
+        for _ in range(count):
+            step = step_fn(token, hidden, shared_kv, masks, position)
             if self.full_rows:
-                logits = drafter.full_vocab_logits(out)[0]
-                token, dist = self.policy.draft(logits, self.context, drafts)
+                token, dist = self.policy.draft(step["logits"], self.context, drafts)
+                token = token.astype(mx.int32)
             else:
-                token, dist = out.tokens()[0], None
-            drafts.append(token.astype(mx.int32))
+                token, dist = step["token"], None
+            drafts.append(token)
             dists.append(dist)
-            hidden = out.hidden
+            hidden = step["hidden"]
         return drafts, dists
 
-    def _round(self, pending: mx.array, k: int):
-        drafts, dists = self._draft(pending, k) if k else ([], [])
-        out = self.target(mx.concatenate([pending, *drafts])[None], self.cache)
+    def _verify(self, pending: int, drafts: list, dists: list):
+        """One target forward over ``[pending, *drafts]``: the accept result, the target's
+        log-probabilities and its hidden states, all lazy."""
+        inputs = mx.concatenate([mx.array([pending], mx.int32), *drafts])
+        out = self.target(inputs[None], self.cache)
         logprobs = self.policy.target_logprobs(out.logits[0], self.context, drafts)
         return self._accept(drafts, dists, logprobs), logprobs, out.hidden
 
@@ -187,6 +214,10 @@ class SpeculativeGenerator:
             result, logprobs = next_result, next_logprobs
 
     def _generate_mtp(self, prompt, max_tokens):
+        """Draft, verify, read the result (the round's one host sync), roll back; any drafter."""
+        if self.pipelined:
+            yield from self._generate_pipelined(prompt, max_tokens)
+            return
         result, logprobs = self._first_token(prompt)
         self.stats.target_forwards = 1
         tokens, done = self._finish(result.tolist()[1:], max_tokens)
@@ -194,20 +225,68 @@ class SpeculativeGenerator:
         block = Block(tokens, logprobs, 0)
         while not done:
             k = min(self.schedule.k, remaining - 1)
-            pending = mx.array(block.tokens[-1:], mx.int32)
             self._extend_context(mx.array(block.tokens, mx.int32))
-            result, logprobs, hidden = self._round(pending, k)
+            pending = mx.array(block.tokens[-1:], mx.int32)
+            position = self.cache[0].offset
+            shared_kv = self.target.shared_kv(self.cache)  # positions < p, read once per round
+            drafts, dists = self._draft(pending, self.hidden, k, shared_kv, position)
+            result, logprobs, hidden = self._verify(block.tokens[-1], drafts, dists)
             mx.async_eval(result)
             yield block  # the consumer's work overlaps the device's
             values = result.tolist()  # the round's one host sync
             n = values[0]
-            self._update(k, n, hidden)
+            self._update(k, n)
+            self.hidden = hidden[:, n : n + 1]
             tokens, done = self._finish(values[1 : n + 2], remaining)
             remaining -= len(tokens)
             block = Block(tokens, logprobs[: len(tokens)], min(n, len(tokens)))
         yield block
 
-    def _update(self, k: int, n: int, hidden: mx.array) -> None:
+    def _generate_pipelined(self, prompt, max_tokens):
+        """The next round's drafts are dispatched before this round's result is read: they
+        depend on its accepted count ``n`` only through lazy arrays (the token and the hidden
+        state at ``n``, the position ``p + n + 1``, masks over the cache buffers), so the device
+        drafts while the host reads the result, rolls back and builds the next verification."""
+        result, logprobs = self._first_token(prompt)
+        self.stats.target_forwards = 1
+        count = min(self.schedule.most_next(), max_tokens - 2)
+        drafts, dists = self._draft_after(result, self.hidden, prompt.size - 1, count)
+        tokens, done = self._finish(result.tolist()[1:], max_tokens)
+        remaining = max_tokens - 1
+        block = Block(tokens, logprobs, 0)
+        while not done:
+            k = min(self.schedule.k, remaining - 1)  # <= len(drafts), see count
+            first = self.cache[0].offset
+            result, logprobs, hidden = self._verify(block.tokens[-1], drafts[:k], dists[:k])
+            mx.async_eval(result)
+            count = min(self.schedule.most_next(), remaining - 2)
+            drafts, dists = self._draft_after(result, hidden, first, count)
+            yield block
+            values = result.tolist()  # the round's one host sync
+            n = values[0]
+            self._update(k, n)
+            tokens, done = self._finish(values[1 : n + 2], remaining)
+            remaining -= len(tokens)
+            block = Block(tokens, logprobs[: len(tokens)], min(n, len(tokens)))
+        yield block
+
+    def _draft_after(self, result: mx.array, hidden: mx.array, first: int, count: int):
+        """Dispatch ``count`` drafts for the round after the forward over positions ``first..``
+        whose accept result is ``result`` and hidden states ``hidden``, without reading them."""
+        if count < 1:
+            return [], []
+        n = result[0]
+        token = mx.take(result, n + 1).reshape(1)
+        hidden = mx.take(hidden, n, axis=1)[:, None]
+        position = n + (first + 1)
+        shared_kv, first_positions = self.target.shared_kv_buffers(self.cache)
+        lengths = {t: keys.shape[2] for t, (keys, _) in shared_kv.items()}
+        masks = self.drafter.visibility_masks(first_positions, lengths, position)
+        drafts, dists = self._draft(token, hidden, count, shared_kv, position, masks)
+        mx.async_eval(drafts, [d for d in dists if d is not None])
+        return drafts, dists
+
+    def _update(self, k: int, n: int) -> None:
         stats = self.stats
         stats.rounds += 1
         stats.target_forwards += 1
@@ -217,7 +296,6 @@ class SpeculativeGenerator:
         self.schedule.update(k, n)
         for c in self.cache:
             c.trim(k - n)
-        self.hidden = hidden[:, n : n + 1]
 
     def _extend_context(self, tokens: mx.array) -> None:
         if self.context is not None:

@@ -228,5 +228,7 @@ def load(
         cast(drafter, dtype)
         drafter.order_lm_head()
         validate_pair(target, drafter)
+    if not lazy:  # casting and reordering are lazy; a compiled draft step would redo them
+        mx.eval(target.model.parameters(), drafter.parameters() if drafter is not None else [])
     tokenizer = load_tokenizer_if_any(target_path, target_config)
     return target, drafter, tokenizer

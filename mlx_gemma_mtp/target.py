@@ -65,6 +65,18 @@ class Target:
         """Per layer type, the cached ``(keys, values)`` in position order."""
         return {t: ordered_kv(cache[i]) for t, i in self.shared_kv_layers.items()}
 
+    def shared_kv_buffers(self, cache: list) -> tuple[dict, dict]:
+        """Per layer type, the whole ``(keys, values)`` buffers of ``make_cache()`` caches (their
+        shapes change only when a buffer grows, so a compiled draft step is rarely retraced) and
+        the position of each buffer's first entry. Entries past the newest are stale or zero."""
+        shared_kv, first_positions = {}, {}
+        for layer_type, i in self.shared_kv_layers.items():
+            c = cache[i]
+            held = getattr(c, "length", c.offset)  # a KVCache holds every position from 0
+            shared_kv[layer_type] = (c.keys, c.values)
+            first_positions[layer_type] = c.offset - held
+        return shared_kv, first_positions
+
 
 def ordered_kv(layer_cache) -> tuple[mx.array, mx.array]:
     if hasattr(layer_cache, "ordered_kv"):

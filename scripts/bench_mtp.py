@@ -390,9 +390,9 @@ def timed_drafting(totals: dict):
     evaluated); the drafter itself may run inside ``mx.compile``, where nothing can be evaluated."""
     original = SpeculativeGenerator._draft
 
-    def draft(self, pending, k):
+    def draft(self, *args, **kwargs):
         start = time.perf_counter()
-        drafts, dists = original(self, pending, k)
+        drafts, dists = original(self, *args, **kwargs)
         mx.eval(drafts, [d for d in dists if d is not None])
         totals["draft"] += time.perf_counter() - start
         return drafts, dists

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_common as bc  # noqa: E402
 
 from mlx_gemma_mtp.config import normalize_text_config  # noqa: E402
+from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
 from mlx_gemma_mtp.models import gemma4_assistant  # noqa: E402
 from mlx_gemma_mtp.target import Target  # noqa: E402
 
@@ -228,25 +229,30 @@ def measure_pair(
             samples[length].append(forwards[length]())
     t_target = {length: bc.summarize(samples[length]) for length in lengths}
     position = cache[0].offset
-    shared_kv = target.shared_kv(cache)
-    token = mx.random.randint(0, token_limit, (1, 1))
+    ordered = target.shared_kv(cache)
+    buffers, first_positions = target.shared_kv_buffers(cache)
+    lengths = {t: keys.shape[2] for t, (keys, _) in buffers.items()}
+    masks = drafter.visibility_masks(first_positions, lengths, mx.array(position))
+    token = mx.random.randint(0, token_limit, (1,))
     hidden = mx.random.normal((1, 1, target.hidden_size), dtype=dtype)
-    mx.eval(shared_kv, token, hidden)
+    mx.eval(ordered, masks, token, hidden)
     t_draft = {}
     modes = {"centroid": False, "full_vocab": True}
     if not drafter.args.use_ordered_embeddings:
         modes = {"full_vocab": True}
     for mode, full_vocab in modes.items():
-
-        def draft_step(token, hidden, shared_kv, full_vocab=full_vocab):
-            inputs = mx.concatenate([target.embed(token), hidden], axis=-1)
-            out = drafter(inputs, shared_kv, position, full_vocab=full_vocab)
-            return out.tokens(), out.hidden
-
-        # As called (eager), and under mx.compile as the engine may run it.
-        for suffix, fn in (("", draft_step), ("_compiled", mx.compile(draft_step))):
+        # The engine's own draft step: eager on the ordered K/V (any drafter, logits
+        # processors), and compiled over the cache buffers with masks (the pipelined loop).
+        engine = SpeculativeGenerator(target, drafter, full_vocab_draft=full_vocab)
+        calls = {
+            "": lambda e=engine: e._draft_step(token, hidden, ordered, None, position),
+            "_compiled": lambda e=engine: e._compiled_step(
+                token, hidden, buffers, masks, mx.array(position)
+            ),
+        }
+        for suffix, call in calls.items():
             t_draft[mode + suffix] = bc.time_calls(
-                lambda fn=fn: mx.eval(fn(token, hidden, shared_kv)), iters * 3, warmup + 1
+                lambda call=call: mx.eval(call()), iters * 3, warmup + 1
             )
     return {"t_target": t_target, "t_draft": t_draft}
 

@@ -359,9 +359,12 @@ def test_one_host_sync_per_round(fixture_pair, count_syncs, options):
     engine = SpeculativeGenerator(target, drafter, make_policy(**options), num_draft_tokens=6)
     blocks = list(engine.generate(mx.array(held_out_prompts()[5]), 60))
     assert sum(len(b.tokens) for b in blocks) == 60
-    # Prefill evaluates the cache once (prompt shorter than one chunk), then the first token,
-    # then exactly one sync per round.
-    assert count_syncs["n"] == 1 + 1 + engine.stats.rounds
+    # The pipelined engine makes sure once that the weights its compiled draft step captures
+    # are evaluated; prefill evaluates the cache once (prompt shorter than one chunk), then the
+    # first token, then exactly one sync per round.
+    setup = 1 if engine.pipelined else 0
+    assert engine.pipelined == (options == {})
+    assert count_syncs["n"] == setup + 1 + 1 + engine.stats.rounds
     assert engine.stats.rounds < 40
 
 
@@ -525,3 +528,36 @@ def test_stop_conditions_with_full_acceptance(random_pairs):
         assert tokens == reference[:max_tokens]
         last = responses[-1]
         assert last.accepted == last.drafted == max_tokens - 1 - last.rounds
+
+
+def test_pipelined_drafting_matches_the_synchronous_loop(fixture_pair):
+    """The pipelined loop drafts with a compiled step, through masks over whole cache buffers,
+    lazily in the previous round's accepted count. Past the sliding window and across a buffer
+    growth (a retrace), every round must draft and accept what the synchronous loop does with
+    the ordered K/V."""
+    target, drafter, _ = fixture_pair
+    long_prompt = sum(held_out_prompts()[10:14], [])[:300]
+    for prompt, schedule in ((held_out_prompts()[0], "heuristic"), (long_prompt, "constant")):
+        runs = []
+        for pipelined in (False, True):
+            engine = SpeculativeGenerator(
+                target, drafter, num_draft_tokens=3, draft_schedule=schedule
+            )
+            engine.pipelined = pipelined
+            blocks = [(b.tokens, b.num_from_draft) for b in engine.generate(mx.array(prompt), 200)]
+            runs.append((blocks, engine.stats.draft_lengths))
+        assert runs[0] == runs[1]
+        assert sum(n for _, n in runs[1][0]) > 100
+    # The step itself: the buffered view with masks sees exactly the ordered, windowed K/V.
+    position = engine.cache[0].offset
+    shared_kv, first_positions = target.shared_kv_buffers(engine.cache)
+    lengths = {t: keys.shape[2] for t, (keys, _) in shared_kv.items()}
+    masks = drafter.visibility_masks(first_positions, lengths, mx.array(position))
+    assert masks["full_attention"].sum().item() == position
+    assert masks["sliding_attention"].sum().item() == drafter.sliding_window + 1
+    token, hidden = mx.array([7], mx.int32), mx.random.normal((1, 1, target.hidden_size))
+    ordered = target.shared_kv(engine.cache)
+    eager = engine._draft_step(token, hidden, ordered, None, position)
+    compiled = engine._compiled_step(token, hidden, shared_kv, masks, mx.array(position))
+    assert mx.allclose(compiled["hidden"], eager["hidden"], atol=1e-5).item()
+    assert compiled["token"].item() == eager["token"].item()

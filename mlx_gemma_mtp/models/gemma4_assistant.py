@@ -100,11 +100,28 @@ class Model(nn.Module):
             keys, values = keys[..., -window:, :], values[..., -window:, :]
         return {"full_attention": shared_kv["full_attention"], "sliding_attention": (keys, values)}
 
-    def backbone(self, inputs_embeds: mx.array, shared_kv: dict, position) -> mx.array:
+    def visibility_masks(self, first_positions: dict, lengths: dict, position) -> dict:
+        """``visible_kv`` as masks over K/V buffers read before ``position`` is known on the host
+        (``position`` may be a lazy ``mx.array``): entry ``i`` of a buffer holds position
+        ``first_positions[type] + i``; sliding layers see only the last ``sliding_window + 1``."""
+        masks = {}
+        for layer_type, first in first_positions.items():
+            key_position = first + mx.arange(lengths[layer_type])
+            visible = key_position < position
+            if layer_type == "sliding_attention":
+                visible &= key_position >= position - (self.sliding_window + 1)
+            masks[layer_type] = visible
+        return masks
+
+    def backbone(
+        self, inputs_embeds: mx.array, shared_kv: dict, position, masks: dict | None = None
+    ) -> mx.array:
         """Final-norm hidden state for ``[target embedding ; target hidden]`` inputs."""
+        masks = masks or {}
         h = self.pre_projection(inputs_embeds)
         for layer in self.model.layers:
-            h, _, _ = layer(h, None, None, shared_kv=shared_kv[layer.layer_type], offset=position)
+            kv, mask = shared_kv[layer.layer_type], masks.get(layer.layer_type)
+            h, _, _ = layer(h, mask, None, shared_kv=kv, offset=position)
         return self.model.norm(h)
 
     def order_lm_head(self) -> None:
@@ -128,11 +145,20 @@ class Model(nn.Module):
         return logits, candidates
 
     def __call__(
-        self, inputs_embeds: mx.array, shared_kv: dict, position, full_vocab: bool = False
+        self,
+        inputs_embeds: mx.array,
+        shared_kv: dict,
+        position,
+        full_vocab: bool = False,
+        masks: dict | None = None,
     ) -> DraftOutput:
         """One draft step. ``shared_kv`` maps layer type to the target's ``(keys, values)``
-        for positions ``< position``, in order; ``position`` may be an int or an ``mx.array``."""
-        hidden = self.backbone(inputs_embeds, self.visible_kv(shared_kv), position)
+        for positions ``< position``, in order; ``position`` may be an int or an ``mx.array``.
+        With ``masks`` (from ``visibility_masks``) the K/V are buffers and the masks say which
+        entries the drafter sees."""
+        if masks is None:
+            shared_kv = self.visible_kv(shared_kv)
+        hidden = self.backbone(inputs_embeds, shared_kv, position, masks)
         logits, candidates = self.head(hidden, full_vocab)
         return DraftOutput(logits, candidates, self.post_projection(hidden))
 
