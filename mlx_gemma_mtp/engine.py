@@ -9,6 +9,7 @@ trims ``k - n`` entries from every cache and keeps the target hidden state at ``
 
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -69,6 +70,19 @@ class DraftSchedule:
             self.k = max(1, min(self.k_max, self.k + step))
 
 
+def draft_step(
+    target, drafter, full_vocab: bool, full_rows: bool, token, hidden, shared_kv, masks, position
+) -> dict:
+    """One draft step from the pending ``token`` [1] and ``hidden`` [1, 1, H]: the next hidden
+    state and the drafted ``token``, or the draft ``logits`` when the policy reads whole rows."""
+    inputs = mx.concatenate([target.embed(token[None]), hidden], axis=-1)
+    extra = {} if masks is None else {"masks": masks}  # any drafter callable works eagerly
+    out = drafter(inputs, shared_kv, position, full_vocab, **extra)
+    if full_rows:
+        return {"logits": drafter.full_vocab_logits(out)[0], "hidden": out.hidden}
+    return {"token": out.tokens()[0].astype(mx.int32), "hidden": out.hidden}
+
+
 def prefill(target, cache: list, prompt: mx.array, step_size: int) -> mx.array:
     """Feed ``prompt`` ``[P]`` in chunks; returns the final hidden state ``[1, 1, H]`` at P-1.
 
@@ -119,6 +133,9 @@ class SpeculativeGenerator:
         self.pipelined = (
             self.stats.mode == "mtp" and isinstance(drafter, Drafter) and not self.policy.processors
         )
+        # Not a bound method: the engine must not be in a reference cycle, or its caches would
+        # outlive it until the garbage collector runs.
+        self._draft_step = partial(draft_step, target, drafter, full_vocab_draft, self.full_rows)
         self._compiled_step = None
         if self.pipelined:
             # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs and
@@ -138,16 +155,6 @@ class SpeculativeGenerator:
         """``[n, t_0, .., t_k]``: accepted count and target tokens (emitted: ``t_0..t_n``)."""
         n, tokens = self.policy.accept(drafts, dists, logprobs)
         return mx.concatenate([n.reshape(1), tokens]).astype(mx.int32)
-
-    def _draft_step(self, token, hidden, shared_kv, masks, position) -> dict:
-        """One draft step from the pending ``token`` [1] and ``hidden`` [1, 1, H]: the next
-        hidden state and the drafted ``token``, or the draft ``logits`` when the policy samples."""
-        inputs = mx.concatenate([self.target.embed(token[None]), hidden], axis=-1)
-        extra = {} if masks is None else {"masks": masks}  # any drafter callable works eagerly
-        out = self.drafter(inputs, shared_kv, position, self.full_vocab_draft, **extra)
-        if self.full_rows:
-            return {"logits": self.drafter.full_vocab_logits(out)[0], "hidden": out.hidden}
-        return {"token": out.tokens()[0].astype(mx.int32), "hidden": out.hidden}
 
     def _draft(self, token, hidden, count: int, shared_kv: dict, position, masks=None):
         """``count`` drafts (lazy) and, when speculative, their distributions."""

@@ -4,6 +4,7 @@ import gc
 import itertools
 import json
 import random
+import weakref
 from pathlib import Path
 
 import mlx.core as mx
@@ -356,6 +357,8 @@ def count_syncs(monkeypatch):
 )
 def test_one_host_sync_per_round(fixture_pair, count_syncs, options):
     target, drafter, _ = fixture_pair
+    list(SpeculativeGenerator(target, drafter).generate(mx.array([2, 3]), 3))  # process caches
+    count_syncs["n"] = 0
     engine = SpeculativeGenerator(target, drafter, make_policy(**options), num_draft_tokens=6)
     blocks = list(engine.generate(mx.array(held_out_prompts()[5]), 60))
     assert sum(len(b.tokens) for b in blocks) == 60
@@ -405,6 +408,23 @@ def test_closing_early_leaves_nothing_behind(fixture_pair):
     assert mx.get_active_memory() <= before + 2**20
     # and the model is untouched: a new generation gives the same tokens
     assert run(target, drafter, prompt, 5)[0] == tokens
+
+
+def test_engine_is_freed_without_the_garbage_collector(fixture_pair):
+    """No reference cycle: a finished engine's caches go with its last reference."""
+    target, drafter, _ = fixture_pair
+    gc.collect()
+    gc.disable()
+    try:
+        engine = SpeculativeGenerator(target, drafter, num_draft_tokens=3)
+        assert engine.pipelined
+        for _ in engine.generate(mx.array(held_out_prompts()[7]), 20):
+            pass
+        freed = weakref.ref(engine)
+        del engine
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 def test_draft_schedule():
