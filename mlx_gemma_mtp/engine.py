@@ -240,13 +240,9 @@ class SpeculativeGenerator:
             result, logprobs, hidden = self._verify(block.tokens[-1], drafts, dists)
             mx.async_eval(result)
             yield block  # the consumer's work overlaps the device's
-            values = result.tolist()  # the round's one host sync
-            n = values[0]
-            self._update(k, n)
+            block, done, n = self._read_round(k, result, logprobs, remaining)
             self.hidden = hidden[:, n : n + 1]
-            tokens, done = self._finish(values[1 : n + 2], remaining)
-            remaining -= len(tokens)
-            block = Block(tokens, logprobs[: len(tokens)], min(n, len(tokens)))
+            remaining -= len(block.tokens)
         yield block
 
     def _generate_pipelined(self, prompt, max_tokens):
@@ -269,12 +265,8 @@ class SpeculativeGenerator:
             count = min(self.schedule.most_next(), remaining - 2)
             drafts, dists = self._draft_after(result, hidden, first, count)
             yield block
-            values = result.tolist()  # the round's one host sync
-            n = values[0]
-            self._update(k, n)
-            tokens, done = self._finish(values[1 : n + 2], remaining)
-            remaining -= len(tokens)
-            block = Block(tokens, logprobs[: len(tokens)], min(n, len(tokens)))
+            block, done, _ = self._read_round(k, result, logprobs, remaining)
+            remaining -= len(block.tokens)
         yield block
 
     def _draft_after(self, result: mx.array, hidden: mx.array, first: int, count: int):
@@ -287,11 +279,19 @@ class SpeculativeGenerator:
         hidden = mx.take(hidden, n, axis=1)[:, None]
         position = n + (first + 1)
         shared_kv, first_positions = self.target.shared_kv_buffers(self.cache)
-        lengths = {t: keys.shape[2] for t, (keys, _) in shared_kv.items()}
-        masks = self.drafter.visibility_masks(first_positions, lengths, position)
+        masks = self.drafter.visibility_masks(shared_kv, first_positions, position)
         drafts, dists = self._draft(token, hidden, count, shared_kv, position, masks)
         mx.async_eval(drafts, [d for d in dists if d is not None])
         return drafts, dists
+
+    def _read_round(self, k: int, result: mx.array, logprobs: mx.array, remaining: int):
+        """The round's one host sync: read ``result``, roll back, and return the block to emit,
+        whether generation ends, and the accepted count."""
+        values = result.tolist()
+        n = values[0]
+        self._update(k, n)
+        tokens, done = self._finish(values[1 : n + 2], remaining)
+        return Block(tokens, logprobs[: len(tokens)], min(n, len(tokens))), done, n
 
     def _update(self, k: int, n: int) -> None:
         stats = self.stats

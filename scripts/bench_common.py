@@ -185,6 +185,16 @@ def machine_info() -> dict:
     }
 
 
+def report_head(title: str, result: dict) -> list[str]:
+    """A report's first lines: its title, the machine and the command that produced it."""
+    return [
+        f"## {title}",
+        "",
+        f"Machine: {machine_line(result['machine'])}",
+        f"Command: `{result['command']}`",
+    ]
+
+
 def machine_line(info: dict) -> str:
     return (
         f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, {info['platform']}; "

@@ -457,12 +457,8 @@ def fmt(value, pattern="{:.2f}") -> str:
 
 
 def report(result: dict) -> str:
-    info = result["machine"]
     lines = [
-        "## MTP speculative decoding vs plain decoding",
-        "",
-        f"Machine: {bc.machine_line(info)}",
-        f"Command: `{result['command']}`",
+        *bc.report_head("MTP speculative decoding vs plain decoding", result),
         f"Pair: `{result['model']}` + `{result['draft_model']}` ({result['dtype']}); "
         f"{result['num_prompts']} prompts ({result['prompt_lengths']}), "
         f"{result['max_tokens']} new tokens each, {result['repeats']} repeat(s), arms interleaved "
@@ -729,9 +725,8 @@ def queued_costs(
         chains[length] = forward
     engine = SpeculativeGenerator(target, drafter)
     shared_kv, first_positions = target.shared_kv_buffers(cache)
-    sizes = {t: keys.shape[2] for t, (keys, _) in shared_kv.items()}
     position = mx.array(cache[0].offset)
-    masks = drafter.visibility_masks(first_positions, sizes, position)
+    masks = drafter.visibility_masks(shared_kv, first_positions, position)
     draft = {"token": mx.array(prompt[-1:]), "hidden": mx.zeros((1, 1, target.hidden_size))}
 
     def draft_step():

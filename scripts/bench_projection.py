@@ -231,8 +231,7 @@ def measure_pair(
     position = cache[0].offset
     ordered = target.shared_kv(cache)
     buffers, first_positions = target.shared_kv_buffers(cache)
-    lengths = {t: keys.shape[2] for t, (keys, _) in buffers.items()}
-    masks = drafter.visibility_masks(first_positions, lengths, mx.array(position))
+    masks = drafter.visibility_masks(buffers, first_positions, mx.array(position))
     token = mx.random.randint(0, token_limit, (1,))
     hidden = mx.random.normal((1, 1, target.hidden_size), dtype=dtype)
     mx.eval(ordered, masks, token, hidden)
@@ -357,12 +356,10 @@ def run_arm(model_key: str, precision: Precision, args) -> dict:
 
 
 def report(result: dict) -> str:
-    info = result["machine"]
     lines = [
-        "## Real-shape projection (random weights at the published E2B/E4B sizes)",
-        "",
-        f"Machine: {bc.machine_line(info)}",
-        f"Command: `{result['command']}`",
+        *bc.report_head(
+            "Real-shape projection (random weights at the published E2B/E4B sizes)", result
+        ),
         f"Context: {result['context']} cached positions; {result['iters']} timed calls per "
         "figure after one warm-up (median [min-max]; draft steps 3x as many). "
         "Weights are random; a row lookup costs the same in a cut per-layer embedding table.",

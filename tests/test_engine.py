@@ -571,8 +571,7 @@ def test_pipelined_drafting_matches_the_synchronous_loop(fixture_pair):
     # The step itself: the buffered view with masks sees exactly the ordered, windowed K/V.
     position = engine.cache[0].offset
     shared_kv, first_positions = target.shared_kv_buffers(engine.cache)
-    lengths = {t: keys.shape[2] for t, (keys, _) in shared_kv.items()}
-    masks = drafter.visibility_masks(first_positions, lengths, mx.array(position))
+    masks = drafter.visibility_masks(shared_kv, first_positions, mx.array(position))
     assert masks["full_attention"].sum().item() == position
     assert masks["sliding_attention"].sum().item() == drafter.sliding_window + 1
     token, hidden = mx.array([7], mx.int32), mx.random.normal((1, 1, target.hidden_size))

@@ -100,13 +100,14 @@ class Model(nn.Module):
             keys, values = keys[..., -window:, :], values[..., -window:, :]
         return {"full_attention": shared_kv["full_attention"], "sliding_attention": (keys, values)}
 
-    def visibility_masks(self, first_positions: dict, lengths: dict, position) -> dict:
-        """``visible_kv`` as masks over K/V buffers read before ``position`` is known on the host
-        (``position`` may be a lazy ``mx.array``): entry ``i`` of a buffer holds position
-        ``first_positions[type] + i``; sliding layers see only the last ``sliding_window + 1``."""
+    def visibility_masks(self, shared_kv: dict, first_positions: dict, position) -> dict:
+        """``visible_kv`` as masks over the K/V buffers ``shared_kv``, read before ``position`` is
+        known on the host (``position`` may be a lazy ``mx.array``): entry ``i`` of a buffer holds
+        position ``first_positions[type] + i``; sliding layers see only the last
+        ``sliding_window + 1``."""
         masks = {}
-        for layer_type, first in first_positions.items():
-            key_position = first + mx.arange(lengths[layer_type])
+        for layer_type, (keys, _) in shared_kv.items():
+            key_position = first_positions[layer_type] + mx.arange(keys.shape[2])
             visible = key_position < position
             if layer_type == "sliding_attention":
                 visible &= key_position >= position - (self.sliding_window + 1)
