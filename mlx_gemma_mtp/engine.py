@@ -4,9 +4,21 @@ State between rounds (the clean MTP semantics): the target cache holds positions
 token ``x_p`` is pending (chosen, not yet fed), ``h_{p-1}`` is the target's final hidden state at
 ``p - 1``. A round drafts ``d_1..d_k`` at constant position ``p`` from ``[embed(x_p); h_{p-1}]``,
 verifies ``[x_p, d_1..d_k]`` in one target forward, accepts ``n`` drafts, emits ``n + 1`` tokens,
-trims ``k - n`` entries from every cache and keeps the target hidden state at ``p + n``.
+trims ``k - n`` entries from every cache and keeps the target hidden state at ``p + n``. A round
+with ``k = 0`` is a plain decoding step.
+
+One loop runs every mode. The next round's drafts are dispatched *before* the current round's
+result is read: they depend on its accepted count ``n`` only through lazy arrays (the token and
+the hidden state at ``n``, the position ``p + n + 1``, masks over the target's cache buffers, the
+recent-token window of the logits processors), so the device drafts while the host reads the
+result, rolls the caches back and builds the next verification. After a plain step nothing needs
+rolling back, so the next verification is queued before the read too, as mlx-lm's plain loop
+does. Only custom logits processors (which read the whole history on the host) and drafters
+without ``visibility_masks`` draft after the read.
 """
 
+import time
+from collections import Counter
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -14,10 +26,13 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .models.gemma4_assistant import Model as Drafter
+from .costs import Costs, DraftController, costs_identity, load_costs, measure_costs, save_costs
 from .sampling import TokenPolicy
 
-SCHEDULES = ("constant", "heuristic")
+SCHEDULES = ("auto", "constant", "heuristic")
+DEFAULT_NUM_DRAFT_TOKENS = 6
+# The controller's acceptance before it has seen any round (then followed online).
+PRIOR_ACCEPTANCE = {"match": 0.7, "speculative": 0.5}
 
 
 @dataclass
@@ -27,16 +42,27 @@ class Stats:
     mode: str = "mtp"
     plain_reason: str | None = None
     num_draft_tokens: int = 0
+    draft_schedule: str = "auto"
+    acceptance_rule: str = "match"
+    draft_path: str = "none"
     prompt_tokens: int = 0
-    rounds: int = 0
+    rounds: int = 0  # speculative rounds (k >= 1)
+    plain_steps: int = 0  # rounds with k = 0 after the first token
     drafted: int = 0
     accepted: int = 0
     target_forwards: int = 0
-    draft_lengths: list = field(default_factory=list)
+    draft_lengths: list = field(default_factory=list)  # k of every round, 0 for plain steps
+    accepted_lengths: list = field(default_factory=list)  # n of every round
+    parked_seconds: float = 0.0  # spent in plain steps while a drafter was loaded
+    costs: str | None = None  # where the controller's costs came from
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def k_histogram(self) -> dict:
+        return dict(sorted(Counter(self.draft_lengths).items()))
 
 
 class Block(NamedTuple):
@@ -53,34 +79,49 @@ class DraftSchedule:
     round, -1 after a rejection, within ``[1, k_max]``."""
 
     def __init__(self, k_max: int, kind: str = "constant"):
-        if kind not in SCHEDULES:
+        if kind not in ("constant", "heuristic"):
             raise ValueError(f"draft schedule {kind!r} is not one of {', '.join(SCHEDULES)}")
-        if k_max < 1:
-            raise ValueError(f"num_draft_tokens must be >= 1, got {k_max}")
         self.k_max, self.kind, self.k = k_max, kind, k_max
 
-    def most_next(self) -> int:
-        """The largest ``k`` the next ``update`` can give (the next round's drafts are dispatched
-        before this round's acceptance is known)."""
-        return min(self.k_max, self.k + 2) if self.kind == "heuristic" else self.k
+    def choose(self, limit: int) -> int:
+        """Drafts to dispatch for the next round (before this round's acceptance is known): the
+        largest ``k`` the next ``observe`` can give."""
+        most = min(self.k_max, self.k + 2) if self.kind == "heuristic" else self.k
+        return max(0, min(most, limit))
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def verify(self, dispatched: int) -> int:
+        """How many of the dispatched drafts to verify, now that the last round is known."""
+        return min(self.k, dispatched)
+
+    def observe(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
         if self.kind == "heuristic" and drafted:
             step = 2 if accepted == drafted else -1
             self.k = max(1, min(self.k_max, self.k + step))
 
 
-def draft_step(
-    target, drafter, full_vocab: bool, full_rows: bool, token, hidden, shared_kv, masks, position
-) -> dict:
-    """One draft step from the pending ``token`` [1] and ``hidden`` [1, 1, H]: the next hidden
-    state and the drafted ``token``, or the draft ``logits`` when the policy reads whole rows."""
+class AutoSchedule(DraftController):
+    """``auto``: the cost- and acceptance-aware controller (``costs.DraftController``)."""
+
+    def verify(self, dispatched: int) -> int:
+        return dispatched
+
+
+def draft_step(target, drafter, policy, full_vocab, token, hidden, shared_kv, masks, position,
+               history, key) -> dict:  # fmt: skip
+    """One draft step from the pending ``token`` [1] and ``hidden`` [1, 1, H]: the drafted
+    ``token`` (with its distribution when sampling), the next ``hidden`` state and ``history``."""
     inputs = mx.concatenate([target.embed(token[None]), hidden], axis=-1)
-    extra = {} if masks is None else {"masks": masks}  # any drafter callable works eagerly
+    extra = {} if masks is None else {"masks": masks}
     out = drafter(inputs, shared_kv, position, full_vocab, **extra)
-    if full_rows:
-        return {"logits": drafter.full_vocab_logits(out)[0], "hidden": out.hidden}
-    return {"token": out.tokens()[0].astype(mx.int32), "hidden": out.hidden}
+    logits, ids = out.logits.reshape(1, -1), out.candidates
+    if ids is not None and policy.history_window is None:  # custom processors read whole rows
+        logits, ids = drafter.full_vocab_logits(out).reshape(1, -1), None
+    picked = policy.draft(logits, None if ids is None else ids.reshape(1, -1), history, key)
+    if policy.processors:
+        history = mx.concatenate([history, picked["token"].astype(history.dtype)])
+        if policy.history_window:
+            history = history[1:]
+    return {**picked, "hidden": out.hidden, "history": history}
 
 
 def prefill(target, cache: list, prompt: mx.array, step_size: int) -> mx.array:
@@ -97,8 +138,26 @@ def prefill(target, cache: list, prompt: mx.array, step_size: int) -> mx.array:
     return target.backbone(prompt[None], cache=cache)
 
 
+@dataclass
+class Round:
+    """One verification, built (lazy): ``result`` is ``[n, t_0, .., t_k]``, ``hidden`` the
+    target's hidden states at ``first..first+k``, ``history`` the processors' window after it."""
+
+    k: int
+    first: int
+    result: mx.array
+    logprobs: mx.array
+    hidden: mx.array
+    history: mx.array | None
+    timed: bool = True
+
+
 class SpeculativeGenerator:
-    """Generates blocks of tokens; ``drafter=None`` gives plain decoding (one token per forward)."""
+    """Generates blocks of tokens; ``drafter=None`` gives plain decoding (one token per forward).
+
+    ``draft_schedule``: ``auto`` (default) picks ``k`` in ``0..num_draft_tokens`` every round
+    from the measured costs (``costs``, else cached on disk or measured on first use) and the
+    acceptance so far; ``constant`` and ``heuristic`` as ``DraftSchedule``."""
 
     def __init__(
         self,
@@ -106,81 +165,150 @@ class SpeculativeGenerator:
         drafter=None,
         policy: TokenPolicy | None = None,
         *,
-        num_draft_tokens: int = 4,
-        draft_schedule: str = "constant",
+        num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+        draft_schedule: str = "auto",
         full_vocab_draft: bool = False,
         prefill_step_size: int = 512,
         eos_token_ids: Iterable[int] = (),
+        costs: Costs | None = None,
     ):
+        if draft_schedule not in SCHEDULES:
+            raise ValueError(f"draft schedule {draft_schedule!r} is not one of {SCHEDULES}")
+        if num_draft_tokens < 0:
+            raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
         self.target, self.drafter = target, drafter
         self.policy = policy or TokenPolicy()
-        self.stats = Stats(num_draft_tokens=num_draft_tokens if drafter is not None else 0)
-        if drafter is None:
-            self.stats.mode, self.stats.plain_reason = "plain", "no draft model"
-        elif num_draft_tokens == 0:
-            self.stats.mode, self.stats.plain_reason = "plain", "num_draft_tokens is 0"
-            self.stats.num_draft_tokens = 0
-        else:
-            self.schedule = DraftSchedule(num_draft_tokens, draft_schedule)
+        self.stats = Stats(
+            num_draft_tokens=num_draft_tokens,
+            draft_schedule=draft_schedule,
+            acceptance_rule=self.policy.acceptance_rule,
+        )
+        if drafter is None or num_draft_tokens == 0:
+            reason = "no draft model" if drafter is None else "num_draft_tokens is 0"
+            self.stats.mode, self.stats.plain_reason = "plain", reason
+            self.stats.num_draft_tokens, num_draft_tokens = 0, 0
+        self.k_max = num_draft_tokens
         self.full_vocab_draft = full_vocab_draft  # full lm_head instead of centroid masking
-        self.full_rows = self.policy.needs_full_vocab_draft  # the policy reads whole rows
         self.prefill_step_size = prefill_step_size
         self.eos_token_ids = set(eos_token_ids)
-        self.cache = target.make_cache(draft_slack=max(num_draft_tokens, 1))
-        self.context = None  # prompt + emitted tokens, only for logits processors
-        # Our drafter without logits processors (which need each round's tokens on the host):
-        # drafting is pipelined and its step compiled (see _generate_pipelined).
-        self.pipelined = (
-            self.stats.mode == "mtp" and isinstance(drafter, Drafter) and not self.policy.processors
+        self.costs = costs
+        # Sliding caches keep enough entries to roll back a whole verification (calibration
+        # rolls back k_max + 1).
+        self.cache = target.make_cache(draft_slack=num_draft_tokens + 1)
+        # ``auto`` gets its controller once the prompt is in the cache (see ``generate``).
+        self.schedule = DraftSchedule(num_draft_tokens, draft_schedule.replace("auto", "constant"))
+        # Drafting before the round's result is read needs the whole token history the
+        # processors read on the device, and a drafter that sees K/V buffers through masks.
+        self.pipelined = self.policy.history_window is not None and (
+            drafter is None or hasattr(drafter, "visibility_masks")
         )
         # Not a bound method: the engine must not be in a reference cycle, or its caches would
         # outlive it until the garbage collector runs.
-        self._draft_step = partial(draft_step, target, drafter, full_vocab_draft, self.full_rows)
+        self._draft_step = partial(draft_step, target, drafter, self.policy, full_vocab_draft)
         self._compiled_step = None
+        if self.stats.mode == "mtp":
+            self.stats.draft_path = self._describe_draft_path()
+            if self.pipelined:
+                # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs
+                # and would recompute them on every call.
+                mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
+                self._compiled_step = mx.compile(self._draft_step)
+        self._auto = draft_schedule == "auto" and self.stats.mode == "mtp"
+        self._key = mx.array(0)  # random keys for the compiled sampling draft step
+        if self.policy.speculative and self.stats.mode == "mtp":
+            self._key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+        self._buffer_shapes = None
+
+    def _describe_draft_path(self) -> str:
+        head = "centroid-masked"
+        args = getattr(self.drafter, "args", None)
+        if self.full_vocab_draft or not getattr(args, "use_ordered_embeddings", True):
+            head = "full-vocabulary"
         if self.pipelined:
-            # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs and
-            # would recompute them on every call.
-            mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
-            self._compiled_step = mx.compile(self._draft_step)
+            return f"compiled, pipelined, {head}"
+        if self.policy.history_window is None:
+            return f"synchronous (custom logits processors read the whole history), {head}"
+        return f"synchronous (drafter without visibility_masks), {head}"
 
-    # -- one target step / one speculative round (lazy graphs) -----------------------------
+    # -- building rounds (lazy graphs) ------------------------------------------------------
 
-    def _first_token(self, prompt: mx.array):
-        self.hidden = prefill(self.target, self.cache, prompt, self.prefill_step_size)
-        self.context = prompt if self.policy.processors else None
-        logprobs = self.policy.target_logprobs(self.target.logits(self.hidden[0]), prompt, [])
-        return self._accept([], [], logprobs), logprobs
+    def _first_round(self, prompt: mx.array) -> Round:
+        hidden = prefill(self.target, self.cache, prompt, self.prefill_step_size)
+        history = self._initial_history(prompt)
+        logprobs = self.policy.target_logprobs(self.target.logits(hidden[0]), history, [])
+        result = self._accept([], [], logprobs)
+        return Round(0, prompt.size - 1, result, logprobs, hidden, history)
+
+    def _initial_history(self, prompt: mx.array) -> mx.array | None:
+        """The processors' history: the whole prompt, or its last ``W`` tokens (padded with its
+        first token, which the set-like repetition penalty counts once anyway)."""
+        window = self.policy.history_window
+        if not self.policy.processors:
+            return mx.array(0)
+        if window is None or prompt.size >= window:
+            return prompt if window is None else prompt[-window:]
+        return mx.concatenate([mx.repeat(prompt[:1], window - prompt.size), prompt])
 
     def _accept(self, drafts: list, dists: list, logprobs: mx.array) -> mx.array:
         """``[n, t_0, .., t_k]``: accepted count and target tokens (emitted: ``t_0..t_n``)."""
         n, tokens = self.policy.accept(drafts, dists, logprobs)
         return mx.concatenate([n.reshape(1), tokens]).astype(mx.int32)
 
-    def _draft(self, token, hidden, count: int, shared_kv: dict, position, masks=None):
-        """``count`` drafts (lazy) and, when speculative, their distributions."""
-        step_fn = self._draft_step if masks is None else self._compiled_step
-        drafts, dists = [], []
-        for _ in range(count):
-            step = step_fn(token, hidden, shared_kv, masks, position)
-            if self.full_rows:
-                token, dist = self.policy.draft(step["logits"], self.context, drafts)
-                token = token.astype(mx.int32)
-            else:
-                token, dist = step["token"], None
+    def _draft_after(self, done: Round, count: int) -> tuple[list, list, mx.array | None]:
+        """Dispatch ``count`` drafts for the round after ``done`` (read or not): from the token
+        and hidden state at its accepted count, at the position after it."""
+        history = self._history_after(done)
+        if count < 1:
+            return [], [], history
+        n = done.result[0]
+        token = mx.take(done.result, n + 1).reshape(1)
+        hidden = mx.take(done.hidden, n, axis=1)[:, None]
+        position = n + (done.first + 1)
+        if self.pipelined:
+            shared_kv, first_positions = self.target.shared_kv_buffers(self.cache)
+            masks = self.drafter.visibility_masks(shared_kv, first_positions, position)
+            step = self._compiled_step
+            shapes = [kv[0].shape for kv in shared_kv.values()]
+            if shapes != self._buffer_shapes:  # a retrace: this round's time says little
+                self._buffer_shapes, done.timed = shapes, False
+        else:
+            shared_kv, masks, step = self.target.shared_kv(self.cache), None, self._draft_step
+            position = position.item()
+        keys = mx.random.split(self._key, count + 1) if self.policy.speculative else None
+        if keys is not None:
+            self._key = keys[0]
+        drafts, dists, draft_history = [], [], history
+        for i in range(count):
+            key = keys[i + 1] if keys is not None else self._key
+            out = step(token, hidden, shared_kv, masks, position, draft_history, key)
+            token, hidden, draft_history = out["token"], out["hidden"], out["history"]
             drafts.append(token)
-            dists.append(dist)
-            hidden = step["hidden"]
-        return drafts, dists
+            dists.append(out)
+        mx.async_eval(drafts, [d.get("logq") for d in dists if "logq" in d])
+        return drafts, dists, history
 
-    def _verify(self, pending: int, drafts: list, dists: list):
-        """One target forward over ``[pending, *drafts]``: the accept result, the target's
-        log-probabilities and its hidden states, all lazy."""
-        inputs = mx.concatenate([mx.array([pending], mx.int32), *drafts])
+    def _history_after(self, done: Round) -> mx.array | None:
+        """The processors' history once ``done``'s emitted tokens ``t_0..t_n`` are appended."""
+        if not self.policy.processors:
+            return done.history
+        tokens = done.result[1:].astype(done.history.dtype)
+        window = self.policy.history_window
+        if window is None:  # the whole history: known only after the read
+            return mx.concatenate([done.history, tokens[: done.result[0].item() + 1]])
+        joined = mx.concatenate([done.history, tokens])
+        return mx.take(joined, mx.arange(window) + done.result[0] + 1)
+
+    def _verify(self, pending: mx.array, drafts: list, dists: list, history) -> Round:
+        """One target forward over ``[pending, *drafts]``, with its accept result (lazy)."""
+        first = self.cache[0].offset
+        inputs = mx.concatenate([pending.reshape(1).astype(mx.int32), *drafts])
         out = self.target(inputs[None], self.cache)
-        logprobs = self.policy.target_logprobs(out.logits[0], self.context, drafts)
-        return self._accept(drafts, dists, logprobs), logprobs, out.hidden
+        logprobs = self.policy.target_logprobs(out.logits[0], history, drafts)
+        result = self._accept(drafts, dists, logprobs)
+        mx.async_eval(result)
+        return Round(len(drafts), first, result, logprobs, out.hidden, history)
 
-    # -- the loops ------------------------------------------------------------------------
+    # -- the loop -----------------------------------------------------------------------------
 
     def _finish(self, tokens: list, remaining: int) -> tuple[list, bool]:
         """Cut ``tokens`` after the first EOS or at ``remaining``; True if generation ends."""
@@ -194,116 +322,110 @@ class SpeculativeGenerator:
         if prompt.size == 0:
             raise ValueError("the prompt is empty")
         self.stats.prompt_tokens = prompt.size
-        if self.stats.mode == "plain":
-            yield from self._generate_plain(prompt, max_tokens)
-        else:
-            yield from self._generate_mtp(prompt, max_tokens)
-
-    def _generate_plain(self, prompt, max_tokens):
-        """mlx-lm's loop: the next step is queued on the lazy token before this one is read."""
-        result, logprobs = self._first_token(prompt)
-        self.stats.target_forwards = 1
-        remaining = max_tokens
+        current = self._first_round(prompt)
+        if self._auto:
+            self.schedule = self._auto_schedule()
+        remaining, block, clock = max_tokens, None, time.perf_counter()
         while True:
-            token = result[1:2]
-            if remaining > 1:
-                self._extend_context(token)
-                out = self.target(token[None], self.cache)
-                next_logprobs = self.policy.target_logprobs(out.logits[0], self.context, [])
-                next_result = self._accept([], [], next_logprobs)
-                mx.async_eval(next_result)
-            tokens, done = self._finish([result.tolist()[1]], remaining)
-            yield Block(tokens, logprobs[:1], 0)
+            upcoming = None
+            if self.pipelined:
+                count = self.schedule.choose(remaining - 2)
+                drafts, dists, history = self._draft_after(current, count)
+                if current.k == 0 and remaining > 1:
+                    # A plain step rolls nothing back: queue the next verification now.
+                    k = self.schedule.verify(len(drafts))
+                    upcoming = self._verify(current.result[1], drafts[:k], dists[:k], history)
+            if block is not None:
+                yield block
+            values = current.result.tolist()
+            clock = self._record(current, values[0], clock)
+            block, done = self._block(current, values, remaining)
             if done:
+                if upcoming is not None:
+                    for c in self.cache:
+                        c.trim(upcoming.k + 1)
+                yield block
                 return
-            self.stats.target_forwards += 1
-            remaining -= 1
-            result, logprobs = next_result, next_logprobs
-
-    def _generate_mtp(self, prompt, max_tokens):
-        """Draft, verify, read the result (the round's one host sync), roll back; any drafter."""
-        if self.pipelined:
-            yield from self._generate_pipelined(prompt, max_tokens)
-            return
-        result, logprobs = self._first_token(prompt)
-        self.stats.target_forwards = 1
-        tokens, done = self._finish(result.tolist()[1:], max_tokens)
-        remaining = max_tokens - 1
-        block = Block(tokens, logprobs, 0)
-        while not done:
-            k = min(self.schedule.k, remaining - 1)
-            self._extend_context(mx.array(block.tokens, mx.int32))
-            pending = mx.array(block.tokens[-1:], mx.int32)
-            position = self.cache[0].offset
-            shared_kv = self.target.shared_kv(self.cache)  # positions < p, read once per round
-            drafts, dists = self._draft(pending, self.hidden, k, shared_kv, position)
-            result, logprobs, hidden = self._verify(block.tokens[-1], drafts, dists)
-            mx.async_eval(result)
-            yield block  # the consumer's work overlaps the device's
-            block, done, n = self._read_round(k, result, logprobs, remaining)
-            self.hidden = hidden[:, n : n + 1]
             remaining -= len(block.tokens)
-        yield block
+            if upcoming is None:
+                if not self.pipelined:
+                    count = self.schedule.choose(remaining - 1)
+                    drafts, dists, history = self._draft_after(current, count)
+                k = self.schedule.verify(min(len(drafts), remaining - 1))
+                pending = mx.array(block.tokens[-1])
+                upcoming = self._verify(pending, drafts[:k], dists[:k], history)
+            current = upcoming
 
-    def _generate_pipelined(self, prompt, max_tokens):
-        """The next round's drafts are dispatched before this round's result is read: they
-        depend on its accepted count ``n`` only through lazy arrays (the token and the hidden
-        state at ``n``, the position ``p + n + 1``, masks over the cache buffers), so the device
-        drafts while the host reads the result, rolls back and builds the next verification."""
-        result, logprobs = self._first_token(prompt)
-        self.stats.target_forwards = 1
-        count = min(self.schedule.most_next(), max_tokens - 2)
-        drafts, dists = self._draft_after(result, self.hidden, prompt.size - 1, count)
-        tokens, done = self._finish(result.tolist()[1:], max_tokens)
-        remaining = max_tokens - 1
-        block = Block(tokens, logprobs, 0)
-        while not done:
-            k = min(self.schedule.k, remaining - 1)  # <= len(drafts), see count
-            first = self.cache[0].offset
-            result, logprobs, hidden = self._verify(block.tokens[-1], drafts[:k], dists[:k])
-            mx.async_eval(result)
-            count = min(self.schedule.most_next(), remaining - 2)
-            drafts, dists = self._draft_after(result, hidden, first, count)
-            yield block
-            block, done, _ = self._read_round(k, result, logprobs, remaining)
-            remaining -= len(block.tokens)
-        yield block
-
-    def _draft_after(self, result: mx.array, hidden: mx.array, first: int, count: int):
-        """Dispatch ``count`` drafts for the round after the forward over positions ``first..``
-        whose accept result is ``result`` and hidden states ``hidden``, without reading them."""
-        if count < 1:
-            return [], []
-        n = result[0]
-        token = mx.take(result, n + 1).reshape(1)
-        hidden = mx.take(hidden, n, axis=1)[:, None]
-        position = n + (first + 1)
-        shared_kv, first_positions = self.target.shared_kv_buffers(self.cache)
-        masks = self.drafter.visibility_masks(shared_kv, first_positions, position)
-        drafts, dists = self._draft(token, hidden, count, shared_kv, position, masks)
-        mx.async_eval(drafts, [d for d in dists if d is not None])
-        return drafts, dists
-
-    def _read_round(self, k: int, result: mx.array, logprobs: mx.array, remaining: int):
-        """The round's one host sync: read ``result``, roll back, and return the block to emit,
-        whether generation ends, and the accepted count."""
-        values = result.tolist()
+    def _block(self, current: Round, values: list, remaining: int) -> tuple[Block, bool]:
         n = values[0]
-        self._update(k, n)
         tokens, done = self._finish(values[1 : n + 2], remaining)
-        return Block(tokens, logprobs[: len(tokens)], min(n, len(tokens))), done, n
+        return Block(tokens, current.logprobs[: len(tokens)], min(n, len(tokens))), done
 
-    def _update(self, k: int, n: int) -> None:
-        stats = self.stats
-        stats.rounds += 1
+    def _record(self, current: Round, n: int, clock: float) -> float:
+        """Count the round just read, roll its rejected drafts back and tell the schedule."""
+        now = time.perf_counter()
+        k, stats = current.k, self.stats
         stats.target_forwards += 1
-        stats.drafted += k
-        stats.accepted += n
+        if stats.target_forwards == 1:  # the first token: prefill, no round
+            return now
         stats.draft_lengths.append(k)
-        self.schedule.update(k, n)
-        for c in self.cache:
-            c.trim(k - n)
+        stats.accepted_lengths.append(n)
+        if k:
+            stats.rounds += 1
+            stats.drafted += k
+            stats.accepted += n
+            for c in self.cache:
+                c.trim(k - n)
+        else:
+            stats.plain_steps += 1
+            if stats.mode == "mtp":
+                stats.parked_seconds += now - clock
+        self.schedule.observe(k, n, now - clock if current.timed else None)
+        return now
 
-    def _extend_context(self, tokens: mx.array) -> None:
-        if self.context is not None:
-            self.context = mx.concatenate([self.context, tokens.astype(self.context.dtype)])
+    # -- the controller's costs ---------------------------------------------------------------
+
+    def _auto_schedule(self) -> AutoSchedule:
+        """The ``auto`` controller, with costs given, cached on disk, or measured now on the
+        prefilled cache (then cached)."""
+        costs, source = self.costs, "given"
+        if costs is None:
+            identity = costs_identity(self.target.model, self.drafter, self._draft_kind())
+            costs, path = load_costs(identity, self.k_max)
+            source = f"cached ({path})"
+            if costs is None:
+                costs = self.measure_costs()
+                saved = save_costs(identity, costs)
+                source = f"measured now, cached in {saved}" if saved else "measured now"
+            self.costs = costs
+        self.stats.costs = source
+        prior = PRIOR_ACCEPTANCE[self.policy.acceptance_rule]
+        return AutoSchedule(costs, self.k_max, prior)
+
+    def _draft_kind(self) -> str:
+        """What the draft step costs depend on, besides the models."""
+        params = self.policy.params
+        return "/".join(
+            [
+                self.stats.draft_path,
+                self.policy.acceptance_rule,
+                f"processors={len(self.policy.processors)}",
+                "" if params is None else f"top_p={params.top_p},top_k={params.top_k}",
+            ]
+        )
+
+    def measure_costs(self, k_max: int | None = None, **options) -> Costs:
+        """Queued costs of this engine's forwards and draft step on its prefilled cache (the
+        cache is left as it was); ``options`` go to ``costs.measure_costs``."""
+        k_max = self.k_max if k_max is None else k_max
+        last = Round(
+            0,
+            self.cache[0].offset - 1,
+            mx.array([0, 0], mx.int32),
+            None,
+            mx.zeros((1, 1, self.target.hidden_size)),
+            self._initial_history(mx.array([0], mx.int32)),
+        )
+        return measure_costs(
+            self.target, self.cache, lambda: self._draft_after(last, 1)[0][0], k_max, **options
+        )

@@ -19,10 +19,9 @@ from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .config import ConfigError
-from .engine import SCHEDULES, SpeculativeGenerator, Stats
+from .costs import Costs
+from .engine import DEFAULT_NUM_DRAFT_TOKENS, SCHEDULES, SpeculativeGenerator, Stats
 from .sampling import SamplingParams, TokenPolicy
-
-DEFAULT_NUM_DRAFT_TOKENS = 4
 
 
 @dataclass
@@ -34,6 +33,10 @@ class GenerationResponse(MLXGenerationResponse):
     rounds: int = 0
     target_forwards: int = 0
     mode: str = "mtp"  # "plain" when no drafter is used
+    acceptance_rule: str = "match"  # "speculative": lossless speculative sampling
+    draft_path: str = "none"  # says whether drafting is compiled and centroid-masked
+    k_histogram: dict | None = None  # rounds per number of drafts (0: plain steps)
+    parked_seconds: float = 0.0  # time in plain steps while a drafter was loaded
 
     @property
     def acceptance_rate(self) -> float:
@@ -56,13 +59,16 @@ def make_policy(
     repetition_context_size: int = 20,
 ) -> TokenPolicy:
     """A ``TokenPolicy`` from mlx-lm's options. A custom ``sampler`` is honoured exactly, but
-    drafts are then accepted only where they equal the sampler's draw (lossless, less accepted)."""
+    drafts are then accepted only where they equal the sampler's draw (lossless, less accepted).
+    mlx-lm's repetition penalty reads only the last ``repetition_context_size`` tokens, so it
+    keeps the pipelined loop; custom ``logits_processors`` may read the whole history."""
     params = SamplingParams(temp, top_p, min_p, min_tokens_to_keep, top_k)
     processors = list(logits_processors or [])
+    window = None if processors else repetition_context_size
     processors += make_logits_processors(
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
     )
-    return TokenPolicy(sampler, params, processors)
+    return TokenPolicy(sampler, params, processors, window, repetition_penalty)
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int] | mx.array) -> mx.array:
@@ -142,11 +148,12 @@ def stream_generate(
     max_tokens: int = 256,
     *,
     num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
-    draft_schedule: str = "constant",
+    draft_schedule: str = "auto",
     full_vocab_draft: bool = False,
     prefill_step_size: int = 512,
     stop: Sequence[str] = (),
     eos_token_ids: Sequence[int] | None = None,
+    costs: Costs | None = None,
     **sampling: Any,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield one ``GenerationResponse`` per generated token (the last one has a
@@ -155,7 +162,8 @@ def stream_generate(
     ``prompt`` is text (needs ``tokenizer``) or token ids. ``sampling`` takes mlx-lm's options:
     ``sampler`` or ``temp``/``top_p``/``min_p``/``min_tokens_to_keep``/``top_k``, and
     ``logits_processors``/``repetition_penalty``/``repetition_context_size``. ``eos_token_ids``
-    defaults to all of the tokenizer's. Closing the generator early cancels the generation.
+    defaults to all of the tokenizer's. ``costs`` (``mlx_gemma_mtp.costs.Costs``) overrides the
+    ``auto`` schedule's measured costs. Closing the generator early cancels the generation.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -173,6 +181,7 @@ def stream_generate(
         full_vocab_draft=full_vocab_draft,
         prefill_step_size=prefill_step_size,
         eos_token_ids=eos_token_ids,
+        costs=costs,
     )
     texts = TextStream(tokenizer, stop)
     blocks = engine.generate(prompt, max_tokens)
@@ -215,6 +224,10 @@ def _counters(stats: Stats) -> dict:
         rounds=stats.rounds,
         target_forwards=stats.target_forwards,
         mode=stats.mode,
+        acceptance_rule=stats.acceptance_rule,
+        draft_path=stats.draft_path,
+        k_histogram=stats.k_histogram,
+        parked_seconds=stats.parked_seconds,
     )
 
 
@@ -241,8 +254,14 @@ def format_stats(response: GenerationResponse, drafting: bool) -> str:
     if drafting:
         lines.append(
             f"Drafts: {response.accepted}/{response.drafted} accepted "
-            f"({response.acceptance_rate:.3f}), {response.tokens_per_target_forward:.2f} tokens "
-            f"per target forward ({response.target_forwards} forwards, {response.rounds} rounds)"
+            f"({response.acceptance_rate:.3f}, {response.acceptance_rule} rule), "
+            f"{response.tokens_per_target_forward:.2f} tokens per target forward "
+            f"({response.target_forwards} forwards, {response.rounds} speculative rounds)"
+        )
+        histogram = ", ".join(f"{k}: {n}" for k, n in (response.k_histogram or {}).items())
+        lines.append(
+            f"Draft lengths (k: rounds): {histogram or '-'}; parked "
+            f"{response.parked_seconds:.2f} s; drafting: {response.draft_path}"
         )
     else:
         lines.append("Drafts: none (plain decoding)")
@@ -281,6 +300,10 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
         "mode": response.mode,
         "num_draft_tokens": args["num_draft_tokens"] if response.mode == "mtp" else 0,
         "draft_schedule": args["draft_schedule"],
+        "acceptance_rule": response.acceptance_rule,
+        "draft_path": response.draft_path,
+        "k_histogram": response.k_histogram,
+        "parked_seconds": response.parked_seconds,
         "drafted": response.drafted,
         "accepted": response.accepted,
         "acceptance_rate": response.acceptance_rate,
@@ -310,11 +333,15 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
     "--num-draft-tokens",
     default=DEFAULT_NUM_DRAFT_TOKENS,
     show_default=True,
-    type=click.IntRange(min=1),
-    help="Tokens drafted per round (the most, with 'heuristic').",
+    type=click.IntRange(min=0),
+    help="Tokens drafted per round (the most, with 'auto' and 'heuristic'; 0: plain decoding).",
 )
 @click.option(
-    "--draft-schedule", type=click.Choice(SCHEDULES), default="constant", show_default=True
+    "--draft-schedule",
+    type=click.Choice(SCHEDULES),
+    default="auto",
+    show_default=True,
+    help="auto: k chosen every round from measured costs and acceptance (0 parks drafting).",
 )
 @click.option("--system-prompt", help="System message for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt text as is.")

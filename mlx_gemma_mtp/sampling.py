@@ -22,6 +22,8 @@ from mlx_lm.sample_utils import (
     make_sampler,
 )
 
+from .centroid_head import candidate_argmax
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -56,7 +58,7 @@ class SamplingParams:
             logprobs = apply_top_p(logprobs, self.top_p)
         if self.min_p != 0.0:
             logprobs = apply_min_p(logprobs, self.min_p, self.min_tokens_to_keep)
-        if self.top_k > 0:
+        if 0 < self.top_k < logprobs.shape[-1]:  # a candidate row may hold fewer tokens
             logprobs = apply_top_k(logprobs, self.top_k)
         return logprobs
 
@@ -81,6 +83,15 @@ def process_rows(
     return mx.concatenate(rows)
 
 
+def penalize_repeats(
+    logits: mx.array, ids: mx.array, history: mx.array, penalty: float
+) -> mx.array:
+    """mlx-lm's repetition penalty on candidate logits ``[1, C]`` of token ``ids`` ``[1, C]``:
+    the candidates that occur in ``history`` are penalised (the others are not in the row)."""
+    seen = (ids.reshape(-1, 1) == history.reshape(1, -1)).any(axis=1)[None]
+    return mx.where(seen, mx.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
 def match_accept(drafts: mx.array, target_tokens: mx.array) -> mx.array:
     """Number of leading drafts equal to the target's own choices (``[k]`` vs ``[k+1]``)."""
     same = (drafts == target_tokens[: drafts.shape[0]]).astype(mx.int32)
@@ -88,18 +99,18 @@ def match_accept(drafts: mx.array, target_tokens: mx.array) -> mx.array:
 
 
 def speculative_accept(
-    drafts: mx.array, draft_logprobs: mx.array, target_logprobs: mx.array
+    drafts: mx.array, draft_logq: mx.array, q_rows: mx.array, target_logprobs: mx.array
 ) -> tuple[mx.array, mx.array]:
-    """Speculative sampling for ``k >= 1`` drafts drawn from ``exp(draft_logprobs)`` ``[k, V]``
-    against ``exp(target_logprobs)`` ``[k+1, V]`` (float32). Returns ``(n, tokens)``: ``n`` drafts
-    are accepted and ``tokens[:n+1]`` are the emitted tokens."""
+    """Speculative sampling for ``k >= 1`` drafts drawn with log-probabilities ``draft_logq``
+    ``[k]`` from the rows ``q_rows`` ``[k, V]`` (probabilities), against ``exp(target_logprobs)``
+    ``[k+1, V]`` (float32). Returns ``(n, tokens)``: ``n`` drafts are accepted and
+    ``tokens[:n+1]`` are the emitted tokens."""
     k = drafts.shape[0]
-    p, q = mx.exp(target_logprobs), mx.exp(draft_logprobs)
+    p = mx.exp(target_logprobs)
     p_draft = mx.take_along_axis(p[:k], drafts[:, None], axis=-1)[:, 0]
-    q_draft = mx.take_along_axis(q, drafts[:, None], axis=-1)[:, 0]
-    accept = mx.random.uniform(shape=(k,)) * q_draft < p_draft
+    accept = mx.random.uniform(shape=(k,)) * mx.exp(draft_logq) < p_draft
     n = mx.cumprod(accept.astype(mx.int32)).sum()
-    residual = mx.maximum(p[:k] - q, 0.0)
+    residual = mx.maximum(p[:k] - q_rows, 0.0)
     # p == q up to rounding: rejection is (nearly) impossible there, but keep the row valid.
     residual = mx.where(residual.sum(-1, keepdims=True) > 0, residual, p[:k])
     fallback = mx.random.categorical(mx.log(mx.concatenate([residual, p[k:]])))
@@ -108,14 +119,30 @@ def speculative_accept(
     return n, tokens
 
 
+def probability_rows(draft: dict, vocab_size: int) -> mx.array:
+    """The drafter's distribution as a full-vocabulary probability row ``[1, V]``: scattered from
+    its candidates only here, where the acceptance rule needs it."""
+    q = mx.exp(draft["logq"])
+    if "ids" not in draft:
+        return q
+    return mx.put_along_axis(mx.zeros((1, vocab_size), q.dtype), draft["ids"], q, axis=-1)
+
+
 class TokenPolicy:
-    """How tokens are picked from target and drafter logits, and how drafts are accepted."""
+    """How tokens are picked from target and drafter logits, and how drafts are accepted.
+
+    ``history_window``: how much of the token history the logits processors read. ``0``: none
+    (no processors); ``W``: the last ``W`` tokens (mlx-lm's repetition penalty), which the engine
+    keeps as a fixed-size lazy window on the device; ``None``: the whole history (custom
+    processors), which the engine must know on the host before each round."""
 
     def __init__(
         self,
         sampler: Sampler | None = None,
         params: SamplingParams | None = None,
         logits_processors: list | None = None,
+        history_window: int | None = None,
+        repetition_penalty: float | None = None,
     ):
         if sampler is not None and params is not None and not params.greedy:
             raise ValueError("pass either a sampler or sampling parameters, not both")
@@ -124,6 +151,9 @@ class TokenPolicy:
         else:
             self.params, self.sampler = None, sampler or greedy_sampler
         self.processors = list(logits_processors or [])
+        self.history_window = history_window if self.processors else 0
+        self.repetition_penalty = repetition_penalty
+        self.custom_sampler = sampler is not None
 
     @property
     def speculative(self) -> bool:
@@ -131,22 +161,37 @@ class TokenPolicy:
         return self.params is not None
 
     @property
-    def needs_full_vocab_draft(self) -> bool:
-        return self.speculative or bool(self.processors)
+    def acceptance_rule(self) -> str:
+        return "speculative" if self.speculative else "match"
 
-    def target_logprobs(self, logits: mx.array, context: mx.array, drafts: list) -> mx.array:
+    def target_logprobs(self, logits: mx.array, history: mx.array, drafts: list) -> mx.array:
         if self.processors:
-            logits = process_rows(logits, context, drafts, self.processors)
+            logits = process_rows(logits, history, drafts, self.processors)
         return log_softmax(logits)
 
-    def draft(self, logits: mx.array, context: mx.array, drafts: list):
-        """Next draft token ``[1]`` and, when speculative, its distribution ``[1, V]``."""
+    def draft(self, logits: mx.array, ids: mx.array | None, history, key) -> dict:
+        """The drafted ``token`` ``[1]`` from draft ``logits`` ``[1, N]`` over token ``ids``
+        ``[1, N]`` (None: the whole vocabulary, in order) and, when speculative, the drafter's
+        distribution: ``logq`` over the same ``ids`` and ``logq_token``, the drawn token's."""
         if self.processors:
-            logits = process_rows(logits, mx.concatenate([context, *drafts]), [], self.processors)
+            if ids is None:
+                logits = process_rows(logits, history, [], self.processors)
+            else:  # only the repetition penalty comes with a candidate row (see history_window)
+                logits = penalize_repeats(logits, ids, history, self.repetition_penalty)
         if not self.speculative:
-            return mx.argmax(logits, axis=-1), None
-        q = self.params.distribution(log_softmax(logits))
-        return mx.random.categorical(q), q
+            token = mx.argmax(logits, axis=-1) if ids is None else candidate_argmax(ids, logits)
+            return {"token": token.astype(mx.int32)}
+        logq = self.params.distribution(log_softmax(logits))
+        index = mx.random.categorical(logq, key=key)[:, None]
+        token = index if ids is None else mx.take_along_axis(ids, index, axis=-1)
+        draft = {
+            "token": token[:, 0].astype(mx.int32),
+            "logq": logq,
+            "logq_token": mx.take_along_axis(logq, index, axis=-1)[:, 0],
+        }
+        if ids is not None:
+            draft["ids"] = ids
+        return draft
 
     def accept(self, drafts: list, draft_dists: list, logprobs: mx.array):
         """``(n, tokens)`` for drafts ``[k]`` and target log-probabilities ``[k+1, V]``. Without
@@ -155,7 +200,10 @@ class TokenPolicy:
             return mx.array(0), self.sampler(logprobs)
         drafts = mx.concatenate(drafts)
         if self.speculative:
-            q = mx.concatenate(draft_dists)
-            return speculative_accept(drafts, q, self.params.distribution(logprobs))
+            vocab_size = logprobs.shape[-1]
+            q_rows = mx.concatenate([probability_rows(d, vocab_size) for d in draft_dists])
+            draft_logq = mx.concatenate([d["logq_token"] for d in draft_dists])
+            target = self.params.distribution(logprobs)
+            return speculative_accept(drafts, draft_logq, q_rows, target)
         tokens = self.sampler(logprobs)
         return match_accept(drafts, tokens), tokens

@@ -18,3 +18,18 @@ def hf_pair(tmp_path_factory):
         return pairs[kind, target_class]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def costs_cache(tmp_path_factory):
+    """The ``auto`` schedule's on-disk cost cache, in a folder of the test session's own."""
+    import os
+
+    folder = tmp_path_factory.mktemp("mtp_cache")
+    previous = os.environ.get("MLX_GEMMA_MTP_CACHE_DIR")
+    os.environ["MLX_GEMMA_MTP_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("MLX_GEMMA_MTP_CACHE_DIR", None)
+    else:
+        os.environ["MLX_GEMMA_MTP_CACHE_DIR"] = previous

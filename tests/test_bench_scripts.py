@@ -121,28 +121,32 @@ def run_bench(tmp_path: Path, *extra: str) -> tuple[dict, Path]:
 def test_bench_mtp_runs(tmp_path):
     result, out = run_bench(
         tmp_path,
-        *("--ks", "2", "--schedules", "constant,heuristic", "--temps", "0,0.7"),
+        *("--ks", "2", "--schedules", "auto,constant,heuristic", "--temps", "0,0.7"),
+        *("--auto-k-max", "3", "--top-p", "0.9"),
         *("--profile", "--profile-prompts", "1", "--profile-ks", "2"),
     )
     arms = {s["arm"]: s for s in result["arms"]}
     assert set(arms) == {
-        "plain", "ours-plain", "mtp k=2 constant", "mtp k=2 heuristic",
-        "plain temp=0.7", "mtp k=2 constant temp=0.7", "mtp k=2 heuristic temp=0.7",
+        "plain", "ours-plain", "mtp auto k<=3", "mtp k=2 constant", "mtp k=2 heuristic",
+        "plain temp=0.7", "mtp auto k<=3 temp=0.7", "mtp k=2 constant temp=0.7",
+        "mtp k=2 heuristic temp=0.7",
     }  # fmt: skip
     for name, s in arms.items():
         assert s["runs"] == 3
-        if s["kind"] == "mtp":
+        if s["kind"] == "mtp" and s["schedule"] != "auto":  # auto may park every round
             assert 0.0 <= s["acceptance"] <= 1.0
             assert 1.0 <= s["tokens_per_round"] <= s["k"] + 1
             assert s["ideal_speedup"] > 0
         if s["kind"] in ("mtp", "ours-plain") and s["temp"] == 0:
             assert s["identical_to_plain_greedy"] == "3/3", name
     assert sorted(result["tokens_per_round_by_k"]) == [2]
-    assert sorted(result["efficiency"]["t_target"]) == [1, 2, 3]
+    assert sorted(result["efficiency"]["t_target"]) == [1, 2, 3, 4]  # up to auto's k_max + 1
+    queued = result["efficiency"]["queued"]  # the engine's own costs, per temperature
+    assert set(queued) == {"0.0", "0.7"} and all(len(c["verify"]) == 4 for c in queued.values())
     assert [p["k"] for p in result["profile"]] == [2]
     assert {"plain", "ours-plain"} <= set(result["memory_check"])
     saved = json.loads((out / "bench_mtp.json").read_text())
-    assert len(saved["runs"]) == 7 * 3
+    assert len(saved["runs"]) == 9 * 3
     assert "| mtp k=2 heuristic temp=0.7 |" in (out / "bench_mtp.md").read_text()
     try:
         import matplotlib  # noqa: F401

@@ -17,6 +17,7 @@ from mlx_lm.sample_utils import make_logits_processors
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.cache import SlidingWindowCache
+from mlx_gemma_mtp.costs import Costs
 from mlx_gemma_mtp.engine import DraftSchedule, SpeculativeGenerator
 from mlx_gemma_mtp.generate import make_policy, stream_generate
 from mlx_gemma_mtp.models.gemma4_assistant import DraftOutput
@@ -49,29 +50,51 @@ def run(target, drafter, prompt: list, max_tokens: int, **kwargs):
     return [r.token for r in responses], responses
 
 
-class OracleDrafter:
-    """The real drafter's forward, with its proposal replaced by the reference continuation
-    (probability ``hit`` per step) or a wrong token: partial acceptances on demand."""
+# ``auto`` with costs under which every draft pays (flat verification, nearly free drafts), held
+# fixed: it drafts k_max every round, whatever this machine's BLAS, through the default loop.
+SPECULATE = Costs([0.01] * 12, 1e-4, fixed=True)
+# Costs near break-even at the oracles' acceptance: ``auto`` switches between parking (k = 0) and
+# drafting, so plain steps and rollbacks alternate.
+BREAK_EVEN = Costs([0.010 + 0.0045 * w for w in range(12)], 1e-4, fixed=True)
+MARK = 1e6  # the oracle's hidden state carries its step count in its last element, above MARK
+
+
+class LazyOracle(nn.Module):
+    """The real drafter's forward (through the compiled, pipelined draft step: masks over the
+    cache buffers, a lazy position), with its proposal replaced by the reference continuation
+    (probability ``hit`` per step, from a hash of position and step) or a wrong token: partial
+    acceptances on demand, computed in lazy MLX ops only."""
 
     def __init__(self, drafter, reference: list, hit: float, seed: int = 0):
-        self.drafter, self.reference, self.hit = drafter, reference, hit
-        self.rng = random.Random(seed)
+        super().__init__()
+        self.inner = drafter
+        self.reference = mx.array(reference + [0] * 16, mx.int32)
+        self.hit, self.seed = hit, seed
         self.vocab_size = drafter.vocab_size
-        self.position, self.step = None, 0
+        self.args = drafter.args
 
-    def __call__(self, inputs_embeds, shared_kv, position, full_vocab=False):
-        out = self.drafter(inputs_embeds, shared_kv, position, full_vocab)
-        self.step = self.step + 1 if position == self.position else 1
-        self.position = position
-        index = position + self.step
-        token = self.reference[index] if index < len(self.reference) else 0
-        if self.rng.random() >= self.hit:
-            token = (token + 1) % self.vocab_size
-        logits = (mx.arange(self.vocab_size) == token).astype(mx.float32)[None, None]
-        return DraftOutput(logits, None, out.hidden)
+    def visibility_masks(self, *args):
+        return self.inner.visibility_masks(*args)
 
     def full_vocab_logits(self, out):
         return out.logits
+
+    def __call__(self, inputs_embeds, shared_kv, position, full_vocab=False, masks=None):
+        out = self.inner(inputs_embeds, shared_kv, position, full_vocab, masks=masks)
+        carried = inputs_embeds[0, 0, -1]
+        step = mx.where(carried >= MARK, carried - MARK, 0).astype(mx.int32) + 1
+        index = mx.minimum(step + position, self.reference.size - 1)
+        token = mx.take(self.reference, index)
+        mixed = (index.astype(mx.uint32) * 2654435761 + step.astype(mx.uint32) * 40503) ^ (
+            (self.seed * 2246822519) % 2**32
+        )
+        hit = ((mixed >> 8) % 1000).astype(mx.float32) < self.hit * 1000
+        token = mx.where(hit, token, (token + 1) % self.vocab_size)
+        logits = (mx.arange(self.vocab_size) == token).astype(mx.float32)[None, None]
+        hidden = mx.concatenate(
+            [out.hidden[..., :-1], (MARK + step).astype(out.hidden.dtype).reshape(1, 1, 1)], -1
+        )
+        return DraftOutput(logits, None, hidden)
 
 
 # -- the fixture pair (window 128) ---------------------------------------------------------
@@ -84,7 +107,9 @@ def test_fixture_pair_greedy_identical_and_acceptance_at_least_transformers(fixt
     target, drafter, _ = fixture_pair
     acceptance, per_forward = [], []
     for prompt in held_out_prompts():
-        tokens, responses = run(target, drafter, prompt, 128, num_draft_tokens=4)
+        tokens, responses = run(
+            target, drafter, prompt, 128, num_draft_tokens=4, draft_schedule="constant"
+        )
         assert tokens == plain_greedy(target, prompt, 128)
         last = responses[-1]
         acceptance.append(last.acceptance_rate)
@@ -163,7 +188,9 @@ class Sabotaged:
 def pooled_acceptance(target, drafter, prompts, max_tokens=64) -> float:
     drafted = accepted = 0
     for prompt in prompts:
-        _, responses = run(target, drafter, prompt, max_tokens, num_draft_tokens=4)
+        _, responses = run(
+            target, drafter, prompt, max_tokens, num_draft_tokens=4, draft_schedule="constant"
+        )
         drafted, accepted = drafted + responses[-1].drafted, accepted + responses[-1].accepted
     return accepted / drafted
 
@@ -216,7 +243,7 @@ def test_drafter_sees_the_clean_mtp_inputs(fixture_pair):
     of positions < p (full) and at least window + 1 of them (sliding), then its own hidden."""
     target, drafter, _ = fixture_pair
     spy, prompt = Spy(drafter), held_out_prompts()[1]
-    tokens, _ = run(target, spy, prompt, 90, num_draft_tokens=3)
+    tokens, _ = run(target, spy, prompt, 90, num_draft_tokens=3, costs=SPECULATE)
     sequence = prompt + tokens
     previous = None
     for inputs, shared_kv, position, out in spy.calls:
@@ -248,7 +275,7 @@ def test_stop_conditions_inside_drafted_blocks(fixture_pair):
     target, drafter, _ = fixture_pair
     prompt = held_out_prompts()[2]
     reference = plain_greedy(target, prompt, 40)
-    tokens, responses = run(target, drafter, prompt, 40, num_draft_tokens=4)
+    tokens, responses = run(target, drafter, prompt, 40, num_draft_tokens=4, costs=SPECULATE)
     assert tokens == reference
     # A token first seen inside a drafted block (not the block's last) becomes the EOS.
     inside = [
@@ -258,20 +285,40 @@ def test_stop_conditions_inside_drafted_blocks(fixture_pair):
     ]
     assert inside
     i = inside[0]
-    tokens, responses = run(target, drafter, prompt, 40, eos_token_ids=[reference[i]])
+    tokens, responses = run(
+        target,
+        drafter,
+        prompt,
+        40,
+        num_draft_tokens=4,
+        costs=SPECULATE,
+        eos_token_ids=[reference[i]],
+    )
     assert tokens == reference[: i + 1]
     assert responses[-1].finish_reason == "stop"
     for max_tokens in range(1, 12):
-        tokens, responses = run(target, drafter, prompt, max_tokens, num_draft_tokens=4)
+        tokens, responses = run(
+            target, drafter, prompt, max_tokens, num_draft_tokens=4, costs=SPECULATE
+        )
         assert tokens == reference[:max_tokens]
         assert responses[-1].finish_reason == "length"
         assert responses[-1].generation_tokens == max_tokens
         # No round drafts past max_tokens: emitted so far + drafts + the target's own <= max.
-        engine = SpeculativeGenerator(target, drafter, num_draft_tokens=4)
+        engine = SpeculativeGenerator(target, drafter, num_draft_tokens=4, costs=SPECULATE)
         emitted = [len(block.tokens) for block in engine.generate(mx.array(prompt), max_tokens)]
         before_rounds = itertools.accumulate(emitted[:-1])
         for before, k in zip(before_rounds, engine.stats.draft_lengths, strict=True):
             assert before + k + 1 <= max_tokens
+
+
+# Every schedule, ``auto`` with costs that make it draft always, switch, and with this machine's.
+SCHEDULE_COSTS = [
+    ("constant", None),
+    ("heuristic", None),
+    ("auto", SPECULATE),
+    ("auto", BREAK_EVEN),
+    ("auto", None),
+]
 
 
 def test_every_k_and_schedule_on_the_fixture(fixture_pair):
@@ -279,9 +326,15 @@ def test_every_k_and_schedule_on_the_fixture(fixture_pair):
     prompt = held_out_prompts()[3]
     reference = plain_greedy(target, prompt, 24)
     for k in range(1, 9):
-        for schedule in ("constant", "heuristic"):
+        for schedule, costs in SCHEDULE_COSTS:
             tokens, _ = run(
-                target, drafter, prompt, 24, num_draft_tokens=k, draft_schedule=schedule
+                target,
+                drafter,
+                prompt,
+                24,
+                num_draft_tokens=k,
+                draft_schedule=schedule,
+                costs=costs,
             )
             assert tokens == reference, (k, schedule)
 
@@ -290,8 +343,11 @@ def test_full_vocab_draft_and_plain_mode(fixture_pair):
     target, drafter, _ = fixture_pair
     prompt = held_out_prompts()[4]
     reference = plain_greedy(target, prompt, 32)
-    tokens, responses = run(target, drafter, prompt, 32, full_vocab_draft=True)
+    tokens, responses = run(
+        target, drafter, prompt, 32, num_draft_tokens=4, full_vocab_draft=True, costs=SPECULATE
+    )
     assert tokens == reference and responses[-1].acceptance_rate > GUARD_ACCEPTANCE
+    assert responses[-1].draft_path == "compiled, pipelined, full-vocabulary"
     for drafter_, k in ((None, 4), (drafter, 0)):
         tokens, responses = run(target, drafter_, prompt, 32, num_draft_tokens=k)
         assert tokens == reference
@@ -310,11 +366,17 @@ def test_logits_processors_see_the_same_history_as_in_mlx_lm(fixture_pair):
     )
     reference = [token for token, _ in steps]
     assert reference != plain_greedy(target, prompt, 40)  # the penalty matters here
-    tokens, responses = run(
-        target, drafter, prompt, 40, repetition_penalty=1.5, repetition_context_size=8
-    )
-    assert tokens == reference
-    assert responses[-1].accepted > 0
+    for options in (
+        # mlx-lm's penalty reads a window of 8 tokens: pipelined, centroid-masked drafting.
+        dict(repetition_penalty=1.5, repetition_context_size=8),
+        # The same processor passed as a custom one: the whole history, on the host.
+        dict(logits_processors=processors),
+    ):
+        tokens, responses = run(target, drafter, prompt, 40, costs=SPECULATE, **options)
+        assert tokens == reference
+        assert responses[-1].accepted > 0
+        pipelined = "logits_processors" not in options
+        assert responses[-1].draft_path.startswith("compiled") == pipelined
 
     # Any sampler is honoured too: drafts are accepted where they equal its choices.
     def second_best(logprobs):
@@ -322,7 +384,10 @@ def test_logits_processors_see_the_same_history_as_in_mlx_lm(fixture_pair):
 
     steps = generate_step(mx.array(prompt), target.model, max_tokens=20, sampler=second_best)
     reference = [token for token, _ in steps]
-    assert run(target, drafter, prompt, 20, sampler=second_best)[0] == reference
+    tokens, responses = run(target, drafter, prompt, 20, sampler=second_best, costs=SPECULATE)
+    assert tokens == reference
+    assert responses[-1].acceptance_rule == "match"
+    assert responses[-1].draft_path.startswith("compiled")
 
 
 # -- host syncs, memory, cancellation -----------------------------------------------------------
@@ -355,19 +420,20 @@ def count_syncs(monkeypatch):
     [{}, {"temp": 0.8, "top_p": 0.9, "repetition_penalty": 1.1}],
     ids=["greedy", "sampled"],
 )
-def test_one_host_sync_per_round(fixture_pair, count_syncs, options):
+@pytest.mark.parametrize("costs", [SPECULATE, BREAK_EVEN], ids=["drafting", "switching"])
+def test_one_host_sync_per_round(fixture_pair, count_syncs, options, costs):
     target, drafter, _ = fixture_pair
     list(SpeculativeGenerator(target, drafter).generate(mx.array([2, 3]), 3))  # process caches
     count_syncs["n"] = 0
-    engine = SpeculativeGenerator(target, drafter, make_policy(**options), num_draft_tokens=6)
+    policy = make_policy(**options)
+    engine = SpeculativeGenerator(target, drafter, policy, num_draft_tokens=6, costs=costs)
     blocks = list(engine.generate(mx.array(held_out_prompts()[5]), 60))
     assert sum(len(b.tokens) for b in blocks) == 60
     # The pipelined engine makes sure once that the weights its compiled draft step captures
     # are evaluated; prefill evaluates the cache once (prompt shorter than one chunk), then the
-    # first token, then exactly one sync per round.
-    setup = 1 if engine.pipelined else 0
-    assert engine.pipelined == (options == {})
-    assert count_syncs["n"] == setup + 1 + 1 + engine.stats.rounds
+    # first token, then exactly one sync per round, plain steps included.
+    assert engine.pipelined
+    assert count_syncs["n"] == 1 + 1 + 1 + len(engine.stats.draft_lengths)
     assert engine.stats.rounds < 40
 
 
@@ -380,7 +446,7 @@ def test_memory_no_drafter_cache_and_bounded_peak(fixture_pair):
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        engine = SpeculativeGenerator(target, drafter_, num_draft_tokens=4)
+        engine = SpeculativeGenerator(target, drafter_, num_draft_tokens=4, costs=SPECULATE)
         for _ in engine.generate(mx.array(prompt), 64):
             pass
         assert len(engine.cache) == len(target.make_cache())  # target caches only
@@ -431,13 +497,13 @@ def test_draft_schedule():
     schedule = DraftSchedule(5, "heuristic")
     ks = []
     for accepted_all in (False, False, True, False, True, True, True):
-        k = schedule.k
+        k = schedule.verify(schedule.choose(8))
         ks.append(k)
-        schedule.update(k, k if accepted_all else 0)
+        schedule.observe(k, k if accepted_all else 0)
     assert ks == [5, 4, 3, 5, 4, 5, 5]
     constant = DraftSchedule(3, "constant")
-    constant.update(3, 0)
-    assert constant.k == 3
+    constant.observe(3, 0)
+    assert constant.choose(8) == 3 and constant.choose(2) == 2
     with pytest.raises(ValueError, match="draft schedule"):
         DraftSchedule(3, "sometimes")
 
@@ -474,6 +540,10 @@ def untie(target):
     return target
 
 
+def plain_steps(response) -> int:
+    return response.k_histogram.get(0, 0)
+
+
 def long_prompt(seed: int, length: int = 40, vocab: int = 512) -> list:
     rng = random.Random(seed)
     return [2] + [rng.randrange(3, vocab) for _ in range(length - 1)]
@@ -487,21 +557,22 @@ def test_long_generations_past_the_window(random_pairs, kind):
     prompt = long_prompt(1)
     reference = plain_greedy(target, prompt, 64)
     assert len(set(reference)) > 20  # a chaotic model, not a loop that hides errors
-    tokens, _ = run(target, drafter, prompt, 64, num_draft_tokens=4)
+    tokens, _ = run(target, drafter, prompt, 64, num_draft_tokens=4, costs=SPECULATE)
     assert tokens == reference
-    for hit, k in ((0.6, 3), (0.8, 6)):
-        oracle = OracleDrafter(drafter, prompt + reference, hit, seed=k)
-        tokens, responses = run(target, oracle, prompt, 64, num_draft_tokens=k)
+    for hit, k, costs in ((0.6, 3, SPECULATE), (0.8, 6, SPECULATE), (0.7, 4, BREAK_EVEN)):
+        oracle = LazyOracle(drafter, prompt + reference, hit, seed=k)
+        tokens, responses = run(target, oracle, prompt, 64, num_draft_tokens=k, costs=costs)
         assert tokens == reference
         assert 0 < responses[-1].accepted < responses[-1].drafted
+        assert responses[-1].draft_path.startswith("compiled, pipelined")
 
 
 def test_conditional_target_class(random_pairs):
     target, drafter = random_pairs("e2b", "conditional")
     prompt = long_prompt(2, 20)
     reference = plain_greedy(target, prompt, 24)
-    oracle = OracleDrafter(drafter, prompt + reference, 0.7)
-    assert run(target, oracle, prompt, 24)[0] == reference
+    oracle = LazyOracle(drafter, prompt + reference, 0.7)
+    assert run(target, oracle, prompt, 24, costs=SPECULATE)[0] == reference
 
 
 def test_the_rollback_trap_is_caught(random_pairs, monkeypatch):
@@ -516,19 +587,24 @@ def test_the_rollback_trap_is_caught(random_pairs, monkeypatch):
         return 0 if self.offset > self.window else original(self, n)
 
     monkeypatch.setattr(SlidingWindowCache, "trim", broken_trim)
-    oracle = OracleDrafter(drafter, prompt + reference, 0.7)
-    assert run(target, oracle, prompt, 48, num_draft_tokens=4)[0] != reference
+    oracle = LazyOracle(drafter, prompt + reference, 0.7)
+    assert run(target, oracle, prompt, 48, num_draft_tokens=4, costs=SPECULATE)[0] != reference
 
 
 @pytest.mark.parametrize("k", range(1, 9))
 def test_every_k_and_schedule_with_rollbacks(random_pairs, k):
+    """Past the window (sliding window 8, 64 tokens), with partial acceptances: every schedule,
+    through the default loop (compiled, pipelined drafting)."""
     target, drafter = random_pairs("e2b")
     prompt = long_prompt(k, 24)
     reference = plain_greedy(target, prompt, 40)
-    for schedule in ("constant", "heuristic"):
-        oracle = OracleDrafter(drafter, prompt + reference, 0.75, seed=k)
-        tokens, _ = run(target, oracle, prompt, 40, num_draft_tokens=k, draft_schedule=schedule)
+    for schedule, costs in SCHEDULE_COSTS:
+        oracle = LazyOracle(drafter, prompt + reference, 0.75, seed=k)
+        tokens, responses = run(
+            target, oracle, prompt, 40, num_draft_tokens=k, draft_schedule=schedule, costs=costs
+        )
         assert tokens == reference, schedule
+        assert responses[-1].draft_path.startswith("compiled, pipelined")
 
 
 def test_stop_conditions_with_full_acceptance(random_pairs):
@@ -538,16 +614,21 @@ def test_stop_conditions_with_full_acceptance(random_pairs):
     reference = plain_greedy(target, prompt, 30)
     firsts = [i for i, token in enumerate(reference) if reference.index(token) == i]
     for i in firsts[:10]:
-        oracle = OracleDrafter(drafter, prompt + reference, 1.0)
-        tokens, responses = run(target, oracle, prompt, 30, eos_token_ids=[reference[i]])
-        assert tokens == reference[: i + 1]
-        assert responses[-1].finish_reason == "stop"
+        for costs in (SPECULATE, BREAK_EVEN):
+            oracle = LazyOracle(drafter, prompt + reference, 1.0)
+            tokens, responses = run(
+                target, oracle, prompt, 30, eos_token_ids=[reference[i]], costs=costs
+            )
+            assert tokens == reference[: i + 1]
+            assert responses[-1].finish_reason == "stop"
     for max_tokens in (1, 2, 5, 6, 7, 11):
-        oracle = OracleDrafter(drafter, prompt + reference, 1.0)
-        tokens, responses = run(target, oracle, prompt, max_tokens, num_draft_tokens=5)
+        oracle = LazyOracle(drafter, prompt + reference, 1.0)
+        tokens, responses = run(
+            target, oracle, prompt, max_tokens, num_draft_tokens=5, costs=SPECULATE
+        )
         assert tokens == reference[:max_tokens]
         last = responses[-1]
-        assert last.accepted == last.drafted == max_tokens - 1 - last.rounds
+        assert last.accepted == last.drafted == max_tokens - 1 - last.rounds - plain_steps(last)
 
 
 def test_pipelined_drafting_matches_the_synchronous_loop(fixture_pair):
@@ -557,11 +638,11 @@ def test_pipelined_drafting_matches_the_synchronous_loop(fixture_pair):
     the ordered K/V."""
     target, drafter, _ = fixture_pair
     long_prompt = sum(held_out_prompts()[10:14], [])[:300]
-    for prompt, schedule in ((held_out_prompts()[0], "heuristic"), (long_prompt, "constant")):
+    for prompt, schedule in ((held_out_prompts()[0], "heuristic"), (long_prompt, "auto")):
         runs = []
         for pipelined in (False, True):
             engine = SpeculativeGenerator(
-                target, drafter, num_draft_tokens=3, draft_schedule=schedule
+                target, drafter, num_draft_tokens=3, draft_schedule=schedule, costs=SPECULATE
             )
             engine.pipelined = pipelined
             blocks = [(b.tokens, b.num_from_draft) for b in engine.generate(mx.array(prompt), 200)]
@@ -576,7 +657,10 @@ def test_pipelined_drafting_matches_the_synchronous_loop(fixture_pair):
     assert masks["sliding_attention"].sum().item() == drafter.sliding_window + 1
     token, hidden = mx.array([7], mx.int32), mx.random.normal((1, 1, target.hidden_size))
     ordered = target.shared_kv(engine.cache)
-    eager = engine._draft_step(token, hidden, ordered, None, position)
-    compiled = engine._compiled_step(token, hidden, shared_kv, masks, mx.array(position))
+    none = mx.array(0)  # no logits processors' history, no random key (greedy)
+    eager = engine._draft_step(token, hidden, ordered, None, position, none, none)
+    compiled = engine._compiled_step(
+        token, hidden, shared_kv, masks, mx.array(position), none, none
+    )
     assert mx.allclose(compiled["hidden"], eager["hidden"], atol=1e-5).item()
     assert compiled["token"].item() == eager["token"].item()

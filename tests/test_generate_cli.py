@@ -19,6 +19,11 @@ STATS_KEYS = {
     "generation_tps",
     "prompt_tps",
     "num_draft_tokens",
+    "draft_schedule",
+    "acceptance_rule",
+    "draft_path",
+    "k_histogram",
+    "parked_seconds",
     "drafted",
     "accepted",
     "acceptance_rate",
@@ -70,8 +75,15 @@ def test_cli_streams_text_and_writes_stats(pair, tmp_path):
     assert stats["tokens"] == [r.token for r in expected]
     assert stats["prompt_tokens"] == len(prompt)
     assert stats["generation_tokens"] == 40 and stats["finish_reason"] == "length"
-    assert stats["drafted"] > 0 and stats["acceptance_rate"] == stats["accepted"] / stats["drafted"]
-    assert stats["mode"] == "mtp" and stats["num_draft_tokens"] == 4
+    # The default schedule is auto: how many rounds parked depends on this machine's costs.
+    assert stats["mode"] == "mtp" and stats["num_draft_tokens"] == 6
+    assert stats["draft_schedule"] == "auto" and stats["acceptance_rule"] == "match"
+    assert stats["draft_path"] == "compiled, pipelined, centroid-masked"
+    assert sum(stats["k_histogram"].values()) == stats["target_forwards"] - 1
+    drafted = sum(int(k) * n for k, n in stats["k_histogram"].items())
+    assert stats["drafted"] == drafted
+    if drafted:
+        assert stats["acceptance_rate"] == stats["accepted"] / stats["drafted"]
     assert "".join(r.text for r in expected) in result.stdout
     for line in ("Prompt:", "Generation:", "tokens per target forward", "Peak memory:"):
         assert line in result.stderr
@@ -101,6 +113,7 @@ def test_cli_reads_the_prompt_from_stdin(pair, tmp_path):
     expected = [r.token for r in stream_generate(target, drafter, tokenizer, prompt, 12)]
     assert stats["tokens"] == expected
     assert stats["prompt_tokens"] == len(prompt)
+    assert stats["draft_schedule"] == "heuristic" and stats["drafted"] > 0
 
 
 def test_cli_prompt_tokens_and_no_draft(tmp_path):

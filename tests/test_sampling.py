@@ -14,6 +14,7 @@ from mlx_lm.models import gemma4_text
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_gemma_mtp import load
+from mlx_gemma_mtp.costs import Costs
 from mlx_gemma_mtp.engine import SpeculativeGenerator
 from mlx_gemma_mtp.generate import make_policy, stream_generate
 from mlx_gemma_mtp.models import gemma4_assistant
@@ -77,13 +78,14 @@ def test_speculative_accept_takes_drafts_the_target_agrees_with():
     logprobs = mx.log(mx.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]))
     drafts = mx.array([1, 0])
     # q == p: every draft is accepted, the bonus comes from the last row.
-    n, tokens = speculative_accept(drafts, logprobs[:2], logprobs)
+    q_token = mx.take_along_axis(logprobs[:2], drafts[:, None], axis=-1)[:, 0]
+    n, tokens = speculative_accept(drafts, q_token, mx.exp(logprobs[:2]), logprobs)
     assert n.item() == 2 and tokens[:2].tolist() == [1, 0]
     # q puts all its mass on a token p never gives: always rejected, resampled from p.
     never = mx.log(mx.array([[0.0, 0.0, 1.0]])) + mx.zeros((1, 3))
     zero_p = mx.log(mx.array([[0.5, 0.5, 0.0], [0.3, 0.3, 0.4]]))
     for _ in range(20):
-        n, tokens = speculative_accept(mx.array([2]), never, zero_p)
+        n, tokens = speculative_accept(mx.array([2]), never[:, 2], mx.exp(never), zero_p)
         assert n.item() == 0 and tokens[0].item() in (0, 1)
 
 
@@ -98,7 +100,8 @@ def test_first_token_distribution_for_fixed_rows():
     draft_logprobs = mx.log(mx.array(q[None]))
     for _ in range(draws):
         draft = mx.random.categorical(draft_logprobs)
-        n, tokens = speculative_accept(draft, draft_logprobs, target_logprobs)
+        q_token = draft_logprobs[0, draft]
+        n, tokens = speculative_accept(draft, q_token, mx.exp(draft_logprobs), target_logprobs)
         counts[tokens[0].item()] += 1
     assert chi_square_p_value(counts, p) > SIGNIFICANCE
 
@@ -182,14 +185,27 @@ def tiny_pair(seed: int = 0):
 
 
 PROMPT = [1, 2, 3]
+# The default ``auto`` schedule, with costs under which two drafts always pay.
+DRAFT = Costs([0.01] * 4, 1e-4, fixed=True)
 NEW_TOKENS = 4  # t0 from the prefill, then one round of k=2 (and more rounds after rejections)
 
 
-def exact_sequence_probs(target, params: SamplingParams) -> np.ndarray:
-    """P(t0..t3) for every sequence, from one batched target forward over all of them."""
+def exact_sequence_probs(
+    target, params: SamplingParams, penalty: float | None = None, window: int = 0
+) -> np.ndarray:
+    """P(t0..t3) for every sequence, from one batched target forward over all of them (with
+    mlx-lm's repetition penalty over the last ``window`` tokens, if given)."""
     sequences = np.array(list(itertools.product(range(VOCAB), repeat=NEW_TOKENS)))
     inputs = np.concatenate([np.tile(PROMPT, (len(sequences), 1)), sequences], axis=1)
     logits = target.model(mx.array(inputs))[:, len(PROMPT) - 1 : -1]
+    if penalty is not None:
+        values = np.array(logits)
+        for j in range(NEW_TOKENS):
+            for b, history in enumerate(inputs[:, : len(PROMPT) + j]):
+                seen = np.unique(history[-window:])
+                row = values[b, j, seen]
+                values[b, j, seen] = np.where(row < 0, row * penalty, row / penalty)
+        logits = mx.array(values)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     dist = np.exp(np.array(params.distribution(logprobs)))  # [B, NEW_TOKENS, V]
     steps = np.take_along_axis(dist, sequences[..., None], axis=-1)[..., 0]
@@ -203,8 +219,9 @@ def exact_sequence_probs(target, params: SamplingParams) -> np.ndarray:
         dict(temp=1.0),
         dict(temp=1.0, top_p=0.85, full_vocab_draft=True),
         dict(temp=0.9, top_k=3),
+        dict(temp=1.0, repetition_penalty=1.8, repetition_context_size=3),
     ],
-    ids=["temp", "top_p", "top_k"],
+    ids=["temp", "top_p", "top_k", "repetition_penalty"],
 )
 def test_mtp_sampling_distribution_equals_plain(options):
     """Chi-square goodness of fit of 3000 MTP generations (4 tokens each, vocab 8: cells are
@@ -213,13 +230,16 @@ def test_mtp_sampling_distribution_equals_plain(options):
     options = dict(options)
     full_vocab = options.pop("full_vocab_draft", False)
     policy = make_policy(**options)
-    expected = exact_sequence_probs(target, policy.params).reshape(VOCAB, -1).sum(axis=0)
+    penalty = options.get("repetition_penalty")
+    window = options.get("repetition_context_size", 0)
+    expected = exact_sequence_probs(target, policy.params, penalty, window)
+    expected = expected.reshape(VOCAB, -1).sum(axis=0)
     mx.random.seed(2)
     counts, drafted, accepted = Counter(), 0, 0
     draws = 3000
     for _ in range(draws):
         engine = SpeculativeGenerator(
-            target, drafter, policy, num_draft_tokens=2, full_vocab_draft=full_vocab
+            target, drafter, policy, num_draft_tokens=2, full_vocab_draft=full_vocab, costs=DRAFT
         )
         tokens = [
             t for block in engine.generate(mx.array(PROMPT), NEW_TOKENS) for t in block.tokens
@@ -230,6 +250,8 @@ def test_mtp_sampling_distribution_equals_plain(options):
     for (a, b, c), count in counts.items():
         observed[(a * VOCAB + b) * VOCAB + c] = count
     assert 0.1 < accepted / drafted < 0.9  # both acceptance and rejection paths are exercised
+    head = "full-vocabulary" if full_vocab else "centroid-masked"
+    assert engine.stats.draft_path == f"compiled, pipelined, {head}"  # the default loop
     assert chi_square_p_value(observed, expected) > SIGNIFICANCE
 
 
@@ -252,6 +274,10 @@ def test_policy_options():
     assert make_policy(temp=0.5).speculative is True
     custom = make_policy(sampler=make_sampler(0.5))
     assert custom.speculative is False  # any sampler: lossless by matching its draws
-    assert make_policy(repetition_penalty=1.2).needs_full_vocab_draft
+    # mlx-lm's repetition penalty reads a window: it stays on the pipelined, compiled path.
+    assert make_policy(repetition_penalty=1.2, repetition_context_size=9).history_window == 9
+    assert make_policy().history_window == 0
+    # A custom processor may read the whole history.
+    assert make_policy(logits_processors=[lambda tokens, logits: logits]).history_window is None
     with pytest.raises(ValueError, match="either a sampler"):
         make_policy(sampler=make_sampler(0.5), temp=0.5)

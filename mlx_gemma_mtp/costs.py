@@ -1,0 +1,355 @@
+"""How many drafts pay: the cost of a pair on this machine, the drafter's acceptance, and the
+controller that picks ``k`` (0 included) every round.
+
+A round with ``k`` drafts costs ``t_verify(k + 1) + k t_draft`` and emits ``E[tokens | k] =
+1 + sum_{i<=k} a_1 ... a_i`` tokens, ``a_i`` being the chance that draft ``i`` is accepted when
+drafts ``1..i-1`` were. ``k = 0`` is a plain step (one token for ``t_verify(1)``). The controller
+maximises tokens per second. Costs are measured once per pair and machine (queued, as the loop
+runs them), cached on disk, and followed online from the measured round times; acceptance is
+followed online per draft position.
+"""
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .machine import speed_identity
+
+COSTS_VERSION = 1
+
+
+def tokens_per_round(alpha: float, k: int) -> float:
+    """Expected tokens per verification round for ``k`` drafts, each accepted with probability
+    ``alpha`` given the previous ones were (the bonus/correction token included)."""
+    return sum(alpha**i for i in range(k + 1))
+
+
+def expected_tokens(rates: Sequence[float], k: int) -> float:
+    """``E[tokens | k]`` for per-position conditional acceptance ``rates`` (``rates[i]`` for
+    draft ``i + 1``)."""
+    total, reach = 1.0, 1.0
+    for rate in rates[:k]:
+        reach *= rate
+        total += reach
+    return total
+
+
+def ideal_speedup(
+    tokens_per_round: float, t_target_one: float, t_target_verify: float, k: int, t_draft: float
+) -> float:
+    """ideal = E[tokens per round] x t_target(1) / (t_target(k+1) + k t_draft): the speedup
+    over plain decoding if the loop cost nothing but its forwards."""
+    return tokens_per_round * t_target_one / (t_target_verify + k * t_draft)
+
+
+@dataclass
+class Costs:
+    """Seconds per target forward over ``L`` tokens (``verify[L - 1]``) and per draft step."""
+
+    verify: list[float]
+    draft: float
+    context: int = 0  # cache length when measured
+    measured_at: float = field(default_factory=time.time)
+    fixed: bool = False  # True: not followed online (benchmarks and tests that pin decisions)
+
+    @property
+    def k_max(self) -> int:
+        return len(self.verify) - 1
+
+    def round_seconds(self, k: int) -> float:
+        return self.verify[k] + k * self.draft
+
+    def speedup(self, tokens: float, k: int) -> float:
+        """The ideal speedup of rounds of ``k`` drafts emitting ``tokens`` on average."""
+        return ideal_speedup(tokens, self.verify[0], self.verify[k], k, self.draft)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Costs":
+        return cls(
+            [float(v) for v in data["verify"]],
+            float(data["draft"]),
+            int(data.get("context", 0)),
+            float(data.get("measured_at", 0.0)),
+        )
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def queued_seconds(step: Callable[[], mx.array], calls: int) -> float:
+    """Seconds per call of ``step`` when calls are queued as the generation loops queue them:
+    each call's graph is built and dispatched while the device still runs the previous one (each
+    feeds the next), so host work is hidden behind device work."""
+    mx.eval(step())
+    start = time.perf_counter()
+    for _ in range(calls):
+        mx.async_eval(step())
+    mx.synchronize()
+    return (time.perf_counter() - start) / calls
+
+
+def forward_chain(target, cache: list, length: int, token: mx.array) -> Callable[[], mx.array]:
+    """Greedy target forwards on ``length`` tokens, each fed by the previous one's argmax, the
+    cache rolled back after each so the context stays put."""
+    state = {"tokens": mx.repeat(token.reshape(1, 1), length, axis=1)}
+
+    def forward() -> mx.array:
+        out = target(state["tokens"], cache)
+        state["tokens"] = mx.argmax(out.logits, axis=-1).astype(mx.int32)
+        for layer_cache in cache:
+            layer_cache.trim(length)
+        return state["tokens"]
+
+    return forward
+
+
+def calibration_widths(k_max: int) -> list[int]:
+    """Forward widths measured on first use; the others are interpolated (and then followed
+    online): one token, two and the widest."""
+    return sorted({1, 2, k_max + 1})
+
+
+def measure_costs(
+    target,
+    cache: list,
+    draft_chain: Callable[[], mx.array],
+    k_max: int,
+    widths: Sequence[int] | None = None,
+    calls: int = 2,
+    blocks: int = 2,
+) -> Costs:
+    """Queued costs on the prefilled ``cache`` (left as it was): target forwards at ``widths``
+    (default ``calibration_widths``, interpolated to every width up to ``k_max + 1``) and the
+    engine's draft step ``draft_chain``. Each is measured ``blocks`` times round-robin and the
+    fastest block kept, so a burst of load from elsewhere spoils one sample, not the table."""
+    widths = sorted(widths or calibration_widths(k_max))
+    token = mx.array([0], mx.int32)
+    chains = {w: forward_chain(target, cache, w, token) for w in widths}
+    chains["draft"] = draft_chain
+    samples = {name: [] for name in chains}
+    for _ in range(blocks):
+        for name, chain in chains.items():
+            samples[name].append(queued_seconds(chain, calls))
+    seconds = {w: min(samples[w]) for w in widths}
+    verify = [interpolate(seconds, width) for width in range(1, k_max + 2)]
+    verify = [max(verify[: i + 1]) for i in range(len(verify))]  # wider never costs less
+    return Costs(verify, min(samples["draft"]), cache[0].offset)
+
+
+def interpolate(seconds: dict, width: int) -> float:
+    """Piecewise-linear in the width between measured widths (constant beyond them)."""
+    widths = sorted(seconds)
+    if width <= widths[0]:
+        return seconds[widths[0]]
+    for lo, hi in zip(widths, widths[1:], strict=False):
+        if width <= hi:
+            return seconds[lo] + (seconds[hi] - seconds[lo]) * (width - lo) / (hi - lo)
+    return seconds[widths[-1]]
+
+
+# -- the on-disk cache --------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$MLX_GEMMA_MTP_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlx_gemma_mtp``, else
+    ``~/.cache/mlx_gemma_mtp``."""
+    if os.environ.get("MLX_GEMMA_MTP_CACHE_DIR"):
+        return Path(os.environ["MLX_GEMMA_MTP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlx_gemma_mtp"
+
+
+def model_identity(model) -> dict:
+    """What a model's speed depends on: its configuration and every parameter's name, shape and
+    dtype (which also says how it is quantized)."""
+    args = getattr(model, "args", None)
+    config = asdict(args) if args is not None and hasattr(args, "__dataclass_fields__") else {}
+    digest = hashlib.sha256()
+    for name, value in tree_flatten(model.parameters()):
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+    config_text = json.dumps(config, sort_keys=True, default=str)
+    return {
+        "model_type": getattr(args, "model_type", type(model).__name__),
+        "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()[:16],
+        "parameters_sha256": digest.hexdigest()[:16],
+    }
+
+
+def costs_identity(target_model, drafter, draft_kind: str) -> dict:
+    return {
+        "version": COSTS_VERSION,
+        "machine": speed_identity(),
+        "target": model_identity(target_model),
+        "drafter": model_identity(drafter),
+        "draft": draft_kind,
+    }
+
+
+def costs_path(identity: dict) -> Path:
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "costs" / f"{key}.json"
+
+
+def load_costs(identity: dict, k_max: int) -> tuple[Costs | None, Path]:
+    """The cached costs for ``identity`` if they cover ``k_max`` drafts, and the file's path."""
+    path = costs_path(identity)
+    try:
+        data = json.loads(path.read_text())
+        costs = Costs.from_dict(data["costs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, path
+    if data.get("identity") != identity or costs.k_max < k_max:
+        return None, path
+    return costs, path
+
+
+def save_costs(identity: dict, costs: Costs) -> Path | None:
+    """Write atomically; a cache folder that cannot be written is no error (None)."""
+    path = costs_path(identity)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps({"identity": identity, "costs": costs.to_dict()}, indent=1))
+        staging.replace(path)
+    except OSError:
+        return None
+    return path
+
+
+# -- online models ----------------------------------------------------------------------------
+
+
+class AcceptanceModel:
+    """Per draft position, the chance it is accepted when the previous drafts were: a running
+    mean over the first observations (seeded by ``prior``, worth one observation), then
+    exponentially weighted (``weight``) so a change in the text is followed. A position never
+    observed yet is taken to be as good as the one before it."""
+
+    def __init__(self, k_max: int, prior: float, weight: float = 0.1):
+        self.weight = weight
+        self.rates = [prior] * k_max
+        self.counts = [0] * k_max
+
+    def observe(self, drafted: int, accepted: int, weight: float | None = None) -> None:
+        """One round: ``accepted`` of ``drafted`` drafts. ``weight`` overrides the usual one
+        (a probe after a long park is the only recent evidence)."""
+        for i in range(min(accepted + 1, drafted)):
+            self.counts[i] += 1
+            w = max(weight or self.weight, 1.0 / (self.counts[i] + 1))
+            self.rates[i] += w * (float(i < accepted) - self.rates[i])
+
+    def estimates(self) -> list[float]:
+        rates, previous = [], None
+        for rate, count in zip(self.rates, self.counts, strict=True):
+            previous = rate if count or previous is None else previous
+            rates.append(previous)
+        return rates
+
+    def expected_tokens(self, k: int) -> float:
+        return expected_tokens(self.estimates(), k)
+
+
+class RoundTimes:
+    """Seconds per round of ``k`` drafts: the measured round times for the ``k`` that ran
+    (exponentially weighted), the calibrated costs scaled by how far the measured rounds drifted
+    from them for the others (a busy machine, a longer context)."""
+
+    def __init__(self, costs: Costs, weight: float = 0.2):
+        self.costs, self.weight = costs, weight
+        self.seen: dict[int, float] = {}
+
+    def predict(self, k: int) -> float:
+        if k in self.seen:
+            return self.seen[k]
+        return self.costs.round_seconds(k) * self.drift()
+
+    def drift(self) -> float:
+        if not self.seen:
+            return 1.0
+        ratios = sorted(t / self.costs.round_seconds(k) for k, t in self.seen.items())
+        return ratios[len(ratios) // 2]
+
+    def observe(self, k: int, seconds: float) -> None:
+        """One round's time; clipped to [1/2, 2] x the prediction so one hiccup (a page fault,
+        a retrace) moves the estimate by little."""
+        if self.costs.fixed:
+            return
+        predicted = self.predict(k)
+        seconds = min(max(seconds, predicted / 2), predicted * 2)
+        self.seen[k] = predicted + self.weight * (seconds - predicted)
+
+
+class DraftController:
+    """``auto``: every round, the ``k`` in ``0..k_max`` that maximises expected tokens per
+    second. ``k = 0`` parks speculation (plain steps). While parked, a speculative round probes
+    the acceptance after ``probe_every`` plain tokens, an interval that doubles after each probe
+    that did not pay (up to ``max_probe_every``); no probe when no ``k`` could pay even if every
+    draft were accepted."""
+
+    def __init__(
+        self,
+        costs: Costs,
+        k_max: int,
+        prior: float,
+        probe_every: int = 32,
+        max_probe_every: int = 512,
+        explore_every: int = 16,
+    ):
+        self.k_max, self.prior = k_max, prior
+        self.acceptance = AcceptanceModel(k_max, prior)
+        self.times = RoundTimes(costs)
+        self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
+        self.probe_every, self.explore_every = probe_every, explore_every
+        self.parked_tokens = 0  # plain tokens since the last speculative round
+        self.rounds = 0
+        self.probes = 0
+        self.probing = False
+        self.probe_weight = 0.5
+
+    def best(self, rates: Sequence[float], limit: int) -> int:
+        speeds = [expected_tokens(rates, k) / self.times.predict(k) for k in range(limit + 1)]
+        return max(range(limit + 1), key=lambda k: (speeds[k], -k))
+
+    def choose(self, limit: int) -> int:
+        """``k`` for the next round, drafting at most ``limit`` tokens."""
+        limit = min(limit, self.k_max)
+        if limit < 1:
+            return 0
+        k = self.best(self.acceptance.estimates(), limit)
+        if k == 0:
+            if self.parked_tokens < self.probe_every or self.best([1.0] * limit, limit) == 0:
+                return 0
+            self.parked_tokens = 0
+            self.probes += 1
+            self.probing = True
+            return max(1, self.best([self.prior] * limit, limit))
+        if self.rounds % self.explore_every == self.explore_every - 1:
+            return min(k + 1, limit)  # now and then, learn about the next position too
+        return k
+
+    def observe(self, k: int, accepted: int, seconds: float | None) -> None:
+        if k:
+            self.rounds += 1
+            self.acceptance.observe(k, accepted, self.probe_weight if self.probing else None)
+            # A probe that leaves speculation parked: probe half as often. Drafting that pays:
+            # probe as often as at first the next time speculation parks.
+            parked = self.best(self.acceptance.estimates(), self.k_max) == 0
+            if not parked:
+                self.probe_every = self.base_probe_every
+            elif self.probing:
+                self.probe_every = min(2 * self.probe_every, self.max_probe_every)
+            self.probing = False
+        else:
+            self.parked_tokens += 1
+        if seconds is not None:
+            self.times.observe(k, seconds)

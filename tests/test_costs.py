@@ -1,0 +1,182 @@
+"""The ``auto`` schedule's models: costs, acceptance, the controller's choices, the cost cache."""
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+
+from mlx_gemma_mtp import load
+from mlx_gemma_mtp.calibrate import main as calibrate_main
+from mlx_gemma_mtp.costs import (
+    AcceptanceModel,
+    Costs,
+    DraftController,
+    RoundTimes,
+    costs_identity,
+    expected_tokens,
+    ideal_speedup,
+    load_costs,
+    save_costs,
+    tokens_per_round,
+)
+from mlx_gemma_mtp.engine import SpeculativeGenerator
+
+FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_common  # noqa: E402
+
+# The default Linux wheel (reference BLAS): a forward over L tokens costs about L forwards.
+LINEAR = Costs([0.014 * L for L in range(1, 10)], 0.0015)
+# An accelerator (or OpenBLAS): verifying a few tokens costs little more than one.
+FLAT = Costs([0.0095 + 0.001 * (L - 1) for L in range(1, 10)], 0.0014)
+
+
+def test_one_formula_for_the_ideal_speedup():
+    assert bench_common.ideal_speedup is ideal_speedup
+    assert expected_tokens([0.5] * 4, 2) == pytest.approx(tokens_per_round(0.5, 2)) == 1.75
+    assert expected_tokens([0.5, 0.0, 1.0], 3) == 1.5
+    assert FLAT.speedup(3.0, 4) == pytest.approx(3.0 * 0.0095 / (0.0135 + 4 * 0.0014))
+
+
+def test_acceptance_model_follows_each_position():
+    model = AcceptanceModel(4, prior=0.7)
+    assert model.estimates() == [0.7] * 4
+    model.observe(4, 1)  # draft 1 accepted, draft 2 rejected, 3 and 4 not reached
+    rates = model.estimates()
+    assert rates[0] > 0.7 and rates[1] < 0.7 and rates[2] == rates[3] == rates[1]
+    for _ in range(200):
+        model.observe(4, 4)
+    assert all(rate > 0.99 for rate in model.estimates())
+    for _ in range(60):  # the text changed: nothing is accepted any more
+        model.observe(4, 0)
+    assert model.estimates()[0] < 0.01
+
+
+def test_round_times_follow_the_measured_rounds():
+    times = RoundTimes(FLAT)
+    assert times.predict(3) == pytest.approx(FLAT.round_seconds(3))
+    for _ in range(50):
+        times.observe(3, 2 * FLAT.round_seconds(3))  # a machine twice as busy
+    assert times.predict(3) == pytest.approx(2 * FLAT.round_seconds(3), rel=1e-3)
+    assert times.predict(5) == pytest.approx(2 * FLAT.round_seconds(5), rel=1e-3)  # drift
+    fixed = RoundTimes(Costs(FLAT.verify, FLAT.draft, fixed=True))
+    fixed.observe(3, 1.0)
+    assert fixed.predict(3) == FLAT.round_seconds(3)
+
+
+def simulate(controller: DraftController, rate: float, tokens: int) -> list[int]:
+    """The controller's choices when every draft is accepted with probability ``rate``
+    (deterministically: the accepted count is the expected prefix rounded down)."""
+    ks, emitted = [], 0
+    while emitted < tokens:
+        k = controller.choose(16)
+        accepted = 0
+        while accepted < k and (accepted + 1) * rate >= accepted + 0.5:
+            accepted += 1
+        controller.observe(k, accepted, None)
+        ks.append(k)
+        emitted += accepted + 1
+    return ks
+
+
+def test_controller_parks_where_no_draft_pays_and_never_probes_in_vain():
+    controller = DraftController(LINEAR, 6, prior=0.7)
+    assert set(simulate(controller, 0.8, 500)) == {0}
+    # Even if every draft were accepted, L forwards for L tokens plus drafting cannot win.
+    assert controller.best([1.0] * 6, 6) == 0
+
+
+def test_controller_drafts_where_it_pays_and_follows_acceptance():
+    controller = DraftController(FLAT, 8, prior=0.7)
+    ks = simulate(controller, 0.9, 400)
+    assert min(ks[5:]) >= 4
+    high = controller.choose(8)
+    controller = DraftController(FLAT, 8, prior=0.7)
+    assert max(simulate(controller, 0.5, 200)[10:]) < high
+    for _ in range(100):  # acceptance collapses: speculation parks
+        controller.observe(controller.choose(8), 0, None)
+    assert controller.choose(8) == 0
+
+
+BREAK_EVEN = Costs([0.010 + 0.006 * (L - 1) for L in range(1, 10)], 0.0005)
+
+
+def test_parked_controller_probes_with_backoff():
+    """Break-even costs: parked at low acceptance, it probes after 32 plain tokens, then 64,
+    128...; when probes find drafts accepted again it resumes drafting."""
+    controller = DraftController(BREAK_EVEN, 4, prior=0.7)
+    for _ in range(20):
+        controller.observe(controller.choose(4), 0, None)
+    probes = []
+    for step in range(600):
+        k = controller.choose(4)
+        if k:
+            probes.append(step)
+        controller.observe(k, 0, None)
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps[:3] == [65, 129, 257]  # 32 plain tokens, then 64, 128, 256
+
+    controller = DraftController(BREAK_EVEN, 4, prior=0.7)
+    for _ in range(20):
+        controller.observe(controller.choose(4), 0, None)
+    assert controller.choose(4) == 0
+    ks = []
+    for _ in range(200):  # the text became easy: every draft is accepted
+        k = controller.choose(4)
+        controller.observe(k, k, None)
+        ks.append(k)
+    assert all(k > 0 for k in ks[-10:])
+
+
+def test_costs_cache_round_trip_and_invalidation(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path))
+    target, drafter, _ = load(str(FIXTURE / "target"), str(FIXTURE / "assistant"), "float32")
+    identity = costs_identity(target.model, drafter, "greedy")
+    assert load_costs(identity, 4)[0] is None
+    path = save_costs(identity, FLAT)
+    assert path.parent.parent == tmp_path and load_costs(identity, 4)[0] == FLAT
+    assert load_costs(identity, 9)[0] is None  # does not cover k_max = 9
+    # Another dtype, another machine or another draft path is another key.
+    bf16, _, _ = load(str(FIXTURE / "target"), dtype="bfloat16")
+    assert load_costs(costs_identity(bf16.model, drafter, "greedy"), 4)[0] is None
+    assert load_costs(costs_identity(target.model, drafter, "sampled"), 4)[0] is None
+    other = json.loads(json.dumps(identity))
+    other["machine"]["blas"] = "something else"
+    assert load_costs(other, 4)[0] is None
+    path.write_text("{not json")
+    assert load_costs(identity, 4)[0] is None  # a damaged file is measured again
+
+
+def test_engine_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path))
+    target, drafter, _ = load(str(FIXTURE / "target"), str(FIXTURE / "assistant"), "float32")
+    prompt = mx.array(list(range(2, 70)))
+    sources = []
+    for _ in range(2):
+        engine = SpeculativeGenerator(target, drafter, num_draft_tokens=3)
+        list(engine.generate(prompt, 8))
+        sources.append(engine.stats.costs)
+        assert engine.costs.k_max == 3 and all(t > 0 for t in engine.costs.verify)
+    assert sources[0].startswith("measured now, cached in") and sources[1].startswith("cached")
+
+
+def test_calibrate_command_reuses_its_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path))
+    args = ["--model", str(FIXTURE / "target"), "--draft-model", str(FIXTURE / "assistant")]
+    args += ["--num-draft-tokens", "3", "--tokens", "12", "--json", str(tmp_path / "c.json")]
+    outputs = []
+    for _ in range(2):
+        result = CliRunner().invoke(calibrate_main, args)
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+    assert "Costs: measured now" in outputs[0] and "Costs: cached" in outputs[1]
+    report = json.loads((tmp_path / "c.json").read_text())
+    for mode in report["modes"].values():
+        assert len(mode["costs"]["verify"]) == 4 and len(mode["acceptance_by_position"]) == 3
+        assert [row["acceptance"] for row in mode["choices"]] == sorted(
+            row["acceptance"] for row in mode["choices"]
+        )
+    assert "| acceptance | k auto picks | expected speedup |" in outputs[1]
