@@ -12,6 +12,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_gemma_mtp.costs import ideal_speedup, tokens_per_round  # noqa: F401 (one formula)
+from mlx_gemma_mtp.machine import blas_library, cpu_model
+
 
 def summarize(samples: Sequence[float]) -> dict:
     """Median and spread of ``samples`` (quartiles need at least 4 samples, else min/max)."""
@@ -52,12 +55,6 @@ def time_calls(
     return summarize(samples)
 
 
-def tokens_per_round(alpha: float, k: int) -> float:
-    """Expected tokens per verification round for ``k`` drafts, each accepted with probability
-    ``alpha`` given the previous ones were (the bonus/correction token included)."""
-    return sum(alpha**i for i in range(k + 1))
-
-
 def alpha_from_tokens_per_round(length: float, k: int) -> float:
     """Inverse of ``tokens_per_round`` in ``alpha`` (bisection)."""
     if not 1.0 <= length <= k + 1:
@@ -67,14 +64,6 @@ def alpha_from_tokens_per_round(length: float, k: int) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if tokens_per_round(mid, k) < length else (lo, mid)
     return (lo + hi) / 2
-
-
-def ideal_speedup(
-    tokens_per_round: float, t_target_one: float, t_target_verify: float, k: int, t_draft: float
-) -> float:
-    """ideal = E[tokens per round] x t_target(1) / (t_target(k+1) + k t_draft): the speedup
-    over plain decoding if the loop cost nothing but its forwards."""
-    return tokens_per_round * t_target_one / (t_target_verify + k * t_draft)
 
 
 def spread(stat: dict, scale: float = 1.0, digits: int = 1) -> str:
@@ -90,17 +79,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def available_memory_bytes() -> int | None:
@@ -119,25 +97,6 @@ def total_memory_bytes() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def blas_library() -> str:
-    """Which BLAS MLX's CPU float32 matmuls use: the MLX Linux wheel bundles the reference
-    (netlib) BLAS in ``mlx_cpu.libs``; an optimized one can be preloaded (scripts/README.md)."""
-    preload = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if "blas" in p.lower()]
-    if preload:
-        return f"preloaded {Path(preload[0]).name} ({preload[0]})"
-    try:
-        with open("/proc/self/maps") as f:
-            mapped = {line.split()[-1] for line in f if "mlx_cpu.libs" in line}
-    except OSError:
-        mapped = set()
-    bundled = sorted(Path(p).name for p in mapped if Path(p).name.startswith("libblas"))
-    if bundled:
-        return f"reference BLAS bundled with the MLX wheel ({bundled[0]})"
-    if platform.system() == "Darwin":
-        return "Accelerate"
-    return "unknown"
 
 
 def code_version() -> dict:

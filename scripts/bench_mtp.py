@@ -34,7 +34,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
@@ -50,8 +50,9 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate  # noqa: E
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from mlx_gemma_mtp import load  # noqa: E402
+from mlx_gemma_mtp.costs import Costs, ideal_speedup  # noqa: E402
 from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
-from mlx_gemma_mtp.generate import stream_generate  # noqa: E402
+from mlx_gemma_mtp.generate import make_policy, stream_generate  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
 
@@ -88,7 +89,9 @@ class Arm:
     @property
     def name(self) -> str:
         name = self.kind
-        if self.kind == "mtp":
+        if self.kind == "mtp" and self.schedule == "auto":
+            name += f" auto k<={self.k}"
+        elif self.kind == "mtp":
             name += f" k={self.k} {self.schedule}"
         elif self.kind == "hf-assisted":
             name += f" k={self.k}"
@@ -105,7 +108,10 @@ def make_arms(args) -> list[Arm]:
         arms.append(Arm("plain", temp))
         if temp == 0 and not args.no_engine_plain:
             arms.append(Arm("ours-plain", temp))
-        for schedule in args.schedules:
+        for schedule in args.schedules if temp == 0 else args.sampled_schedules:
+            if schedule == "auto":
+                arms.append(Arm("mtp", temp, args.auto_k_max, "auto"))
+                continue
             for k in args.ks:
                 if schedule == "heuristic" and k == 1:
                     continue  # identical to constant k=1
@@ -128,23 +134,24 @@ def timed_stream(responses) -> dict:
     record = {"tokens": tokens, "t_total": last - start, "t_first": first - start}
     record["t_gen"] = last - first
     if response is not None:
-        for key in ("drafted", "accepted", "rounds", "target_forwards"):
+        for key in ("drafted", "accepted", "rounds", "target_forwards", "k_histogram"):
             record[key] = getattr(response, key, None)
     return record
 
 
 class Runner:
-    def __init__(self, target, drafter, tokenizer, max_tokens: int, hf=None):
+    def __init__(self, target, drafter, tokenizer, max_tokens: int, hf=None, top_p: float = 0.0):
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.max_tokens = max_tokens
         self.hf = hf
+        self.top_p = top_p  # for every sampled arm
 
     def run(self, arm: Arm, prompt: list[int], seed: int) -> dict:
         gc.collect()  # nothing of an earlier run may count in this run's peak
         mx.random.seed(seed)
         mx.reset_peak_memory()
         if arm.kind == "plain":
-            sampler = make_sampler(temp=arm.temp)
+            sampler = make_sampler(temp=arm.temp, top_p=self.top_p if arm.temp else 0.0)
             stream = mlx_lm_stream_generate(
                 self.target.model,
                 self.tokenizer,
@@ -163,6 +170,7 @@ class Runner:
                 num_draft_tokens=max(arm.k, 1),
                 draft_schedule=arm.schedule or "constant",
                 temp=arm.temp,
+                top_p=self.top_p if arm.temp else 0.0,
             )
             record = timed_stream(stream)
         else:
@@ -264,6 +272,7 @@ def summarize_arms(arms: list[Arm], runs: list[dict], drafter_bytes: int) -> lis
         drafted = sum(r["drafted"] or 0 for r in mine)
         accepted = sum(r["accepted"] or 0 for r in mine)
         rounds = sum(r["rounds"] or 0 for r in mine)
+        all_rounds = sum(sum((r.get("k_histogram") or {}).values()) for r in mine)
         forwards = sum(r["target_forwards"] or 0 for r in mine)
         tokens = sum(len(r["tokens"]) for r in mine)
         identical = None
@@ -286,9 +295,12 @@ def summarize_arms(arms: list[Arm], runs: list[dict], drafter_bytes: int) -> lis
                 "speedup_total_time": base_time / my_time if my_time else None,
                 "acceptance": accepted / drafted if drafted else None,
                 # Tokens per verification round (the first token comes from the prefill).
-                "tokens_per_round": (tokens - len(mine)) / rounds if rounds else None,
+                "tokens_per_round": (tokens - len(mine)) / all_rounds if all_rounds else None,
                 "tokens_per_target_forward": tokens / forwards if forwards else None,
                 "mean_draft_length": drafted / rounds if rounds and drafted else None,
+                # The same over every round, plain steps of ``auto`` included.
+                "tokens_per_round_all": (tokens - len(mine)) / all_rounds if all_rounds else None,
+                "seconds_per_round_all": gen_time / all_rounds if all_rounds else None,
                 "rounds": bc.summarize([r["rounds"] for r in mine if r["rounds"] is not None]),
                 # Generation time (first to last token) per round and per token, over all runs.
                 "seconds_per_round": gen_time / rounds if rounds else None,
@@ -301,40 +313,37 @@ def summarize_arms(arms: list[Arm], runs: list[dict], drafter_bytes: int) -> lis
     return summaries
 
 
-def interpolate(t_target: dict, length: float) -> float:
-    lengths = sorted(t_target)
-    if length <= lengths[0]:
-        return t_target[lengths[0]]["median"]
-    for lo, hi in zip(lengths, lengths[1:], strict=False):
-        if lo <= length <= hi:
-            w = (length - lo) / (hi - lo)
-            return (1 - w) * t_target[lo]["median"] + w * t_target[hi]["median"]
-    return t_target[lengths[-1]]["median"]
-
-
-def add_efficiency(summaries: list[dict], micro: dict, full_vocab: bool) -> None:
-    """ideal and measured/ideal per MTP arm from the queued costs (``queued_costs``: host work
-    hidden behind device work, as both plain decoding and the MTP loop run), and the two factors
-    measured/ideal splits into: loop efficiency = (t_target(k+1) + k t_draft) / measured time per
-    round, and the plain factor = mlx-lm's measured time per token / t_target(1)."""
-    queued = micro["queued"]
-    t_target, t_draft = queued["t_target"], queued["t_draft"]["median"]
-    micro["draft_head_for_ideal"] = "full_vocab_compiled" if full_vocab else "centroid_compiled"
-    t_one = t_target[1]["median"]
-    plain = next((s for s in summaries if s["kind"] == "plain" and s["temp"] == 0), None)
-    if plain is not None and plain["seconds_per_token"]:
-        micro["plain_seconds_per_token"] = plain["seconds_per_token"]
-        micro["plain_factor"] = plain["seconds_per_token"] / t_one
+def add_efficiency(summaries: list[dict], runs: list[dict], costs: dict) -> None:
+    """ideal and measured/ideal per MTP arm, with the one formula the controller uses
+    (``mlx_gemma_mtp.costs.ideal_speedup``) and the same baseline as the measured speedup:
+    mlx-lm's plain loop at the arm's temperature, seconds per token as measured in this run.
+    The rounds' costs come from the engine's own queued costs at the arm's temperature (the
+    sampled draft step for sampled arms), summed over every round each arm ran (plain steps of
+    ``auto`` included); loop eff. = those costs / the measured time per round."""
+    plain = {s["temp"]: s for s in summaries if s["kind"] == "plain"}
     for s in summaries:
-        if s["kind"] != "mtp" or not s["tokens_per_round"] or not s["mean_draft_length"]:
+        base = plain.get(s["temp"])
+        if s["kind"] != "mtp" or base is None or not base["seconds_per_token"]:
             continue
-        k = s["mean_draft_length"]
-        t_round = interpolate(t_target, k + 1) + k * t_draft
-        s["ideal_speedup"] = s["tokens_per_round"] * t_one / t_round
+        c = Costs.from_dict(costs[str(s["temp"])])
+        histogram = Counter()
+        for r in runs:
+            if r["arm"] == s["arm"]:
+                histogram.update({int(k): n for k, n in (r["k_histogram"] or {}).items()})
+        rounds = sum(histogram.values())
+        if not rounds:
+            continue
+        tokens = s["tokens_per_round_all"] * rounds
+        k_mean = sum(k * n for k, n in histogram.items()) / rounds
+        verify_mean = sum(c.verify[k] * n for k, n in histogram.items()) / rounds
+        s["ideal_speedup"] = ideal_speedup(
+            tokens / rounds, base["seconds_per_token"], verify_mean, k_mean, c.draft
+        )
         measured = s["speedup"]["median"]
         s["measured_over_ideal"] = measured / s["ideal_speedup"] if measured else None
-        if s["seconds_per_round"]:
-            s["loop_efficiency"] = t_round / s["seconds_per_round"]
+        round_seconds = verify_mean + k_mean * c.draft
+        if s["seconds_per_round_all"]:
+            s["loop_efficiency"] = round_seconds / s["seconds_per_round_all"]
 
 
 def memory_check(summaries: list[dict]) -> dict:
@@ -386,22 +395,23 @@ class _Timed:
 
 @contextlib.contextmanager
 def timed_drafting(totals: dict):
-    """Time the engine's draft phase (``SpeculativeGenerator._draft``: k draft steps, built and
-    evaluated); the drafter itself may run inside ``mx.compile``, where nothing can be evaluated."""
-    original = SpeculativeGenerator._draft
+    """Time the engine's draft phase (``SpeculativeGenerator._draft_after``: k draft steps,
+    built and evaluated); the drafter itself may run inside ``mx.compile``, where nothing can be
+    evaluated."""
+    original = SpeculativeGenerator._draft_after
 
     def draft(self, *args, **kwargs):
         start = time.perf_counter()
-        drafts, dists = original(self, *args, **kwargs)
-        mx.eval(drafts, [d for d in dists if d is not None])
+        drafts, dists, history = original(self, *args, **kwargs)
+        mx.eval(drafts)
         totals["draft"] += time.perf_counter() - start
-        return drafts, dists
+        return drafts, dists, history
 
-    SpeculativeGenerator._draft = draft
+    SpeculativeGenerator._draft_after = draft
     try:
         yield
     finally:
-        SpeculativeGenerator._draft = original
+        SpeculativeGenerator._draft_after = original
 
 
 def profile(runner: Runner, prompts: list[list[int]], ks: list[int]) -> list[dict]:
@@ -419,7 +429,7 @@ def profile(runner: Runner, prompts: list[list[int]], ks: list[int]) -> list[dic
                 record = timed_stream(
                     stream_generate(
                         target, runner.drafter, runner.tokenizer, prompt, runner.max_tokens,
-                        num_draft_tokens=k,
+                        num_draft_tokens=k, draft_schedule="constant",
                     )
                 )  # fmt: skip
             wall += record["t_total"]
@@ -427,7 +437,7 @@ def profile(runner: Runner, prompts: list[list[int]], ks: list[int]) -> list[dic
             plain_record = timed_stream(
                 stream_generate(
                     runner.target, runner.drafter, runner.tokenizer, prompt, runner.max_tokens,
-                    num_draft_tokens=k,
+                    num_draft_tokens=k, draft_schedule="constant",
                 )
             )  # fmt: skip
             unprofiled += plain_record["t_gen"]
@@ -506,29 +516,27 @@ def report(result: dict) -> str:
         )
     lines += [bc.markdown_table(headers, rows), ""]
     micro = result["efficiency"]
-    fit, queued = micro["fit"], micro["queued"]
+    fit = micro["fit"]
     lines += [
         f"Engine costs on the loaded pair ({micro['context']} cached positions), in ms. Queued "
-        f"(calls dispatched back to back, each feeding the next, as the loops run them; median "
-        f"[min-max] of {queued['blocks']} blocks of {queued['steps']}): t_target(L) "
-        + ", ".join(f"L={L}: {bc.spread(s, 1e3, 2)}" for L, s in queued["t_target"].items())
-        + f"; compiled draft step {bc.spread(queued['t_draft'], 1e3, 2)}. One synchronous call "
-        f"each (built, run, waited for; median [min-max] of {micro['iters']}): t_target(L) "
+        "(calls dispatched back to back, each feeding the next, as the loops run them; the "
+        "fastest of 5 blocks of 4 calls), per temperature: "
+        + "; ".join(
+            f"temp {temp}: t_target(L) "
+            + ", ".join(f"L={i + 1}: {1e3 * t:.2f}" for i, t in enumerate(c["verify"]))
+            + f", draft step {1e3 * c['draft']:.2f}"
+            for temp, c in micro["queued"].items()
+        )
+        + f". One synchronous call each (built, run, waited for; median [min-max] of "
+        f"{micro['iters']}): t_target(L) "
         + ", ".join(f"L={L}: {bc.spread(s, 1e3, 2)}" for L, s in micro["t_target"].items())
         + f" (fit {fit['fixed'] * 1e3:.2f} + {fit['per_token'] * 1e3:.2f} L); t_draft "
         + ", ".join(f"{m} {bc.spread(s, 1e3, 2)}" for m, s in micro["t_draft"].items())
-        + ". ideal = tokens/round x t_target(1) / (t_target(k+1) + k t_draft) with the queued "
-        "costs, k = mean draft length; loop eff. = (t_target(k+1) + k t_draft) / measured time "
-        "per round.",
+        + ". ideal = tokens/round x (mlx-lm plain seconds per token at the arm's temperature) / "
+        "mean over rounds of (t_target(k+1) + k t_draft), every round of the arm (auto's plain "
+        "steps included); loop eff. = that mean / measured time per round.",
         "",
     ]
-    if micro.get("plain_factor"):
-        lines += [
-            f"mlx-lm plain decoding took {micro['plain_seconds_per_token'] * 1e3:.2f} ms per "
-            f"token, {micro['plain_factor']:.2f} x the queued t_target(1), so measured/ideal = "
-            "loop eff. x that factor, about.",
-            "",
-        ]
     memory = result.get("memory_check") or {}
     for kind, label in (("plain", "mlx-lm plain"), ("ours-plain", "our engine without drafter")):
         check = memory.get(kind)
@@ -649,8 +657,13 @@ def parse_args(argv=None):
     parser.add_argument("--long-length", type=int, default=500, help="tokens per long prompt")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--ks", default="1,2,3,4,5,6")
-    parser.add_argument("--schedules", default="constant,heuristic")
+    parser.add_argument("--schedules", default="auto,constant,heuristic")
     parser.add_argument("--temps", default="0,0.7")
+    parser.add_argument("--top-p", type=float, default=0.0, help="top-p of every sampled arm")
+    parser.add_argument(
+        "--sampled-schedules", default=None, help="schedules of sampled arms (default --schedules)"
+    )
+    parser.add_argument("--auto-k-max", type=int, default=6, help="num_draft_tokens for auto")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--cooldown", type=float, default=0.2, help="seconds between runs")
     parser.add_argument("--no-engine-plain", action="store_true", help="skip the ours-plain arm")
@@ -679,6 +692,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k]
     args.schedules = [s for s in args.schedules.split(",") if s]
+    sampled = args.sampled_schedules
+    args.sampled_schedules = [s for s in sampled.split(",") if s] if sampled else args.schedules
     args.temps = [float(t) for t in args.temps.split(",") if t]
     if 0.0 not in args.temps:
         args.temps.insert(0, 0.0)  # the greedy plain run is the reference for 'identical'
@@ -692,69 +707,28 @@ def prefilled_cache(target, prompt: list[int], slack: int) -> list:
     return cache
 
 
-def queued_chain(step: Callable[[], mx.array], steps: int) -> float:
-    """Seconds per call of ``step`` when calls are queued as the generation loops queue them:
-    each call's graph is built and dispatched while the device still runs the previous one (each
-    feeds the next), so host work is hidden behind device work."""
-    mx.eval(step())
-    start = time.perf_counter()
-    for _ in range(steps):
-        mx.async_eval(step())
-    mx.synchronize()
-    return (time.perf_counter() - start) / steps
-
-
-def queued_costs(
-    target, drafter, prompt: list[int], lengths: list[int], steps: int, blocks: int
-) -> dict:
-    """Target forwards on each of ``lengths`` tokens (greedy chains, the cache rolled back after
-    each so the context stays put) and the engine's compiled draft step (chained through its
-    token and hidden state), queued; round-robin blocks of ``steps`` calls."""
-    cache = prefilled_cache(target, prompt, max(lengths))
-    chains = {}
-    for length in lengths:
-        state = {"tokens": mx.array([prompt[-length:]])}
-
-        def forward(state=state, length=length):
-            out = target(state["tokens"], cache)
-            state["tokens"] = mx.argmax(out.logits, axis=-1)
-            for layer_cache in cache:
-                layer_cache.trim(length)
-            return state["tokens"]
-
-        chains[length] = forward
-    engine = SpeculativeGenerator(target, drafter)
-    shared_kv, first_positions = target.shared_kv_buffers(cache)
-    position = mx.array(cache[0].offset)
-    masks = drafter.visibility_masks(shared_kv, first_positions, position)
-    draft = {"token": mx.array(prompt[-1:]), "hidden": mx.zeros((1, 1, target.hidden_size))}
-
-    def draft_step():
-        out = engine._compiled_step(draft["token"], draft["hidden"], shared_kv, masks, position)
-        draft.update(out)
-        return out["token"]
-
-    samples = {name: [] for name in [*lengths, "draft"]}
-    for _ in range(blocks):
-        for length in lengths:
-            samples[length].append(queued_chain(chains[length], steps))
-        samples["draft"].append(queued_chain(draft_step, steps))
-    return {
-        "t_target": {length: bc.summarize(samples[length]) for length in lengths},
-        "t_draft": bc.summarize(samples["draft"]),
-        "steps": steps,
-        "blocks": blocks,
-    }
-
-
-def engine_costs(target, drafter, prompt: list[int], ks: list[int], iters: int, dtype) -> dict:
-    cache = prefilled_cache(target, prompt, max(ks) + 1)
-    lengths = list(range(1, max(ks) + 2))
-    micro = measure_pair(target, drafter, cache, lengths, iters, 2, target.args.vocab_size, dtype)
-    micro["queued"] = queued_costs(target, drafter, prompt, lengths, 2 * iters, 5)
+def engine_costs(target, drafter, prompt: list[int], args) -> dict:
+    """Synchronous single-call costs (``measure_pair``), and per temperature the queued costs
+    the ``auto`` controller measures (``SpeculativeGenerator.measure_costs``, every width, more
+    calls), on a cache prefilled with ``prompt``."""
+    k_max = max([*args.ks, args.auto_k_max])
+    cache = prefilled_cache(target, prompt, k_max + 1)
+    lengths = list(range(1, k_max + 2))
+    dtype = getattr(mx, args.dtype) if args.dtype else mx.float32
+    micro = measure_pair(
+        target, drafter, cache, lengths, args.micro_iters, 2, target.args.vocab_size, dtype
+    )
     micro["fit"] = linear_fit(micro["t_target"])
     micro["context"] = len(prompt)
-    micro["iters"] = iters
+    micro["iters"] = args.micro_iters
+    micro["queued"] = {}
+    for temp in args.temps:
+        policy = make_policy(temp=temp, top_p=args.top_p if temp else 0.0)
+        engine = SpeculativeGenerator(target, drafter, policy, num_draft_tokens=k_max)
+        for _ in engine.generate(mx.array(prompt), 1):
+            pass
+        costs = engine.measure_costs(k_max, widths=lengths, calls=4, blocks=5)
+        micro["queued"][str(temp)] = costs.to_dict()
     return micro
 
 
@@ -785,7 +759,7 @@ def main(argv=None) -> dict:
             Path(args.hf_draft_model or args.draft_model),
             args.torch_threads,
         )
-    runner = Runner(target, drafter, tokenizer, args.max_tokens, hf)
+    runner = Runner(target, drafter, tokenizer, args.max_tokens, hf, args.top_p)
     arms = make_arms(args)
     command = "python scripts/bench_mtp.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(
@@ -818,15 +792,8 @@ def main(argv=None) -> dict:
             gc.collect()
 
     summaries = summarize_arms(arms, runs, drafter_bytes)
-    micro = engine_costs(
-        target,
-        drafter,
-        max(prompts, key=len),
-        args.ks,
-        args.micro_iters,
-        getattr(mx, args.dtype) if args.dtype else mx.float32,
-    )
-    add_efficiency(summaries, micro, full_vocab=False)
+    micro = engine_costs(target, drafter, max(prompts, key=len), args)
+    add_efficiency(summaries, runs, micro["queued"])
     lengths = sorted({len(p) for p in prompts})
     result = {
         "machine": bc.machine_info(),
@@ -834,6 +801,7 @@ def main(argv=None) -> dict:
         "model": args.model,
         "draft_model": args.draft_model,
         "dtype": args.dtype,
+        "top_p": args.top_p,
         "num_prompts": len(prompts),
         "prompt_lengths": f"{lengths[0]}-{lengths[-1]} tokens",
         "max_tokens": args.max_tokens,

@@ -193,6 +193,10 @@ def prefill_cache(target: Target, context: int, dtype: mx.Dtype, seed: int) -> l
     return cache
 
 
+# The draft step's history (logits processors) and random key, unused by a greedy policy.
+NO_HISTORY, NO_KEY = mx.array(0), mx.array(0)
+
+
 def measure_pair(
     target: Target,
     drafter: nn.Module,
@@ -244,9 +248,11 @@ def measure_pair(
         # processors), and compiled over the cache buffers with masks (the pipelined loop).
         engine = SpeculativeGenerator(target, drafter, full_vocab_draft=full_vocab)
         calls = {
-            "": lambda e=engine: e._draft_step(token, hidden, ordered, None, position),
+            "": lambda e=engine: e._draft_step(
+                token, hidden, ordered, None, position, NO_HISTORY, NO_KEY
+            ),
             "_compiled": lambda e=engine: e._compiled_step(
-                token, hidden, buffers, masks, mx.array(position)
+                token, hidden, buffers, masks, mx.array(position), NO_HISTORY, NO_KEY
             ),
         }
         for suffix, call in calls.items():
