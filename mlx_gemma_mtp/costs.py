@@ -291,7 +291,9 @@ class RoundTimes:
 
 class DraftController:
     """``auto``: every round, the ``k`` in ``0..k_max`` that maximises expected tokens per
-    second. ``k = 0`` parks speculation (plain steps). While parked, a speculative round probes
+    second. The first ``seed_rounds`` draft as many as would pay at high acceptance, so every
+    position's acceptance is seen early; every ``explore_every`` rounds one more draft than the
+    best is tried. ``k = 0`` parks speculation (plain steps). While parked, a speculative round probes
     the acceptance after ``probe_every`` plain tokens, an interval that doubles after each probe
     that did not pay (up to ``max_probe_every``); no probe when no ``k`` could pay even if every
     draft were accepted."""
@@ -303,13 +305,16 @@ class DraftController:
         prior: float,
         probe_every: int = 32,
         max_probe_every: int = 512,
-        explore_every: int = 16,
+        explore_every: int = 8,
+        seed_rounds: int = 3,
+        seed_acceptance: float = 0.9,
     ):
         self.k_max, self.prior = k_max, prior
         self.acceptance = AcceptanceModel(k_max, prior)
         self.times = RoundTimes(costs)
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
         self.probe_every, self.explore_every = probe_every, explore_every
+        self.seed_rounds, self.seed_acceptance = seed_rounds, seed_acceptance
         self.parked_tokens = 0  # plain tokens since the last speculative round
         self.rounds = 0
         self.probes = 0
@@ -325,6 +330,13 @@ class DraftController:
         limit = min(limit, self.k_max)
         if limit < 1:
             return 0
+        if self.rounds + self.probes < self.seed_rounds:
+            # The first rounds learn every position the costs could make worth drafting (a
+            # round at k = 1 would teach nothing about the second draft): the k that would be
+            # best were drafts accepted 9 times in 10.
+            k = self.best([self.seed_acceptance] * limit, limit)
+            if k:
+                return k
         k = self.best(self.acceptance.estimates(), limit)
         if k == 0:
             if self.parked_tokens < self.probe_every or self.best([1.0] * limit, limit) == 0:
@@ -332,7 +344,7 @@ class DraftController:
             self.parked_tokens = 0
             self.probes += 1
             self.probing = True
-            return max(1, self.best([self.prior] * limit, limit))
+            return max(1, self.best([self.seed_acceptance] * limit, limit))
         if self.rounds % self.explore_every == self.explore_every - 1:
             return min(k + 1, limit)  # now and then, learn about the next position too
         return k
