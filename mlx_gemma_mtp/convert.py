@@ -4,10 +4,9 @@ python -m mlx_gemma_mtp.convert --hf-path SRC --mlx-path DST [-q --q-bits 4 --q-
 """
 
 import json
-import os
 import shutil
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 
 import click
@@ -64,8 +63,9 @@ def convert(
     if quantize:
         model, config = quantize_model(model, config, q_group_size, q_bits)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
-    staging.chmod(0o777 & ~current_umask())
+    # mkdir, not mkdtemp (mode 0o700): the folder gets the permissions the user's umask gives
+    staging = destination.parent / f".{destination.name}-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
         write_model(staging, model, config, source)
         if destination.exists():
@@ -74,12 +74,6 @@ def convert(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_for_conversion(source: Path, config: dict) -> tuple[nn.Module, dict]:

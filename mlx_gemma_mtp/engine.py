@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+from .centroid_head import prepare_head
 from .models.gemma4_assistant import Model as Drafter
 from .sampling import TokenPolicy
 
@@ -141,6 +142,7 @@ class SpeculativeGenerator:
             # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs and
             # would recompute them on every call.
             mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
+            prepare_head(drafter)  # the Metal kernels are probed before any is traced
             self._compiled_step = mx.compile(self._draft_step)
 
     # -- one target step / one speculative round (lazy graphs) -----------------------------
