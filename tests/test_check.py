@@ -50,6 +50,7 @@ def test_a_planted_mismatch_fails_the_check(tmp_path, monkeypatch):
         return tokens, rows, response
 
     monkeypatch.setattr(check, "generate_tokens", planted)
+    monkeypatch.setattr(check, "FIXTURE", tmp_path / "absent")  # the tiny random pair: quicker
     out = tmp_path / "check.json"
     result = CliRunner().invoke(check.main, ["--json", str(out)])
     assert result.exit_code == 1, result.output

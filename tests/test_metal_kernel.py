@@ -349,6 +349,7 @@ def test_an_unknown_setting_is_an_error(monkeypatch):
 
 
 @no_metal
+@pytest.mark.slow
 def test_cli_with_kernels_forced_on_matches_kernels_off(tmp_path):
     """``python -m mlx_gemma_mtp.generate`` on the fixture pair: one warning, same tokens."""
     runs = {}
