@@ -529,7 +529,7 @@ def prepare_head(drafter) -> None:
     choice is made (and any failure reported) before a draft step is compiled. Drafters without
     a centroid head need nothing."""
     masked = getattr(drafter, "masked_embedding", None)
-    if masked is None or not getattr(drafter.args, "use_ordered_embeddings", False):
+    if masked is None or not kernels_wanted():
         return
     width = row_width(row_matrix(masked.centroids))
     dtype = drafter.model.norm.weight.dtype  # the dtype of the hidden states the head gets

@@ -331,6 +331,25 @@ def test_forced_kernels_fall_back_with_one_warning(monkeypatch, heads):
     assert calls == []  # decided once for the head: no second probe
 
 
+@no_metal
+def test_the_engine_probes_before_compiling_the_draft_step(monkeypatch):
+    from mlx_gemma_mtp import load
+    from mlx_gemma_mtp.engine import SpeculativeGenerator
+
+    target, drafter, _ = load(str(FIXTURE / "target"), str(FIXTURE / "assistant"))
+    monkeypatch.setenv(ch.METAL_SETTING, "1")
+    verdicts = ch.head_state(drafter.masked_embedding.centroids).verdicts
+
+    def compile_after_the_probe(function):
+        assert list(verdicts.values()) == [False], "compiled before the probe"
+        return function
+
+    compiled = mock.patch.object(mx, "compile", side_effect=compile_after_the_probe)
+    with pytest.warns(RuntimeWarning, match="Metal kernel centroid_scores failed"), compiled as c:
+        SpeculativeGenerator(target, drafter)
+    assert c.call_count == 1
+
+
 def test_kernels_off_and_automatic_without_metal_never_run_a_kernel(monkeypatch, heads):
     head = make_head(SMALL, seed=12)
     failing = kernel_runner(mock.Mock(side_effect=AssertionError("a kernel ran")))
