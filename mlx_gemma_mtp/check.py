@@ -10,7 +10,6 @@ in memory (a wheel ships no weights). Exits with status 1 when any check fails.
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,14 +48,8 @@ class Check:
 
 
 def chip() -> str:
-    if mx.metal.is_available():
-        return mx.metal.device_info().get("device_name", "unknown Metal device")
-    if sys.platform == "darwin":
-        out = subprocess.run(
-            ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    return platform.processor() or platform.machine()
+    device = mx.gpu if mx.metal.is_available() else mx.cpu
+    return str(mx.device_info(device).get("device_name") or platform.machine())
 
 
 def version(package: str) -> str:
