@@ -9,6 +9,7 @@ constexpr int PER_THREAD = (C + THREADS - 1) / THREADS;
 constexpr int SIMDGROUPS = THREADS / 32;
 constexpr uint NONE = 0xFFFFFFFFu;
 static_assert(PER_THREAD <= 32, "the taken mask holds 32 scores per thread");
+static_assert(THREADS % 32 == 0, "whole simdgroups: every lane takes part in simd_max / simd_min");
 threadgroup float group_best[2][SIMDGROUPS];
 threadgroup uint group_index[2][SIMDGROUPS];
 uint tid = thread_index_in_threadgroup;

@@ -14,10 +14,13 @@ over the whole row differs (transformers gives the non-candidates a little mass,
 transformers' row has the hidden dtype (bfloat16): candidates within one bfloat16 step of each
 other can tie there, not in our float32 logits.
 
-Two implementations with the same results, chosen automatically: Metal kernels
-(``metal_kernels/*.metal``) where ``mx.metal.is_available()`` and the default device is the GPU,
-and MLX ops everywhere else. Both compute in float32 from the stored weights; candidate
-order and which of exactly tied centroids is kept may differ (the kernel keeps the lower index).
+Two implementations with the same results: Metal kernels (``metal_kernels/*.metal``, see
+``kernels``) and MLX ops. The kernels are used where ``mx.metal.is_available()`` and the default
+device is the GPU (``MLX_GEMMA_MTP_METAL=0`` turns them off, ``=1`` forces them on), and only
+after each has run once on the head's real weights and matched the MLX-ops path
+(``probe_kernels``); a head whose kernels fail that uses MLX ops from then on, after one warning.
+Both compute in float32 from the stored weights; candidate order and which of exactly tied
+centroids is kept may differ (the kernel keeps the lower index).
 
 Storage: the lm_head is tied to the drafter's ``model.embed_tokens``, which the drafter never
 uses as an input embedding (its inputs are the target's embeddings), so its rows may be stored
@@ -26,13 +29,15 @@ in centroid order (``order_by_centroid``): row ``c * P + p`` then holds token
 ``top_k`` whole blocks instead of 4,096 scattered rows. Pass ``centroid_ordered=True`` then.
 """
 
-from contextlib import contextmanager
+import os
+import warnings
 from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from . import metal_kernels
+from . import kernels as metal
 
 ROWS_PER_SIMDGROUP = 4  # rows per simdgroup in centroid_scores / candidate_logits
 SIMDGROUPS = 2  # simdgroups per threadgroup there (64 threads, like MLX's qmv kernels)
@@ -65,53 +70,114 @@ def row_matrix(module: nn.Module) -> RowMatrix:
     return RowMatrix(module["weight"])
 
 
+class HeadInputs(NamedTuple):
+    """Everything but the hidden state that the candidates of one head depend on."""
+
+    centroids: RowMatrix
+    lm_head: RowMatrix
+    token_ordering: mx.array
+    top_k: int
+    centroid_ordered: bool
+
+
 # -- dispatch ------------------------------------------------------------------------------------
 
-_forced: bool | None = None
+METAL_SETTING = "MLX_GEMMA_MTP_METAL"
 
 
-@contextmanager
-def metal_kernel_path(enabled: bool = True):
-    """Force (``True``) or forbid (``False``) the Metal kernels within the block, e.g. to record
-    them with ``mx.export_function`` on a machine without Metal, or to compare both paths."""
-    global _forced
-    previous, _forced = _forced, enabled
-    try:
-        yield
-    finally:
-        _forced = previous
+def kernel_setting() -> bool | None:
+    """``MLX_GEMMA_MTP_METAL``: ``0`` turns the Metal kernels off, ``1`` forces them on (still
+    probed, still falling back), unset (or empty) chooses them where Metal is the device."""
+    value = os.environ.get(METAL_SETTING, "").strip()
+    if value in ("", "0", "1"):
+        return None if value == "" else value == "1"
+    raise ValueError(
+        f"{METAL_SETTING}={value!r}: expected 0 (kernels off), 1 (kernels forced on) or unset"
+    )
+
+
+def kernels_wanted() -> bool:
+    setting = kernel_setting()
+    if setting is not None:
+        return setting
+    return mx.metal.is_available() and mx.default_device().type == mx.gpu
+
+
+class HeadState:
+    """What one centroid head keeps between calls. It lives on the head's centroid module
+    (``head_state``), so it goes away with its model and no two models share it."""
+
+    def __init__(self):
+        self.matrix: tuple[mx.array, mx.array] | None = None  # (weight, see centroid_matrix)
+        # None: follow MLX_GEMMA_MTP_METAL and the probe; True / False: this head's choice
+        self.kernels: bool | None = None
+        self.verdicts: dict = {}  # hidden dtype -> whether the kernels passed their probe
+
+
+STATE_ATTRIBUTE = "centroid_head_state"
+
+
+def head_state(centroids: nn.Module) -> HeadState:
+    """The ``HeadState`` of the head whose centroid module is ``centroids`` (a plain attribute,
+    not a parameter: it is neither saved nor traced)."""
+    state = getattr(centroids, STATE_ATTRIBUTE, None)
+    if state is None:
+        state = HeadState()
+        setattr(centroids, STATE_ATTRIBUTE, state)
+    return state
 
 
 def metal_supported(hidden: mx.array, centroids: RowMatrix, lm_head: RowMatrix, top_k: int) -> bool:
+    """Whether the kernels can read these inputs (``hidden`` [N, D]); everything else, empty
+    batches and widths that do not match included, goes to the MLX-ops path."""
+    n, width = hidden.shape
     num_centroids = centroids.weight.shape[0]
     return (
-        hidden.dtype in METAL_DTYPES
-        and all(kernel_readable(m) for m in (centroids, lm_head))
+        n > 0
+        and hidden.dtype in METAL_DTYPES
+        and all(kernel_readable(m, width) for m in (centroids, lm_head))
         and 0 < top_k <= num_centroids <= 32 * TOPK_THREADS  # the top-k kernel's register mask
     )
 
 
-def kernel_readable(m: RowMatrix) -> bool:
+def kernel_readable(m: RowMatrix, width: int) -> bool:
+    """A float matrix of rows ``width`` wide, or an affine-quantized one whose scales and
+    biases share one float type (``row_dot`` reads both with one template type)."""
     if m.bits == 0:
-        return m.weight.dtype in METAL_DTYPES
+        return m.weight.dtype in METAL_DTYPES and m.weight.shape[-1] == width
     return (
         m.mode == "affine"
         and m.bits in METAL_BITS
         and m.group_size % (32 // m.bits) == 0
+        and width % m.group_size == 0
+        and m.weight.dtype == mx.uint32
+        and m.weight.shape[-1] * (32 // m.bits) == width
+        and m.biases is not None
         and m.scales.dtype in METAL_DTYPES
+        and m.biases.dtype == m.scales.dtype
+        and m.scales.shape == m.biases.shape == (m.weight.shape[0], width // m.group_size)
     )
 
 
-def use_metal(hidden: mx.array, centroids: RowMatrix, lm_head: RowMatrix, top_k: int) -> bool:
-    if _forced is False:
+def use_metal(
+    x: mx.array, heads: HeadInputs, state: HeadState, kernels: bool | None = None
+) -> bool:
+    """Whether this call runs the kernels: ``kernels`` (this call), else the head's choice, else
+    ``kernels_wanted`` and, the first time for each hidden dtype, the probe."""
+    supported = metal_supported(x, heads.centroids, heads.lm_head, heads.top_k)
+    if kernels is None:
+        kernels = state.kernels
+    if kernels is not None:
+        if kernels and not supported:
+            raise ValueError(
+                "the Metal kernels do not support these dtypes / quantization settings / shapes"
+            )
+        return kernels
+    if not (supported and kernels_wanted()):
         return False
-    if _forced is None and not (mx.metal.is_available() and mx.default_device().type == mx.gpu):
-        return False
-    if metal_supported(hidden, centroids, lm_head, top_k):
-        return True
-    if _forced:
-        raise ValueError("the Metal kernels do not support these dtypes / quantization settings")
-    return False
+    if x.dtype not in state.verdicts:
+        state.verdicts[x.dtype] = probe_passed(heads, x.dtype)
+    return state.verdicts[x.dtype]
 
 
 def centroid_candidates(
@@ -121,44 +187,53 @@ def centroid_candidates(
     token_ordering: mx.array,
     top_k: int,
     centroid_ordered: bool = False,
+    *,
+    kernels: bool | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Candidate token ids ``[..., top_k * P]`` and their float32 logits, ``P`` being
     ``vocab_size // num_centroids``. ``centroids``: the centroid Linear (float or quantized);
     ``lm_head``: the tied Embedding (float or quantized), in centroid order if
-    ``centroid_ordered`` (see ``order_by_centroid``)."""
-    c_rows, lm_rows = row_matrix(centroids), row_matrix(lm_head)
+    ``centroid_ordered`` (see ``order_by_centroid``). ``kernels``: force (True) or forbid (False)
+    the Metal kernels for this call, e.g. to record them with ``mx.export_function`` on a machine
+    without Metal; None decides as ``use_metal`` says."""
+    heads = HeadInputs(
+        row_matrix(centroids), row_matrix(lm_head), token_ordering, top_k, centroid_ordered
+    )
+    state = head_state(centroids)
     batch = hidden.shape[:-1]
     x = hidden.reshape(-1, hidden.shape[-1])
-    if use_metal(x, c_rows, lm_rows, top_k):
-        ids, logits = metal_candidates(x, c_rows, lm_rows, token_ordering, top_k, centroid_ordered)
-    else:
-        ids, logits = mlx_candidates(x, c_rows, lm_rows, token_ordering, top_k, centroid_ordered)
-    return ids.reshape(*batch, -1), logits.reshape(*batch, -1)
+    path = metal_candidates if use_metal(x, heads, state, kernels) else mlx_candidates
+    ids, logits = path(x, heads, state)
+    width = top_k * (token_ordering.shape[0] // heads.centroids.weight.shape[0])
+    return ids.reshape(*batch, width), logits.reshape(*batch, width)
 
 
 # -- portable path (MLX ops) ---------------------------------------------------------------------
 
 
 def mlx_candidates(
-    x: mx.array,
-    centroids: RowMatrix,
-    lm_head: RowMatrix,
-    token_ordering: mx.array,
-    top_k: int,
-    centroid_ordered: bool,
+    x: mx.array, heads: HeadInputs, state: HeadState | None = None
 ) -> tuple[mx.array, mx.array]:
     """``centroid_candidates`` for ``x`` [N, D] with MLX ops."""
     x = x.astype(mx.float32)
-    selected = top_centroids(centroid_scores(x, centroids), top_k)  # [N, K]
-    num_centroids = centroids.weight.shape[0]
-    slots = token_ordering.reshape(num_centroids, -1)
-    ids = slots[selected].reshape(x.shape[0], -1)  # [N, K * P]
-    if centroid_ordered and lm_head.bits == 0 and lm_head.weight.dtype == mx.float32:
+    selected = top_centroids(centroid_scores(x, heads.centroids, state), heads.top_k)  # [N, K]
+    return candidate_logits(x, heads, selected)
+
+
+def candidate_logits(x: mx.array, heads: HeadInputs, selected: mx.array):
+    """Ids and float32 logits of the tokens of the ``selected`` [N, K] centroids, for ``x``
+    [N, D] float32, in the order of ``selected``."""
+    lm_head = heads.lm_head
+    num_centroids = heads.centroids.weight.shape[0]
+    slots = heads.token_ordering.reshape(num_centroids, -1)
+    width = selected.shape[1] * slots.shape[1]  # K * P (spelled out: N may be 0)
+    ids = slots[selected].reshape(x.shape[0], width)
+    if heads.centroid_ordered and lm_head.bits == 0 and lm_head.weight.dtype == mx.float32:
         # the selected blocks read in place (gather_mm is float32-only on the CPU)
         blocks = lm_head.weight.reshape(num_centroids, -1, x.shape[1]).swapaxes(-1, -2)
         logits = mx.gather_mm(x[:, None, None, :], blocks, rhs_indices=selected)
-        return ids.astype(mx.int32), logits.reshape(x.shape[0], -1)
-    if centroid_ordered:
+        return ids.astype(mx.int32), logits.reshape(x.shape[0], width)
+    if heads.centroid_ordered:
         rows = take_rows(lm_head, selected, blocks=slots.shape[1])
     else:
         rows = take_rows(lm_head, ids)
@@ -171,9 +246,9 @@ def top_centroids(scores: mx.array, top_k: int) -> mx.array:
     return mx.argpartition(scores, kth=kth, axis=-1)[..., kth:]
 
 
-def centroid_scores(x: mx.array, centroids: RowMatrix) -> mx.array:
+def centroid_scores(x: mx.array, centroids: RowMatrix, state: HeadState | None = None) -> mx.array:
     """``x @ centroids.T`` in float32 for ``x`` [N, D] float32."""
-    matrix = centroid_matrix(centroids)
+    matrix = centroid_matrix(centroids, state) if state is not None else None
     if matrix is not None:
         return x @ matrix
     if centroids.bits == 0:
@@ -181,28 +256,22 @@ def centroid_scores(x: mx.array, centroids: RowMatrix) -> mx.array:
     return mx.quantized_matmul(x, *quant_args(centroids), transpose=True, **quant_kwargs(centroids))
 
 
-def centroid_matrix(centroids: RowMatrix) -> mx.array | None:
+def centroid_matrix(centroids: RowMatrix, state: HeadState) -> mx.array | None:
     """The centroid weights as one contiguous float32 [D, C] matrix (dequantized), or None where
     it cannot be made once and kept (under ``mx.compile`` with the weights as traced inputs).
 
     On the CPU ``x @ W`` with that layout is ~1.8x faster than ``x @ W.T`` (the Linux wheel of
-    MLX uses the reference BLAS) and needs no cast per call; it is kept for as long as the weight
-    array is the same object."""
-    cache = CENTROID_MATRICES.get(id(centroids.weight))
-    if cache is not None and cache[0] is centroids.weight:
-        return cache[1]
+    MLX uses the reference BLAS) and needs no cast per call; the head's ``state`` keeps it for as
+    long as the weight array is the same object."""
+    if state.matrix is not None and state.matrix[0] is centroids.weight:
+        return state.matrix[1]
     matrix = mx.contiguous(dequantized(centroids).T)
     try:
         mx.eval(matrix)
     except (ValueError, RuntimeError):
         return None
-    if len(CENTROID_MATRICES) >= 8:  # a few models at most; never grow without bound
-        CENTROID_MATRICES.pop(next(iter(CENTROID_MATRICES)))
-    CENTROID_MATRICES[id(centroids.weight)] = (centroids.weight, matrix)
+    state.matrix = (centroids.weight, matrix)
     return matrix
-
-
-CENTROID_MATRICES: dict[int, tuple[mx.array, mx.array]] = {}
 
 
 def dequantized(m: RowMatrix) -> mx.array:
@@ -222,7 +291,7 @@ def take_rows(m: RowMatrix, indices: mx.array, blocks: int = 0) -> RowMatrix:
             return None
         if blocks:
             a = a.reshape(-1, blocks, a.shape[-1])
-        return a[indices].reshape(indices.shape[0], -1, a.shape[-1])
+        return a[indices].reshape(indices.shape[0], indices.shape[1] * (blocks or 1), a.shape[-1])
 
     return m._replace(weight=take(m.weight), scales=take(m.scales), biases=take(m.biases))
 
@@ -256,7 +325,7 @@ def quant_kwargs(m: RowMatrix) -> dict:
 class Launch(NamedTuple):
     """One ``mx.fast.metal_kernel`` call: what ``run`` passes to MLX (and the tests emulate)."""
 
-    kernel: str  # key of metal_kernels.SPECS
+    kernel: str  # key of kernels.SPECS
     inputs: list
     template: list
     grid: tuple[int, int, int]
@@ -266,7 +335,7 @@ class Launch(NamedTuple):
 
 
 def run(launch: Launch) -> list[mx.array]:
-    return metal_kernels.kernel(launch.kernel)(
+    return metal.kernel(launch.kernel)(
         inputs=launch.inputs,
         template=launch.template,
         grid=launch.grid,
@@ -277,19 +346,12 @@ def run(launch: Launch) -> list[mx.array]:
 
 
 def metal_candidates(
-    x: mx.array,
-    centroids: RowMatrix,
-    lm_head: RowMatrix,
-    token_ordering: mx.array,
-    top_k: int,
-    centroid_ordered: bool,
+    x: mx.array, heads: HeadInputs, state: HeadState | None = None
 ) -> tuple[mx.array, mx.array]:
     """``centroid_candidates`` for ``x`` [N, D] with the Metal kernels."""
-    per_centroid = token_ordering.shape[0] // centroids.weight.shape[0]
-    (scores,) = run(scores_launch(x, centroids))
-    (selected,) = run(topk_launch(scores, top_k))
-    launch = logits_launch(x, lm_head, selected, token_ordering, per_centroid, centroid_ordered)
-    ids, logits = run(launch)
+    (scores,) = run(scores_launch(x, heads.centroids))
+    (selected,) = run(topk_launch(scores, heads.top_k))
+    ids, logits = run(logits_launch(x, heads, selected))
     return ids, logits
 
 
@@ -342,16 +404,10 @@ def topk_launch(scores: mx.array, top_k: int) -> Launch:
     )
 
 
-def logits_launch(
-    x: mx.array,
-    lm_head: RowMatrix,
-    selected: mx.array,
-    token_ordering: mx.array,
-    per_centroid: int,
-    centroid_ordered: bool,
-) -> Launch:
+def logits_launch(x: mx.array, heads: HeadInputs, selected: mx.array) -> Launch:
     n, d = x.shape
-    top_k = selected.shape[1]
+    lm_head, top_k = heads.lm_head, selected.shape[1]
+    per_centroid = heads.token_ordering.shape[0] // heads.centroids.weight.shape[0]
     grid, threadgroup = rows_grid(top_k * per_centroid, n)
     template = [
         ("D", d),
@@ -360,17 +416,124 @@ def logits_launch(
         ("K", top_k),
         ("P", per_centroid),
         ("RPS", ROWS_PER_SIMDGROUP),
-        ("ORDERED", centroid_ordered),
+        ("ORDERED", heads.centroid_ordered),
     ]
     return Launch(
         "candidate_logits",
-        [x, *matrix_inputs(lm_head), selected, token_ordering],
+        [x, *matrix_inputs(lm_head), selected, heads.token_ordering],
         template,
         grid,
         threadgroup,
         [(n, top_k * per_centroid)] * 2,
         [mx.int32, mx.float32],
     )
+
+
+# -- probing the kernels before trusting them ----------------------------------------------------
+
+
+class ProbeResult(NamedTuple):
+    kernel: str
+    ok: bool
+    detail: str
+
+
+PROBE_TOLERANCE = 1e-3  # of the largest magnitude: summation order differs, wrong rows do not
+
+
+def probe_kernels(heads: HeadInputs, dtype) -> list[ProbeResult]:
+    """Run each kernel once on the real weights (a random hidden state of ``dtype``), each on
+    inputs from the MLX-ops path and alone in its evaluation, and compare with that path.
+
+    ``mx.fast.metal_kernel`` compiles lazily, so a kernel that Metal rejects fails here, where
+    it can be caught, instead of in the middle of generation."""
+    mx.eval(heads.centroids, heads.lm_head, heads.token_ordering)
+    width = row_width(heads.centroids)
+    x = mx.random.normal((1, width), key=mx.random.key(0)).astype(dtype)
+    x32 = x.astype(mx.float32)
+    scores = centroid_scores(x32, heads.centroids)
+    selected = top_centroids(scores, heads.top_k).astype(mx.uint32)
+    ids, logits = candidate_logits(x32, heads, selected)
+    mx.eval(x, scores, selected, ids, logits)
+
+    def same_scores(out):
+        return compare_logits(out[0], scores)
+
+    def same_top(out):
+        picked = np.asarray(out[0])[0]
+        values = np.asarray(scores)[0]
+        if len(set(picked.tolist())) != heads.top_k or picked.max() >= values.size:
+            return f"selected {picked.tolist()}: not {heads.top_k} distinct centroids"
+        expected = np.sort(values)[-heads.top_k :]
+        if not np.array_equal(np.sort(values[picked]), expected):
+            return "selected centroids are not the ones with the highest scores"
+        return None
+
+    def same_logits(out):
+        if not np.array_equal(np.asarray(out[0]), np.asarray(ids)):
+            return "candidate token ids differ"
+        return compare_logits(out[1], logits)
+
+    probes = [
+        (scores_launch(x, heads.centroids), same_scores),
+        (topk_launch(scores, heads.top_k), same_top),
+        (logits_launch(x, heads, selected), same_logits),
+    ]
+    return [probe_one(launch, compare) for launch, compare in probes]
+
+
+def probe_one(launch: Launch, compare) -> ProbeResult:
+    try:
+        out = run(launch)
+        mx.eval(out)
+    except Exception as e:  # whatever MLX raises (compile error, no Metal, threadgroup size)
+        lines = str(e).strip().splitlines()[:3] or [type(e).__name__]
+        return ProbeResult(launch.kernel, False, "failed: " + " / ".join(lines).rstrip("."))
+    mismatch = compare(out)
+    if mismatch:
+        return ProbeResult(launch.kernel, False, "does not match the MLX-ops path: " + mismatch)
+    return ProbeResult(launch.kernel, True, "matches the MLX-ops path")
+
+
+def compare_logits(got: mx.array, expected: mx.array) -> str | None:
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    scale = max(np.abs(expected).max(initial=0.0), 1e-30)
+    error = np.abs(got - expected).max(initial=0.0) / scale
+    if not error <= PROBE_TOLERANCE:  # NaN fails too
+        return f"largest difference {error:.2e} of the largest value"
+    return None
+
+
+def probe_passed(heads: HeadInputs, dtype) -> bool:
+    """``probe_kernels``, and one warning naming the first kernel that failed."""
+    for result in probe_kernels(heads, dtype):
+        if not result.ok:
+            warnings.warn(
+                f"Metal kernel {result.kernel} {result.detail}. The centroid head uses the "
+                f"MLX-ops path instead (same results; slower on the GPU). Set "
+                f"{METAL_SETTING}=0 to turn the kernels off.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+    return True
+
+
+def row_width(m: RowMatrix) -> int:
+    """The width of the rows of ``m`` once dequantized."""
+    return m.weight.shape[-1] * (32 // m.bits if m.bits else 1)
+
+
+def prepare_head(drafter) -> None:
+    """Probe the kernels of ``drafter``'s centroid head where they would be used, so that the
+    choice is made (and any failure reported) before a draft step is compiled. Drafters without
+    a centroid head need nothing."""
+    masked = getattr(drafter, "masked_embedding", None)
+    if masked is None or not kernels_wanted():
+        return
+    width = row_width(row_matrix(masked.centroids))
+    dtype = drafter.model.norm.weight.dtype  # the dtype of the hidden states the head gets
+    mx.eval(drafter.head(mx.zeros((1, 1, width), dtype)))
 
 
 # -- using the candidates ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+from .centroid_head import prepare_head
 from .costs import Costs, DraftController, costs_identity, load_costs, measure_costs, save_costs
 from .sampling import TokenPolicy
 
@@ -212,6 +213,7 @@ class SpeculativeGenerator:
                 # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs
                 # and would recompute them on every call.
                 mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
+                prepare_head(drafter)  # the Metal kernels are probed before any is traced
                 self._compiled_step = mx.compile(self._draft_step)
         self._auto = draft_schedule == "auto" and self.stats.mode == "mtp"
         self._key = mx.array(0)  # random keys for the compiled sampling draft step

@@ -209,6 +209,13 @@ def full_kv_heads(args) -> int:
     return args.num_key_value_heads
 
 
+def all_arrays(module: nn.Module) -> dict:
+    """Every array of ``module``, private ones too (mlx-lm's RoPE keeps its frequencies in
+    ``_freqs``): one left lazy belongs to the loading thread's stream, and MLX then refuses to
+    evaluate it on any other thread ("There is no Stream(cpu, 0) in current thread")."""
+    return module.filter_and_map(lambda _, __, value: isinstance(value, (dict, list, mx.array)))
+
+
 def load(
     model: str, draft_model: str | None = None, dtype: str | None = None, lazy: bool = False
 ) -> tuple[Target, nn.Module | None, Any]:
@@ -229,6 +236,6 @@ def load(
         drafter.order_lm_head()
         validate_pair(target, drafter)
     if not lazy:  # casting and reordering are lazy; a compiled draft step would redo them
-        mx.eval(target.model.parameters(), drafter.parameters() if drafter is not None else [])
+        mx.eval(all_arrays(target.model), all_arrays(drafter) if drafter is not None else [])
     tokenizer = load_tokenizer_if_any(target_path, target_config)
     return target, drafter, tokenizer

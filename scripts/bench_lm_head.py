@@ -86,11 +86,10 @@ def head_modules(dtype, bits: int, group_size: int):
 def kernels_with_argpartition(hidden, centroids, lm_head, order):
     """The Metal path with MLX's argpartition in place of the fused top-k kernel."""
     x = hidden.reshape(1, -1)
-    c_rows, lm_rows = ch.row_matrix(centroids), ch.row_matrix(lm_head)
-    (scores,) = ch.run(ch.scores_launch(x, c_rows))
+    heads = ch.HeadInputs(ch.row_matrix(centroids), ch.row_matrix(lm_head), order, TOP_K, True)
+    (scores,) = ch.run(ch.scores_launch(x, heads.centroids))
     selected = ch.top_centroids(scores, TOP_K).astype(mx.uint32)
-    launch = ch.logits_launch(x, lm_rows, selected, order, VOCAB // CENTROIDS, True)
-    return ch.candidate_argmax(*ch.run(launch))
+    return ch.candidate_argmax(*ch.run(ch.logits_launch(x, heads, selected)))
 
 
 def bench_head(name: str, dtype, bits: int, group_size: int, iters: int) -> dict:
@@ -99,16 +98,16 @@ def bench_head(name: str, dtype, bits: int, group_size: int, iters: int) -> dict
     def full():
         return mx.argmax(lm_head.as_linear(hidden), axis=-1)
 
-    def masked(head, centroid_ordered):
+    def masked(head, centroid_ordered, kernels=None):
         args = (hidden, centroids, head, order, TOP_K, centroid_ordered)
-        return ch.candidate_argmax(*ch.centroid_candidates(*args))
+        return ch.candidate_argmax(*ch.centroid_candidates(*args, kernels=kernels))
 
     def portable():
-        with ch.metal_kernel_path(False):
-            return masked(ordered, True)
+        return masked(ordered, True, kernels=False)
 
     fns = [full, lambda: masked(ordered, True), lambda: masked(lm_head, False)]
-    metal = ch.use_metal(hidden, ch.row_matrix(centroids), ch.row_matrix(ordered), TOP_K)
+    heads = ch.HeadInputs(ch.row_matrix(centroids), ch.row_matrix(ordered), order, TOP_K, True)
+    metal = ch.use_metal(hidden.reshape(1, -1), heads, ch.head_state(centroids))
     if metal:
         fns += [portable, lambda: kernels_with_argpartition(hidden, centroids, ordered, order)]
     ms = medians(fns, iters)

@@ -118,6 +118,7 @@ def run_bench(tmp_path: Path, *extra: str) -> tuple[dict, Path]:
     return result, out
 
 
+@pytest.mark.slow
 def test_bench_mtp_runs(tmp_path):
     result, out = run_bench(
         tmp_path,
@@ -155,6 +156,7 @@ def test_bench_mtp_runs(tmp_path):
     assert (out / "bench_mtp.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_bench_mtp_with_transformers(tmp_path):
     pytest.importorskip("transformers")
     result, _ = run_bench(

@@ -17,12 +17,14 @@ from mlx_gemma_mtp import centroid_head as ch
 
 E2B = {"num_centroids": 2048, "per_centroid": 128, "top_k": 32}
 
-CASES = [
-    HeadCase("bf16-e2b", (1, 1, 256), **E2B),
+E2B_CASES = [  # the real E2B shape (a 262,144-token float64 reference): one runs by default
     HeadCase("f16-e2b-ordered", (1, 1, 256), **E2B, dtype=mx.float16, ordered=True),
     HeadCase("f32-e2b-ordered", (1, 1, 256), **E2B, dtype=mx.float32, ordered=True),
     HeadCase("q4-g64-e2b-ordered", (1, 1, 256), **E2B, bits=4, ordered=True),
     HeadCase("q8-g32-e2b", (1, 1, 256), **E2B, bits=8, group_size=32),
+]
+CASES = [
+    HeadCase("bf16-e2b", (1, 1, 256), **E2B),
     HeadCase("f32-odd", (2, 3, 40), 37, 3, 5, mx.float32),
     HeadCase("f32-odd-ordered", (2, 3, 40), 37, 3, 5, mx.float32, ordered=True),
     HeadCase("bf16-batch-ordered", (3, 64), 50, 2, 7, ordered=True),
@@ -33,7 +35,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [*CASES, *(pytest.param(c, marks=pytest.mark.slow) for c in E2B_CASES)],
+    ids=[c.name for c in [*CASES, *E2B_CASES]],
+)
 def test_portable_path_matches_full_lm_head(case):
     head = make_head(case, seed=1)
     ids, logits = ch.centroid_candidates(*head.args())
@@ -125,14 +131,63 @@ def test_portable_path_is_used_without_metal():
     with failing:
         if not mx.metal.is_available():
             ch.centroid_candidates(*head.args())
-        with ch.metal_kernel_path(False):
-            ch.centroid_candidates(*head.args())
+        ch.centroid_candidates(*head.args(), kernels=False)
 
 
 def test_forcing_the_kernels_rejects_what_they_cannot_read():
     head = make_head(HeadCase("m", (1, 64), 40, 4, 6, bits=4, group_size=32, mode="mxfp4"), 7)
-    with ch.metal_kernel_path(True), pytest.raises(ValueError, match="Metal kernels"):
-        ch.centroid_candidates(*head.args())
+    with pytest.raises(ValueError, match="Metal kernels"):
+        ch.centroid_candidates(*head.args(), kernels=True)
+
+
+def quantized_head(**changes):
+    head = make_head(HeadCase("g", (2, 64), 40, 4, 6, bits=4, group_size=32), seed=13)
+    lm = ch.row_matrix(head.lm_head)._replace(**changes)
+    return head, ch.row_matrix(head.centroids), lm
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mixed scale and bias dtypes", "no biases", "empty batch", "narrower hidden", "bad scales"],
+)
+def test_inputs_the_kernels_cannot_read_go_to_the_mlx_ops_path(name):
+    """One template type reads both scales and biases in ``row_dot``; the kernels assume the
+    widths match and at least one row: anything else must never reach them."""
+    head, centroids, lm = quantized_head()
+    x = head.hidden.reshape(-1, head.hidden.shape[-1])
+    assert ch.metal_supported(x, centroids, lm, 6)
+    if name == "mixed scale and bias dtypes":
+        lm = lm._replace(biases=lm.biases.astype(mx.float32))
+    elif name == "no biases":
+        lm = lm._replace(biases=None)
+    elif name == "empty batch":
+        x = x[:0]
+    elif name == "narrower hidden":
+        x = x[:, :32]
+    else:
+        lm = lm._replace(scales=lm.scales[:, :1])
+    assert not ch.metal_supported(x, centroids, lm, 6)
+
+
+def test_an_empty_batch_gives_empty_candidates(monkeypatch):
+    monkeypatch.setenv(ch.METAL_SETTING, "1")
+    head = make_head(HeadCase("e", (1, 64), 10, 4, 3), seed=14)
+    failing = mock.patch.object(ch, "run", side_effect=AssertionError("a kernel ran"))
+    with failing:
+        ids, logits = ch.centroid_candidates(head.hidden[:0], *head.args()[1:])
+    assert ids.shape == logits.shape == (0, 12)
+
+
+def test_each_head_keeps_its_own_state():
+    """The kept centroid matrix and the kernel choice live on the head, not in the module."""
+    a = make_head(HeadCase("a", (1, 64), 10, 4, 3), seed=15)
+    b = make_head(HeadCase("b", (1, 64), 10, 4, 3), seed=16)
+    ch.centroid_candidates(*a.args())
+    ch.centroid_candidates(*b.args())
+    state_a, state_b = ch.head_state(a.centroids), ch.head_state(b.centroids)
+    assert state_a is not state_b
+    assert state_a.matrix[0] is a.centroids.weight and state_b.matrix[0] is b.centroids.weight
+    assert ch.STATE_ATTRIBUTE not in a.centroids.parameters()
 
 
 def test_drafter_honours_full_vocab():
@@ -170,6 +225,7 @@ def test_portable_path_under_compile(bits):
         assert_same_candidates(eager, compiled(head.hidden))
 
 
+@pytest.mark.slow
 def test_bench_script_runs(tmp_path):
     """scripts/bench_lm_head.py end to end for one setting, one iteration (timings unchecked)."""
     import json

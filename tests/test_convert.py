@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mlx.utils import tree_flatten
 
 from mlx_gemma_mtp import ConfigError, load
 from mlx_gemma_mtp.convert import convert, main
@@ -51,7 +52,8 @@ def test_converted_folder_keeps_config_tokenizer_and_token_ordering(converted):
     assert ordering.dtype == mx.int32
     assert sorted(np.array(ordering).tolist()) == list(range(32768))
     assert tokenizer.encode("import os")[0] == 2
-    assert "lm_head.weight" not in mx.load(str(converted / "assistant" / "model.safetensors"))
+    index = json.loads((converted / "assistant" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] and "lm_head.weight" not in index["weight_map"]
 
 
 def test_converted_target_loads_with_plain_mlx_lm(converted):
@@ -230,3 +232,59 @@ def test_conflicting_head_dims_are_an_error(tmp_path):
         ConfigError, match="global_head_dim is 256 but per_layer_config says head_dim 128"
     ):
         load(str(folder))
+
+
+def split_checkpoint(source: Path, folder: Path, parts: int) -> int:
+    """``source`` with its weights split into ``parts`` files; returns the largest file's size."""
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    weights = mx.load(str(source / "model.safetensors"))
+    names = sorted(weights)
+    for i in range(parts):
+        part = {n: weights[n] for n in names[i::parts]}
+        mx.save_safetensors(str(folder / f"model-{i + 1:05d}-of-{parts:05d}.safetensors"), part)
+    return max(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def test_output_shards_are_no_larger_than_the_largest_source_file(tmp_path):
+    """Each output shard is computed and written alone: memory peaks near one shard (measured
+    on a 2.9 GB checkpoint by scripts/convert_memory.py)."""
+    largest = split_checkpoint(TARGET, tmp_path / "split", 3)
+    out = convert(str(tmp_path / "split"), str(tmp_path / "out"))
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) >= 3
+    assert all(f.stat().st_size <= largest + 4096 for f in shards)  # + the header
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f.name for f in shards}
+    target, _, _ = load(str(out))
+    expected, _, _ = load(str(TARGET))
+    a, b = (
+        dict(tree_flatten(target.model.parameters())),
+        dict(tree_flatten(expected.model.parameters())),
+    )
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+
+
+def test_progress_only_on_a_terminal_and_the_size_is_printed(tmp_path, capsys):
+    result = CliRunner().invoke(
+        main, ["--hf-path", str(ASSISTANT), "--mlx-path", str(tmp_path / "a")]
+    )
+    assert result.exit_code == 0, result.output
+    size = sum(f.stat().st_size for f in (tmp_path / "a").iterdir()) / 1e9
+    assert result.output == f"Saved MLX model to {tmp_path / 'a'} ({size:.2f} GB)\n"  # no bar
+    convert(str(ASSISTANT), str(tmp_path / "b"), progress=True)
+    bar = capsys.readouterr().err
+    assert "Writing model.safetensors" in bar and "100%" in bar
+
+
+def test_output_permissions_follow_the_umask_which_is_left_alone(tmp_path):
+    import os
+    import stat
+    from unittest import mock
+
+    previous = os.umask(0o027)
+    try:
+        with mock.patch("os.umask", side_effect=AssertionError("umask changed")):
+            out = convert(str(ASSISTANT), str(tmp_path / "out"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750

@@ -9,7 +9,13 @@
 On a Mac, the ``metal`` tests run the real kernels against the portable path too.
 """
 
+import json
+import os
+import subprocess
+import sys
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from unittest import mock
 
 import mlx.core as mx
@@ -25,7 +31,7 @@ from metal_shim.heads import (
 )
 
 from mlx_gemma_mtp import centroid_head as ch
-from mlx_gemma_mtp import metal_kernels
+from mlx_gemma_mtp import kernels as metal_kernels
 
 E2B = {"num_centroids": 2048, "per_centroid": 128, "top_k": 32}
 
@@ -56,11 +62,20 @@ SMALL = HeadCase("small", (1, 64), 37, 3, 5, mx.float32)
 TIE = HeadCase("tie", (1, 64), 40, 4, 6, mx.float32)
 
 
-@contextmanager
 def kernel_runner(run):
-    """The Metal path of ``centroid_head``, with ``run`` executing its launches."""
-    with ch.metal_kernel_path(True), mock.patch.object(ch, "run", run):
+    """``centroid_head`` with ``run`` executing its launches (pass ``kernels=True``)."""
+    return mock.patch.object(ch, "run", run)
+
+
+@contextmanager
+def drafter_kernels(drafter, enabled: bool):
+    """``drafter``'s centroid head with the kernels forced on or off."""
+    state = ch.head_state(drafter.masked_embedding.centroids)
+    previous, state.kernels = state.kernels, enabled
+    try:
         yield
+    finally:
+        state.kernels = previous
 
 
 def launches_of(head) -> list:
@@ -74,7 +89,7 @@ def launches_of(head) -> list:
         ]
 
     with kernel_runner(record):
-        ch.centroid_candidates(*head.args())
+        ch.centroid_candidates(*head.args(), kernels=True)
     return recorded
 
 
@@ -93,12 +108,11 @@ def emulator(tmp_path_factory, heads):
 
 def emulated(emulator, head):
     with kernel_runner(emulator.run):
-        return ch.centroid_candidates(*head.args())
+        return ch.centroid_candidates(*head.args(), kernels=True)
 
 
 def portable(head):
-    with ch.metal_kernel_path(False):
-        return ch.centroid_candidates(*head.args())
+    return ch.centroid_candidates(*head.args(), kernels=False)
 
 
 # -- (b) the kernels' logic, run on the CPU ------------------------------------------------------
@@ -164,9 +178,9 @@ def test_emulated_drafter_step_matches_portable(emulator):
     path = Path(__file__).parent / "fixtures" / "gemma4-tiny" / "assistant"
     drafter = load_drafter_model(path, read_config(path))
     inputs, shared_kv = random_drafter_inputs(drafter, positions=9)
-    with kernel_runner(emulator.run):
+    with kernel_runner(emulator.run), drafter_kernels(drafter, True):
         kernel_out = drafter(inputs, shared_kv, 9)
-    with ch.metal_kernel_path(False):
+    with drafter_kernels(drafter, False):
         portable_out = drafter(inputs, shared_kv, 9)
     assert_same_candidates(
         (kernel_out.candidates, kernel_out.logits), (portable_out.candidates, portable_out.logits)
@@ -205,7 +219,7 @@ def test_emulation_detects_a_wrong_row_choice(emulator, heads):
         return emulator.run(launch, body=body if launch.kernel == "candidate_logits" else None)
 
     with kernel_runner(run):
-        wrong = ch.centroid_candidates(*head.args())
+        wrong = ch.centroid_candidates(*head.args(), kernels=True)
     with pytest.raises(AssertionError):
         assert_same_candidates(wrong, portable(head))
 
@@ -248,6 +262,147 @@ def test_emulation_reports_misuse(emulator, heads, kernel, old, new, message):
         emulator.run(launch, body=body.replace(old, new))
 
 
+# -- the probe: each kernel once on the real weights before it is trusted ------------------------
+
+no_metal = pytest.mark.skipif(mx.metal.is_available(), reason="proves the fallback without Metal")
+FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
+
+
+def head_inputs(head) -> ch.HeadInputs:
+    case = head.case
+    centroids, lm_head = ch.row_matrix(head.centroids), ch.row_matrix(head.lm_head)
+    return ch.HeadInputs(centroids, lm_head, head.token_ordering, case.top_k, case.ordered)
+
+
+@pytest.mark.parametrize("name", ["bf16-ordered", "q4-g32-odd", "f32-keep-all"])
+def test_probe_passes_the_emulated_kernels(emulator, heads, name):
+    head = heads[name]
+    with kernel_runner(emulator.run):
+        results = ch.probe_kernels(head_inputs(head), head.hidden.dtype)
+    assert [r.kernel for r in results] == list(metal_kernels.SPECS)
+    assert all(r.ok for r in results), results
+
+
+@pytest.mark.parametrize(
+    "kernel, old, new, detail",
+    [
+        ("centroid_scores", "scores[size_t(n) * ROWS + row] = score;", "", "largest difference"),
+        ("centroid_topk", "score > winner_score ||", "score < winner_score ||", "not the"),
+        (
+            "candidate_logits",
+            "ORDERED ? slot : uint(token)",
+            "ORDERED ? uint(token) : slot",
+            "largest difference",
+        ),
+    ],
+)
+def test_probe_reports_a_kernel_that_disagrees(emulator, heads, kernel, old, new, detail):
+    head = heads["bf16-ordered"]
+    body = metal_kernels.source(metal_kernels.SPECS[kernel].source)
+    assert old in body
+    planted = body.replace(old, new)
+
+    def run(launch):
+        return emulator.run(launch, body=planted if launch.kernel == kernel else None)
+
+    with kernel_runner(run):
+        results = {r.kernel: r for r in ch.probe_kernels(head_inputs(head), head.hidden.dtype)}
+    assert not results[kernel].ok and detail in results[kernel].detail, results[kernel]
+    assert all(r.ok for name, r in results.items() if name != kernel), results
+
+
+@no_metal
+def test_forced_kernels_fall_back_with_one_warning(monkeypatch, heads):
+    """Without Metal, ``mx.fast.metal_kernel`` fails at call time: the path of a kernel that a
+    Mac's compiler rejects. The head warns once, then always uses the MLX-ops path."""
+    monkeypatch.setenv(ch.METAL_SETTING, "1")
+    head = make_head(SMALL, seed=11)
+    with pytest.warns(RuntimeWarning) as record:
+        out = ch.centroid_candidates(*head.args())
+    (warning,) = record
+    message = str(warning.message)
+    assert "Metal kernel centroid_scores failed: [metal_kernel] No Metal back-end" in message
+    assert f"{ch.METAL_SETTING}=0" in message
+    assert_same_candidates(out, portable(head))
+    calls = []
+    with warnings.catch_warnings(), kernel_runner(lambda launch: calls.append(launch)):
+        warnings.simplefilter("error")
+        assert_same_candidates(ch.centroid_candidates(*head.args()), out)
+    assert calls == []  # decided once for the head: no second probe
+
+
+@no_metal
+def test_the_engine_probes_before_compiling_the_draft_step(monkeypatch):
+    from mlx_gemma_mtp import load
+    from mlx_gemma_mtp.engine import SpeculativeGenerator
+
+    target, drafter, _ = load(str(FIXTURE / "target"), str(FIXTURE / "assistant"))
+    monkeypatch.setenv(ch.METAL_SETTING, "1")
+    verdicts = ch.head_state(drafter.masked_embedding.centroids).verdicts
+
+    def compile_after_the_probe(function):
+        assert list(verdicts.values()) == [False], "compiled before the probe"
+        return function
+
+    compiled = mock.patch.object(mx, "compile", side_effect=compile_after_the_probe)
+    with pytest.warns(RuntimeWarning, match="Metal kernel centroid_scores failed"), compiled as c:
+        SpeculativeGenerator(target, drafter)
+    assert c.call_count == 1
+
+
+def test_kernels_off_and_automatic_without_metal_never_run_a_kernel(monkeypatch, heads):
+    head = make_head(SMALL, seed=12)
+    failing = kernel_runner(mock.Mock(side_effect=AssertionError("a kernel ran")))
+    settings = ["0"] if mx.metal.is_available() else ["0", ""]
+    for setting in settings:
+        monkeypatch.setenv(ch.METAL_SETTING, setting)
+        with failing, warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ch.centroid_candidates(*head.args())
+
+
+def test_an_unknown_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv(ch.METAL_SETTING, "yes")
+    with pytest.raises(ValueError, match="MLX_GEMMA_MTP_METAL='yes': expected 0"):
+        ch.kernel_setting()
+
+
+@no_metal
+@pytest.mark.slow
+def test_cli_with_kernels_forced_on_matches_kernels_off(tmp_path):
+    """``python -m mlx_gemma_mtp.generate`` on the fixture pair: one warning, same tokens."""
+    runs = {}
+    for setting in ("1", "0"):
+        stats = tmp_path / f"stats{setting}.json"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlx_gemma_mtp.generate",
+                "--model",
+                str(FIXTURE / "target"),
+                "--draft-model",
+                str(FIXTURE / "assistant"),
+                "--prompt-tokens",
+                "2 10 20 30 40",
+                "--max-tokens",
+                "24",
+                "--stats-json",
+                str(stats),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, ch.METAL_SETTING: setting},
+            check=True,
+        )
+        runs[setting] = json.loads(stats.read_text()), result.stderr
+    (on, on_err), (off, off_err) = runs["1"], runs["0"]
+    assert on_err.count("Metal kernel") == 1 and "MLX_GEMMA_MTP_METAL=0" in on_err
+    assert "Metal kernel" not in off_err
+    assert on["mode"] == "mtp" and on["drafted"] > 0
+    assert on["tokens"] == off["tokens"] and len(on["tokens"]) == 24
+
+
 # -- (a) compile-level check of the exact source --------------------------------------------------
 
 
@@ -272,10 +427,9 @@ def test_mlx_generates_exactly_the_checked_text(tmp_path, heads):
         path = tmp_path / f"{name}.mlxfn"
 
         def candidates(hidden, head=head):
-            return ch.centroid_candidates(hidden, *head.args()[1:])
+            return ch.centroid_candidates(hidden, *head.args()[1:], kernels=True)
 
-        with ch.metal_kernel_path(True):
-            mx.export_function(str(path), candidates, head.hidden)
+        mx.export_function(str(path), candidates, head.hidden)
         exported = path.read_bytes()
         for launch in launches_of(head):
             assert harness.kernel_source(launch).encode() in exported
@@ -306,6 +460,19 @@ PLANTED = [
     ),
     ("candidate_logits", "uint(selected[", "uint(selection[", "undeclared identifier 'selection'"),
     ("header", "float(scales[group])", "float(scale[group])", "undeclared identifier 'scale'"),
+    # address spaces: `scores` is in the constant address space in the launch checked here
+    (
+        "centroid_topk",
+        "float own[PER_THREAD];",
+        "const device float* row = scores + size_t(n) * C;\nfloat own[PER_THREAD];",
+        "cannot initialize a variable of type 'device float const *'",
+    ),
+    (
+        "centroid_topk",
+        "float winner_score = group_best[parity][0];",
+        "thread float* bests = group_best[parity];\n  float winner_score = bests[0];",
+        "cannot initialize a variable of type 'float *' with an lvalue of type",
+    ),
 ]
 
 
@@ -327,6 +494,12 @@ def test_clang_check_catches_planted_errors(all_launches, kernel, old, new, mess
         text = harness.kernel_source(launch, body=body.replace(old, new))
     errors = harness.clang_errors(text)
     assert any(message in e for e in errors), errors
+
+
+def test_clang_check_knows_bfloat16_is_a_16_bit_float():
+    text = "void f(bfloat16_t b) { static_assert(sizeof(b) == 2); float y = b * b + 1.0f; }"
+    assert harness.clang_errors(text) == []
+    assert harness.clang_errors("void f(const constant bfloat16_t* b) { b[0] = 1.0f; }")
 
 
 # -- (c) export --------------------------------------------------------------------------------
@@ -351,7 +524,7 @@ def test_export_records_drafter_with_kernel_path(tmp_path):
         return out.logits, out.candidates, out.hidden
 
     kv = [*shared_kv["sliding_attention"], *shared_kv["full_attention"]]
-    with ch.metal_kernel_path(True):
+    with drafter_kernels(drafter, True):
         mx.export_function(str(tmp_path / "head.mlxfn"), lambda h: drafter.head(h), hidden)
         mx.export_function(str(tmp_path / "step.mlxfn"), step, inputs, *kv)
     me = drafter.masked_embedding
@@ -364,7 +537,7 @@ def test_export_records_drafter_with_kernel_path(tmp_path):
     assert harness.kernel_source(launch).encode() in (tmp_path / "head.mlxfn").read_bytes()
     if mx.metal.is_available():  # only a Metal build can load and run what it recorded
         (logits, candidates) = mx.import_function(str(tmp_path / "head.mlxfn"))(hidden)
-        with ch.metal_kernel_path(False):
+        with drafter_kernels(drafter, False):
             expected = drafter.head(hidden)
         assert_same_candidates((candidates, logits), (expected[1], expected[0]))
 
@@ -378,8 +551,8 @@ metal = pytest.mark.skipif(not mx.metal.is_available(), reason="needs Metal (App
 @pytest.mark.parametrize("name", [c.name for c in CASES])
 def test_metal_kernels_match_portable_path_and_reference(heads, name):
     head = heads[name]
-    with ch.metal_kernel_path(True), mx.stream(mx.gpu):
-        ids, logits = ch.centroid_candidates(*head.args())
+    with mx.stream(mx.gpu):
+        ids, logits = ch.centroid_candidates(*head.args(), kernels=True)
     assert_same_candidates((ids, logits), portable(head))
     assert_matches_reference(head, ids, logits)
 

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#define METAL_EMU  // metal_shim.h: plain C++ address spaces and bfloat16
 #include "metal_shim.h"
 
 namespace emu {

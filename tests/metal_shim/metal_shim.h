@@ -5,13 +5,24 @@
 // meaning, so that a kernel passing the check uses nothing Metal lacks.
 #pragma once
 
-// Address spaces. Inputs are `const device T*`, so a write to an input is a write through a
-// pointer to const: an error here as in Metal. `threadgroup` variables are `static`: one copy
-// shared by the emulated threads of a threadgroup (threadgroups run one after another).
+// Address spaces. For the clang check (metal_emu.h defines METAL_EMU before this file), Metal's
+// address spaces are distinct clang address spaces, so a pointer cannot silently move between
+// them (a `constant` input handed on as `device`, a `threadgroup` array read through a `thread`
+// pointer) and a write to an input is a write through a pointer to const: errors as in Metal.
+// `thread`, the default address space of locals, is clang's default one. `threadgroup`
+// variables are `static`: one copy per threadgroup (the emulator runs threadgroups one after
+// another).
+#ifdef METAL_EMU
 #define device
 #define constant
 #define thread
 #define threadgroup static
+#else
+#define device __attribute__((address_space(1)))
+#define constant __attribute__((address_space(2)))
+#define thread
+#define threadgroup static __attribute__((address_space(3)))
+#endif
 
 // The compiler's own spellings, so these agree with <cstdint> wherever both are seen.
 typedef unsigned int uint;
@@ -32,7 +43,9 @@ struct uint3 {
 typedef _Float16 half;
 typedef half float16_t;
 
-// bfloat16: the high half of a float32, rounded to nearest even.
+#ifdef METAL_EMU
+// bfloat16: the high half of a float32, rounded to nearest even (the emulator's buffers hold
+// the raw bits).
 struct bfloat16_t {
   uint16_t bits;
   bfloat16_t() = default;
@@ -49,6 +62,11 @@ struct bfloat16_t {
     return f;
   }
 };
+#else
+// A real 16-bit floating-point type, as Metal's bfloat is (arithmetic, promotions and
+// conversions follow the type system, not a class's operators).
+typedef __bf16 bfloat16_t;
+#endif
 
 #define INFINITY (__builtin_inff())
 

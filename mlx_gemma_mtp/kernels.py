@@ -1,17 +1,20 @@
-"""Metal sources of the centroid-masked lm_head, loaded through ``mx.fast.metal_kernel``.
+"""The Metal kernels of the centroid-masked lm_head, built with ``mx.fast.metal_kernel``.
 
-Each ``<name>.metal`` file is the *body* of one kernel; MLX writes the signature from the input and
-output names below (``write_signature`` in ``mlx/backend/common/metal_kernel.cpp``) and prepends
-``centroid_head.h`` (plus its own utils) when it compiles the kernel on a Mac.
+Their sources live in the repository's top-level ``metal_kernels/`` folder: each ``<name>.metal``
+file is the *body* of one kernel; MLX writes the signature from the input and output names below
+(``write_signature`` in ``mlx/backend/common/metal_kernel.cpp``) and prepends ``centroid_head.h``
+(plus its own utils) when it compiles the kernel on a Mac. A wheel installs that folder as
+``mlx_gemma_mtp/metal_kernels/`` (package data), so a copied installed package carries it along.
 """
 
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import NamedTuple
 
 import mlx.core as mx
 
 HEADER = "centroid_head.h"
+SOURCE_FOLDER = "metal_kernels"
 
 
 class KernelSpec(NamedTuple):
@@ -41,9 +44,20 @@ SPECS = {
 }
 
 
+def source_folders() -> list[Path]:
+    """Where the sources may be, in order: inside the package (a wheel, or an installed package
+    copied into an app), then beside it (the source tree, an editable install)."""
+    package = Path(__file__).resolve().parent
+    return [package / SOURCE_FOLDER, package.parent / SOURCE_FOLDER]
+
+
 def source(filename: str) -> str:
-    """The text of a file shipped in this package (a kernel body or the header)."""
-    return resources.files(__name__).joinpath(filename).read_text()
+    """The text of a kernel body or of the header."""
+    for folder in source_folders():
+        if (folder / filename).is_file():
+            return (folder / filename).read_text()
+    places = " or ".join(str(folder) for folder in source_folders())
+    raise FileNotFoundError(f"Metal kernel source {filename} not found in {places}")
 
 
 @cache
