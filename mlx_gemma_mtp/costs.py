@@ -294,9 +294,9 @@ class DraftController:
     second. The first ``seed_rounds`` draft as many as would pay at high acceptance, so every
     position's acceptance is seen early; every ``explore_every`` rounds one more draft than the
     best is tried. ``k = 0`` parks speculation (plain steps). While parked, a speculative round
-    probes the acceptance after ``probe_every`` plain tokens, an interval that doubles after each probe
-    that did not pay (up to ``max_probe_every``); no probe when no ``k`` could pay even if every
-    draft were accepted."""
+    probes the acceptance after ``probe_every`` plain tokens, an interval that doubles after
+    each probe that did not pay (up to ``max_probe_every``); no probe when no ``k`` could pay
+    even if every draft were accepted."""
 
     def __init__(
         self,
