@@ -21,6 +21,8 @@ import mlx.core as mx
 
 from . import centroid_head as ch
 from .config import ConfigError, normalize_target_config
+from .costs import DraftController, load_costs
+from .engine import SpeculativeGenerator
 from .generate import stream_generate
 from .loading import all_arrays, load, validate_pair
 from .target import Target
@@ -310,10 +312,32 @@ def run_checks(model: str | None = None, draft_model: str | None = None) -> list
     prompt = prompt_ids(tokenizer)
     checks.append(greedy_check(target, drafter, prompt))
     checks.append(sampling_check(target, drafter, prompt, drafter.vocab_size))
-    # COST TABLE: the lead's calibration cache (mlx_gemma_mtp/costs.py, `calibrate`) adds its
-    # check here once it lands: the measured cost table for this pair and device, as one Check
-    # whose detail holds the table (and the JSON carries it in full).
+    checks.append(cost_table(target, drafter))
     return checks
+
+
+def cost_table(target, drafter) -> Check:
+    """The ``auto`` schedule's cached costs for this pair on this machine (greedy), as the
+    engine's first generation or ``calibrate`` measured them; informational."""
+    engine = SpeculativeGenerator(target, drafter)
+    costs, path = load_costs(engine.costs_identity(), engine.k_max)
+    if costs is None:
+        return Check(
+            "cost table",
+            True,
+            "none cached yet for this pair and machine: `python -m mlx_gemma_mtp.calibrate "
+            "--model T --draft-model D` measures it (the first generation does too)",
+        )
+    table = ", ".join(f"L={i + 1}: {1e3 * t:.2f}" for i, t in enumerate(costs.verify))
+    controller = DraftController(costs, engine.k_max, 0.7)
+    picks = ", ".join(
+        f"{a}: k={controller.best([a] * engine.k_max, engine.k_max)}" for a in (0.5, 0.7, 0.9)
+    )
+    detail = (
+        f"cached in {path}: t_verify(L) ms {table}; t_draft {1e3 * costs.draft:.2f} ms; "
+        f"auto picks at acceptance {picks}"
+    )
+    return Check("cost table", True, detail)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -382,7 +382,10 @@ class SpeculativeGenerator:
             stats.plain_steps += 1
             if stats.mode == "mtp":
                 stats.parked_seconds += now - clock
-        self.schedule.observe(k, n, now - clock if current.timed else None)
+        # Sampled output depends on the k of every round: following round times (which vary run
+        # to run) would make a seed not reproduce it, so sampling keeps to the measured costs.
+        timed = current.timed and not self.policy.speculative
+        self.schedule.observe(k, n, now - clock if timed else None)
         return now
 
     # -- the controller's costs ---------------------------------------------------------------
@@ -392,7 +395,7 @@ class SpeculativeGenerator:
         prefilled cache (then cached)."""
         costs, source = self.costs, "given"
         if costs is None:
-            identity = costs_identity(self.target.model, self.drafter, self._draft_kind())
+            identity = self.costs_identity()
             costs, path = load_costs(identity, self.k_max)
             source = f"cached ({path})"
             if costs is None:
@@ -403,6 +406,10 @@ class SpeculativeGenerator:
         self.stats.costs = source
         prior = PRIOR_ACCEPTANCE[self.policy.acceptance_rule]
         return AutoSchedule(costs, self.k_max, prior)
+
+    def costs_identity(self) -> dict:
+        """The key of this engine's costs in the on-disk cache."""
+        return costs_identity(self.target.model, self.drafter, self._draft_kind())
 
     def _draft_kind(self) -> str:
         """What the draft step costs depend on, besides the models."""

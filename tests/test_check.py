@@ -17,6 +17,7 @@ CHECKS = [
     "metal kernels",
     "greedy MTP = plain",
     "sampling (temp 1, top-p 0.95)",
+    "cost table",
 ]
 
 
@@ -81,3 +82,18 @@ def test_kernels_forced_on_without_metal_fail_the_kernel_checks(monkeypatch):
 def test_model_needs_a_draft_model():
     result = CliRunner().invoke(check.main, ["--model", "somewhere"])
     assert result.exit_code == 2 and "--draft-model" in result.output
+
+
+def test_the_cost_table_is_reported_once_measured(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from mlx_gemma_mtp import load
+    from mlx_gemma_mtp.engine import SpeculativeGenerator
+
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path))
+    fixture = Path(__file__).parent / "fixtures" / "gemma4-tiny"
+    target, drafter, _ = load(str(fixture / "target"), str(fixture / "assistant"))
+    assert "none cached yet" in check.cost_table(target, drafter).detail
+    list(SpeculativeGenerator(target, drafter).generate(mx.array(list(range(2, 40))), 4))
+    table = check.cost_table(target, drafter)
+    assert table.ok and f"cached in {tmp_path}" in table.detail and "auto picks" in table.detail
