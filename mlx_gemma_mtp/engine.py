@@ -435,6 +435,9 @@ class SpeculativeGenerator:
             mx.zeros((1, 1, self.target.hidden_size)),
             self._initial_history(mx.array([0], mx.int32)),
         )
-        return measure_costs(
+        key = self._key  # measuring must not change what is sampled afterwards
+        costs = measure_costs(
             self.target, self.cache, lambda: self._draft_after(last, 1)[0][0], k_max, **options
         )
+        self._key = key
+        return costs
