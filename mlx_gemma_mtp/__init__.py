@@ -1,7 +1,7 @@
 """Gemma 4 multi-token-prediction speculative decoding in MLX."""
 
 from .config import ConfigError
-from .generate import generate, stream_generate
+from .generation import generate, stream_generate
 from .loading import load
 
 __version__ = "0.1.0"

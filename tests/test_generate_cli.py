@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_gemma_mtp import load
-from mlx_gemma_mtp.generate import StopStrings, generate, main, stream_generate
+from mlx_gemma_mtp.generate import main
+from mlx_gemma_mtp.generation import StopStrings, generate, stream_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
@@ -227,3 +228,18 @@ def test_generate_returns_the_text_and_rejects_text_without_tokenizer(pair, caps
     assert text in captured.out and "Generation: 10 tokens" in captured.err
     with pytest.raises(ValueError, match="needs a tokenizer"):
         list(stream_generate(target, drafter, None, PROMPT, 10))
+
+
+def test_entry_points_are_clean():
+    """``python -m`` prints no warning; importing the package does not pull in the CLI."""
+    for module in ("mlx_gemma_mtp.generate", "mlx_gemma_mtp.convert"):
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True
+        )
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+    code = (
+        "import sys, mlx_gemma_mtp; "
+        "print(sorted({'click', 'mlx_gemma_mtp.generate'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
