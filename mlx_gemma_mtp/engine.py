@@ -7,7 +7,8 @@ verifies ``[x_p, d_1..d_k]`` in one target forward, accepts ``n`` drafts, emits 
 trims ``k - n`` entries from every cache and keeps the target hidden state at ``p + n``.
 """
 
-from collections.abc import Generator, Iterable
+import weakref
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
@@ -83,18 +84,53 @@ def draft_step(
     return {"token": out.tokens()[0].astype(mx.int32), "hidden": out.hidden}
 
 
-def prefill(target, cache: list, prompt: mx.array, step_size: int) -> mx.array:
+def prefill(
+    target,
+    cache: list,
+    prompt: mx.array,
+    step_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> mx.array:
     """Feed ``prompt`` ``[P]`` in chunks; returns the final hidden state ``[1, 1, H]`` at P-1.
 
     As mlx-lm does, all but the last token only fill the cache (evaluated chunk by chunk, so no
-    prompt-length activations outlive a chunk) and the last token runs alone."""
+    prompt-length activations outlive a chunk) and the last token runs alone. ``progress`` is
+    called with ``(tokens processed, P)`` after each chunk (mlx-lm's prompt_progress_callback)."""
+    total, done = prompt.size, 0
     while prompt.size > 1:
         chunk = min(step_size, prompt.size - 1)
         target.backbone(prompt[None, :chunk], cache=cache)
         mx.eval([c.state for c in cache])
         prompt = prompt[chunk:]
+        done += chunk
+        if progress is not None:
+            progress(done, total)
         mx.clear_cache()
     return target.backbone(prompt[None], cache=cache)
+
+
+def draft_slack(num_draft_tokens: int) -> int:
+    """Entries a sliding-window cache keeps beyond ``window + 1`` so that every rollback stays
+    possible: a round rejects up to ``k`` drafts, and settling a cancelled generation drops
+    the next round's ``k`` verified drafts plus up to ``k`` tokens of a block not emitted."""
+    return max(2 * num_draft_tokens, 1)
+
+
+def compiled_draft_step(target, drafter, full_vocab: bool, full_rows: bool):
+    """The compiled ``draft_step`` of a (target, drafter) pair, built once per pair and kept
+    on the target (traces are per compiled function: a new one per call would retrace).
+
+    It holds weak proxies only, so it keeps neither model alive and makes no reference cycle."""
+    steps = target.__dict__.setdefault("_draft_steps", {})
+    key = (id(drafter), full_vocab, full_rows)
+    if key in steps and steps[key][0]() is drafter:
+        return steps[key][1]
+    # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs and would
+    # recompute them on every call.
+    mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
+    step = partial(draft_step, weakref.proxy(target), weakref.proxy(drafter), full_vocab, full_rows)
+    steps[key] = (weakref.ref(drafter), mx.compile(step))
+    return steps[key][1]
 
 
 class SpeculativeGenerator:
@@ -111,7 +147,12 @@ class SpeculativeGenerator:
         full_vocab_draft: bool = False,
         prefill_step_size: int = 512,
         eos_token_ids: Iterable[int] = (),
+        cache: list | None = None,
+        prompt_progress_callback: Callable[[int, int], None] | None = None,
     ):
+        """``cache``: the target cache to continue from (``Target.make_cache``, with a slack of
+        at least ``draft_slack(num_draft_tokens)``), kept by the caller between generations;
+        after ``settle`` it stands for its old tokens, the prompt and the emitted tokens."""
         self.target, self.drafter = target, drafter
         self.policy = policy or TokenPolicy()
         self.stats = Stats(num_draft_tokens=num_draft_tokens if drafter is not None else 0)
@@ -126,7 +167,14 @@ class SpeculativeGenerator:
         self.full_rows = self.policy.needs_full_vocab_draft  # the policy reads whole rows
         self.prefill_step_size = prefill_step_size
         self.eos_token_ids = set(eos_token_ids)
-        self.cache = target.make_cache(draft_slack=max(num_draft_tokens, 1))
+        if cache is None:
+            cache = target.make_cache(draft_slack=draft_slack(num_draft_tokens))
+        else:
+            check_slack(cache, draft_slack(self.stats.num_draft_tokens))
+        self.cache = cache
+        self.start = cache[0].offset if cache else 0
+        self.prompt, self.emitted = None, []
+        self.prompt_progress_callback = prompt_progress_callback
         self.context = None  # prompt + emitted tokens, only for logits processors
         # Our drafter without logits processors (which need each round's tokens on the host):
         # drafting is pipelined and its step compiled (see _generate_pipelined).
@@ -138,15 +186,16 @@ class SpeculativeGenerator:
         self._draft_step = partial(draft_step, target, drafter, full_vocab_draft, self.full_rows)
         self._compiled_step = None
         if self.pipelined:
-            # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs and
-            # would recompute them on every call.
-            mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
-            self._compiled_step = mx.compile(self._draft_step)
+            self._compiled_step = compiled_draft_step(
+                target, drafter, full_vocab_draft, self.full_rows
+            )
 
     # -- one target step / one speculative round (lazy graphs) -----------------------------
 
     def _first_token(self, prompt: mx.array):
-        self.hidden = prefill(self.target, self.cache, prompt, self.prefill_step_size)
+        self.hidden = prefill(
+            self.target, self.cache, prompt, self.prefill_step_size, self.prompt_progress_callback
+        )
         self.context = prompt if self.policy.processors else None
         logprobs = self.policy.target_logprobs(self.target.logits(self.hidden[0]), prompt, [])
         return self._accept([], [], logprobs), logprobs
@@ -193,11 +242,42 @@ class SpeculativeGenerator:
         """Yield blocks of tokens for ``prompt`` (token ids ``[P]``), at most ``max_tokens``."""
         if prompt.size == 0:
             raise ValueError("the prompt is empty")
+        if self.prompt is not None:
+            raise RuntimeError(
+                "this SpeculativeGenerator has generated already: make a new one, passing "
+                "cache= to continue from its cache (after settle)"
+            )
+        self.prompt = prompt.astype(mx.int32)
         self.stats.prompt_tokens = prompt.size
         if self.stats.mode == "plain":
-            yield from self._generate_plain(prompt, max_tokens)
+            blocks = self._generate_plain(prompt, max_tokens)
         else:
-            yield from self._generate_mtp(prompt, max_tokens)
+            blocks = self._generate_mtp(prompt, max_tokens)
+        try:
+            for block in blocks:
+                self.emitted += block.tokens
+                yield block
+        finally:
+            blocks.close()
+
+    def settle(self, num_emitted: int) -> None:
+        """Make the cache stand for what it held before ``generate``, the prompt and the first
+        ``num_emitted`` generated tokens (mlx-lm's prompt-cache meaning, whether generation
+        finished or was cancelled): K/V computed past them (drafts, a round verified ahead,
+        tokens not emitted) are trimmed, and those not fed yet (the pending last token, or the
+        rest of an interrupted prefill) are fed."""
+        if self.prompt is None or not self.cache:
+            return
+        if num_emitted > len(self.emitted):
+            raise ValueError(f"{num_emitted} tokens emitted, but only {len(self.emitted)} made")
+        tokens = mx.concatenate([self.prompt, mx.array(self.emitted[:num_emitted], mx.int32)])
+        held = self.cache[0].offset - self.start
+        if held > tokens.size:
+            for c in self.cache:
+                c.trim(held - tokens.size)
+        elif held < tokens.size:
+            prefill(self.target, self.cache, tokens[held:], self.prefill_step_size)
+        mx.eval([c.state for c in self.cache])
 
     def _generate_plain(self, prompt, max_tokens):
         """mlx-lm's loop: the next step is queued on the lazy token before this one is read."""
@@ -253,7 +333,8 @@ class SpeculativeGenerator:
         result, logprobs = self._first_token(prompt)
         self.stats.target_forwards = 1
         count = min(self.schedule.most_next(), max_tokens - 2)
-        drafts, dists = self._draft_after(result, self.hidden, prompt.size - 1, count)
+        first = self.cache[0].offset - 1  # position of the prompt's last token
+        drafts, dists = self._draft_after(result, self.hidden, first, count)
         tokens, done = self._finish(result.tolist()[1:], max_tokens)
         remaining = max_tokens - 1
         block = Block(tokens, logprobs, 0)
@@ -307,3 +388,15 @@ class SpeculativeGenerator:
     def _extend_context(self, tokens: mx.array) -> None:
         if self.context is not None:
             self.context = mx.concatenate([self.context, tokens.astype(self.context.dtype)])
+
+
+def check_slack(cache: list, slack: int) -> None:
+    """A caller's sliding-window caches must keep enough entries to roll back ``slack``."""
+    for c in cache:
+        kept = getattr(c, "retain", None)
+        if kept is not None and kept - c.window - 1 < slack:
+            raise ValueError(
+                f"the prompt cache keeps {kept - c.window - 1} entries beyond the sliding window; "
+                f"{slack} are needed for these draft tokens (make it with make_prompt_cache and "
+                f"a large enough max_draft_tokens)"
+            )
