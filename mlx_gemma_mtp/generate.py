@@ -11,22 +11,30 @@ from .engine import SCHEDULES
 from .generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
     GenerationResponse,
+    check_token_ids,
     format_stats,
     stream_generate,
 )
 
 
-def build_prompt(tokenizer, prompt, prompt_tokens, system_prompt, ignore_chat_template) -> list:
+def parse_token_ids(text: str, vocab_size: int) -> list[int]:
+    """``--prompt-tokens`` ("ID ID ..." or "ID,ID,...") checked against the vocabulary."""
+    words = text.replace(",", " ").split()
+    ids = [int(w) if w.lstrip("-").isdigit() else w for w in words]
+    try:
+        return check_token_ids(ids, vocab_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--prompt-tokens") from None
+
+
+def build_prompt(
+    tokenizer, vocab_size, prompt, prompt_tokens, system_prompt, ignore_chat_template
+) -> list:
     """Token ids from ``--prompt`` (chat template applied unless ignored) or ``--prompt-tokens``."""
     if (prompt is None) == (prompt_tokens is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-tokens")
     if prompt_tokens is not None:
-        try:
-            return [int(t) for t in prompt_tokens.replace(",", " ").split()]
-        except ValueError:
-            raise click.BadParameter(
-                "expected integers separated by spaces", param_hint="--prompt-tokens"
-            ) from None
+        return parse_token_ids(prompt_tokens, vocab_size)
     if tokenizer is None:
         raise click.UsageError("the model folder has no tokenizer: use --prompt-tokens")
     prompt = sys.stdin.read() if prompt == "-" else prompt.replace("\\n", "\n").replace("\\t", "\t")
@@ -103,6 +111,7 @@ def main(**args) -> None:
         raise click.ClickException(str(e)) from None
     prompt = build_prompt(
         tokenizer,
+        target.args.vocab_size,
         args["prompt"],
         args["prompt_tokens"],
         args["system_prompt"],
@@ -113,10 +122,10 @@ def main(**args) -> None:
     tokens, response = [], None
     for response in stream_generate(
         target,
-        drafter,
         tokenizer,
         prompt,
         args["max_tokens"],
+        drafter,
         num_draft_tokens=args["num_draft_tokens"],
         draft_schedule=args["draft_schedule"],
         full_vocab_draft=args["full_vocab_draft"],
@@ -129,7 +138,7 @@ def main(**args) -> None:
         click.echo(response.text, nl=False)
         sys.stdout.flush()
     click.echo()
-    click.echo(format_stats(response, drafter is not None), err=True)
+    click.echo(format_stats(response), err=True)
     if args["stats_json"]:
         with open(args["stats_json"], "w") as f:
             json.dump(stats_dict(response, tokens, args), f, indent=2)

@@ -1,25 +1,38 @@
 """Speculative generation with a Gemma 4 target and its assistant drafter: the Python API.
 
 ``stream_generate`` and ``generate`` follow mlx-lm's functions of the same names; with
-``drafter=None`` (or ``num_draft_tokens=0``) they decode plainly through the same code.
+``draft_model=None`` (or ``num_draft_tokens=0``) they decode plainly through the same code.
 """
 
+import numbers
 import sys
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
-from mlx_lm.generate import generation_stream
+from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .engine import SpeculativeGenerator, Stats
+from .loading import validate_pair
+from .models.gemma4_assistant import Model as Drafter
+from .prompt_cache import (
+    DEFAULT_MAX_DRAFT_TOKENS,
+    PromptCache,
+    check_prompt_cache,
+    make_cache_for,
+)
 from .sampling import SamplingParams, TokenPolicy
+from .target import Target
 
 DEFAULT_NUM_DRAFT_TOKENS = 4
+TARGET_TYPES = ("gemma4", "gemma4_text")
+CLEAR_CACHE_EVERY = 256  # generated tokens between mx.clear_cache() calls, as mlx-lm
 
 
 @dataclass
@@ -62,7 +75,27 @@ def make_policy(
     return TokenPolicy(sampler, params, processors)
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int] | mx.array) -> mx.array:
+def check_token_ids(ids: Sequence[int] | mx.array, vocab_size: int) -> list[int]:
+    """``ids`` as a list, or a ``ValueError`` naming the first id that is not an integer in
+    ``[0, vocab_size)``: MLX's gather does not bound-check, so a bad id must never reach it."""
+    if isinstance(ids, mx.array):
+        if not mx.issubdtype(ids.dtype, mx.integer):
+            raise ValueError(f"token ids must be integers, got an array of {ids.dtype}")
+        ids = ids.reshape(-1).tolist()
+    ids = list(ids)
+    for i, token in enumerate(ids):
+        integer = isinstance(token, numbers.Integral) and not isinstance(token, bool)
+        if not integer or not 0 <= token < vocab_size:
+            what = "is not an integer" if not integer else "is outside the vocabulary"
+            raise ValueError(
+                f"token id {token!r} at position {i} {what}: token ids must be integers in "
+                f"[0, {vocab_size}) (the model's vocabulary size is {vocab_size})"
+            )
+    return [int(token) for token in ids]
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int] | mx.array, vocab_size: int) -> list:
+    """Token ids of ``prompt`` (text is encoded as mlx-lm does), checked against the vocabulary."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
@@ -70,10 +103,41 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int] | mx.array) -> mx.array
         prompt = tokenizer.encode(
             prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
         )
-    prompt = mx.array(prompt).reshape(-1)
-    if prompt.size == 0:
+    ids = check_token_ids(prompt, vocab_size)
+    if not ids:
         raise ValueError("the prompt is empty")
-    return prompt.astype(mx.int32)
+    return ids
+
+
+def as_target(model) -> Target:
+    """Our ``Target`` for what ``load`` or ``mlx_lm.load`` returned; kept on an mlx-lm model so
+    that the compiled draft step (kept on the ``Target``) is built once per pair."""
+    if isinstance(model, Target):
+        return model
+    args = getattr(getattr(model, "language_model", model), "args", None)
+    if not isinstance(model, nn.Module) or getattr(args, "model_type", None) not in TARGET_TYPES:
+        raise TypeError(
+            f"model must be a Gemma 4 target from mlx_gemma_mtp.load or mlx_lm.load, "
+            f"got {type(model).__name__}"
+        )
+    target = getattr(model, "_mtp_target", None)
+    if target is None:
+        target = Target(model)
+        model._mtp_target = target  # a plain attribute: not a parameter or a submodule
+    return target
+
+
+def make_prompt_cache(
+    model, draft_model=None, max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS
+) -> PromptCache:
+    """A cache an app keeps between turns (mlx-lm's meaning): after each call it stands for the
+    prompt and every emitted token, and the next call's prompt is only what comes after them.
+    Drafting with up to ``max_draft_tokens`` tokens per round can roll it back. ``draft_model``
+    only checks the pair (the drafter reads the target's cache and keeps none)."""
+    target = as_target(model)
+    if isinstance(draft_model, Drafter):
+        validate_pair(target, draft_model)
+    return make_cache_for(target, max_draft_tokens)
 
 
 class StopStrings:
@@ -132,66 +196,104 @@ class TextStream:
 
 
 def stream_generate(
-    target,
-    drafter,
+    model,
     tokenizer,
     prompt: str | Sequence[int] | mx.array,
     max_tokens: int = 256,
+    draft_model=None,
     *,
     num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
     draft_schedule: str = "constant",
     full_vocab_draft: bool = False,
+    sampler: Callable[[mx.array], mx.array] | None = None,
+    logits_processors: list | None = None,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    top_k: int = 0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    prompt_cache: list | None = None,
     prefill_step_size: int = 512,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
     stop: Sequence[str] = (),
     eos_token_ids: Sequence[int] | None = None,
-    **sampling: Any,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield one ``GenerationResponse`` per generated token (the last one has a
     ``finish_reason``: ``"stop"`` for EOS or a stop string, ``"length"`` for ``max_tokens``).
 
-    ``prompt`` is text (needs ``tokenizer``) or token ids. ``sampling`` takes mlx-lm's options:
-    ``sampler`` or ``temp``/``top_p``/``min_p``/``min_tokens_to_keep``/``top_k``, and
-    ``logits_processors``/``repetition_penalty``/``repetition_context_size``. ``eos_token_ids``
-    defaults to all of the tokenizer's. Closing the generator early cancels the generation.
+    mlx-lm's call shape and meanings: ``model`` from ``load`` or ``mlx_lm.load``, ``prompt`` text
+    (needs ``tokenizer``) or token ids, ``max_tokens=-1`` for no limit, ``draft_model`` the Gemma 4
+    assistant (``None`` or ``num_draft_tokens=0``: plain decoding), ``sampler``,
+    ``logits_processors``, ``prompt_cache`` (from ``make_prompt_cache``: afterwards it stands for
+    the prompt and every emitted token, also when the caller stops early), ``prefill_step_size``,
+    ``prompt_progress_callback(processed, total)``. Ours: ``temp``/``top_p``/``min_p``/
+    ``min_tokens_to_keep``/``top_k`` (lossless speculative sampling), ``repetition_penalty``/
+    ``repetition_context_size``, ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
+    ``eos_token_ids`` (default: all of the tokenizer's). Closing the generator cancels.
     """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if max_tokens == 0 or max_tokens < -1:
+        raise ValueError(f"max_tokens must be >= 1, or -1 for no limit; got {max_tokens}")
+    limit = sys.maxsize if max_tokens == -1 else max_tokens
+    target = as_target(model)
+    if isinstance(draft_model, Drafter):
+        validate_pair(target, draft_model)
     if tokenizer is not None and not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
-    prompt = encode_prompt(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt, target.args.vocab_size)
     if eos_token_ids is None:
         eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
+    if prompt_cache is not None:
+        check_prompt_cache(prompt_cache, target)
+    progress = prompt_progress_callback or (lambda *_: None)
+    policy = make_policy(
+        sampler,
+        temp,
+        top_p,
+        min_p,
+        min_tokens_to_keep,
+        top_k,
+        logits_processors,
+        repetition_penalty,
+        repetition_context_size,
+    )
     engine = SpeculativeGenerator(
         target,
-        drafter,
-        make_policy(**sampling),
+        draft_model,
+        policy,
         num_draft_tokens=num_draft_tokens,
         draft_schedule=draft_schedule,
         full_vocab_draft=full_vocab_draft,
         prefill_step_size=prefill_step_size,
         eos_token_ids=eos_token_ids,
+        cache=prompt_cache,
+        prompt_progress_callback=progress,
     )
     texts = TextStream(tokenizer, stop)
-    blocks = engine.generate(prompt, max_tokens)
-    with mx.stream(generation_stream):
+    count = 0
+    with wired_limit(target.model, [generation_stream]), mx.stream(generation_stream):
         tic = time.perf_counter()
-        prompt_tps, count = 0.0, 0
+        progress(0, len(ids))
+        blocks = engine.generate(mx.array(ids, mx.int32), limit)
+        prompt_tps = 0.0
         try:
             for block in blocks:
                 if count == 0:
-                    prompt_tps = prompt.size / (time.perf_counter() - tic)
+                    prompt_tps = len(ids) / (time.perf_counter() - tic)
+                    progress(len(ids), len(ids))
                     tic = time.perf_counter()
                 for i, token in enumerate(block.tokens):
                     count += 1
                     is_eos = token in engine.eos_token_ids
-                    text, stopped = texts.add(token, is_eos, is_eos or count == max_tokens)
-                    last = stopped or is_eos or count == max_tokens
+                    text, stopped = texts.add(token, is_eos, is_eos or count == limit)
+                    last = stopped or is_eos or count == limit
                     yield GenerationResponse(
                         text=text,
                         token=token,
                         logprobs=block.logprobs[i],
                         from_draft=i < block.num_from_draft,
-                        prompt_tokens=prompt.size,
+                        prompt_tokens=len(ids),
                         prompt_tps=prompt_tps,
                         generation_tokens=count,
                         generation_tps=count / max(time.perf_counter() - tic, 1e-9),
@@ -201,8 +303,14 @@ def stream_generate(
                     )
                     if last:
                         return
+                    if count % CLEAR_CACHE_EVERY == 0:
+                        mx.clear_cache()
         finally:
             blocks.close()
+            if prompt_cache is not None:
+                engine.settle(count)
+                if isinstance(prompt_cache, PromptCache):
+                    prompt_cache.tokens += ids + engine.emitted[:count]
 
 
 def _counters(stats: Stats) -> dict:
@@ -215,27 +323,28 @@ def _counters(stats: Stats) -> dict:
     )
 
 
-def generate(target, drafter, tokenizer, prompt, verbose: bool = False, **kwargs: Any) -> str:
-    """The whole generated text; ``verbose`` streams it and prints statistics (as mlx-lm)."""
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs: Any) -> str:
+    """The whole generated text; ``verbose`` streams it and prints statistics (as mlx-lm).
+    ``kwargs`` are ``stream_generate``'s."""
     text, response = "", None
-    for response in stream_generate(target, drafter, tokenizer, prompt, **kwargs):
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
         if verbose:
             print(response.text, end="", flush=True)
         text += response.text
     if verbose:
         print()
-        print(format_stats(response, drafter is not None), file=sys.stderr)
+        print(format_stats(response), file=sys.stderr)
     return text
 
 
-def format_stats(response: GenerationResponse, drafting: bool) -> str:
+def format_stats(response: GenerationResponse) -> str:
     lines = [
         "=" * 10,
         f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
         f"Generation: {response.generation_tokens} tokens, "
         f"{response.generation_tps:.3f} tokens-per-sec",
     ]
-    if drafting:
+    if response.mode == "mtp":
         lines.append(
             f"Drafts: {response.accepted}/{response.drafted} accepted "
             f"({response.acceptance_rate:.3f}), {response.tokens_per_target_forward:.2f} tokens "
