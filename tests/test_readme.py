@@ -36,8 +36,7 @@ def test_second_command_is_what_ci_runs():
     assert second in (ROOT / ".ci" / "run").read_text()
 
 
-def test_python_api_example_runs_on_the_fixture_pair():
-    example = code_blocks("python")[-1]
+def run_python_example(example: str) -> dict:
     example = example.replace("google/gemma-4-E2B-it-assistant", f"{ROOT / FIXTURE}/assistant")
     example = example.replace("google/gemma-4-E2B-it", f"{ROOT / FIXTURE}/target")
     example = example.replace("max_tokens=256", "max_tokens=24").replace(
@@ -45,5 +44,15 @@ def test_python_api_example_runs_on_the_fixture_pair():
     )
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_python_api_examples_run_on_the_fixture_pair():
+    api, conversation = code_blocks("python")[-2:]
+    namespace = run_python_example(api)
     assert namespace["r"].finish_reason in ("length", "stop")
     assert namespace["text"]
+    namespace = run_python_example(conversation)
+    cache, r = namespace["cache"], namespace["r"]
+    assert r.finish_reason in ("length", "stop")
+    assert len(cache.tokens) == cache[0].offset > r.prompt_tokens + r.generation_tokens
