@@ -12,6 +12,7 @@ from .generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
     GenerationResponse,
     check_token_ids,
+    encode_chat,
     format_stats,
     stream_generate,
 )
@@ -42,8 +43,7 @@ def build_prompt(
         return tokenizer.encode(prompt)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encode_chat(tokenizer, messages)
 
 
 def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:

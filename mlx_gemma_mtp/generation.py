@@ -109,6 +109,12 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int] | mx.array, vocab_size:
     return ids
 
 
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` through the chat template, ready for the model's reply."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def as_target(model) -> Target:
     """Our ``Target`` for what ``load`` or ``mlx_lm.load`` returned; kept on an mlx-lm model so
     that the compiled draft step (kept on the ``Target``) is built once per pair."""
