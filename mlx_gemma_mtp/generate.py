@@ -2,6 +2,7 @@
 
 import json
 import sys
+import types
 
 import click
 import mlx.core as mx
@@ -14,6 +15,7 @@ from .generation import (
     check_token_ids,
     encode_chat,
     format_stats,
+    generate,
     stream_generate,
 )
 
@@ -143,6 +145,16 @@ def main(**args) -> None:
         with open(args["stats_json"], "w") as f:
             json.dump(stats_dict(response, tokens, args), f, indent=2)
 
+
+class _CallableModule(types.ModuleType):
+    """Importing this module sets ``mlx_gemma_mtp.generate`` to it, hiding the package's
+    ``generate`` function: the module calls through to the function, so both spellings work."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     main()

@@ -260,3 +260,14 @@ def test_cli_rejects_bad_token_ids(ids, message):
     assert result.exit_code == 2, result.output
     assert message in result.output and "vocabulary size is 32768" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_cli_module_does_not_hide_the_generate_function(pair):
+    """Importing ``mlx_gemma_mtp.generate`` (the CLI) rebinds the package attribute to it."""
+    import mlx_gemma_mtp
+
+    target, drafter, tokenizer = pair
+    expected = generate(target, tokenizer, PROMPT, max_tokens=6, draft_model=drafter)
+    assert mlx_gemma_mtp.generate(target, tokenizer, PROMPT, max_tokens=6, draft_model=drafter) == (
+        expected
+    )
