@@ -189,10 +189,15 @@ class Worker:
                 prompt_cache=cache,
                 **job.options,
             )
+            cached = len(job.tokens) - len(rest)
             try:
                 for response in stream:
                     job.send("token", self._token(response, job.top_logprobs))
+                    if response.finish_reason is not None:  # answer before settling the cache
+                        job.send("end", usage(len(job.tokens), cached, response))
+                        break
                     if job.cancelled.is_set():
+                        job.send("end", usage(len(job.tokens), cached, response))
                         break
             finally:
                 stream.close()  # settles the cache: prompt + emitted tokens
@@ -200,7 +205,6 @@ class Worker:
             job.send("error", f"{type(e).__name__}: {e}")
             return  # the cache may be inconsistent: drop it
         self.lru.put(cache)
-        job.send("end", usage(len(job.tokens), len(job.tokens) - len(rest), response))
 
     def _token(self, response, top: int | None) -> dict:
         item = {"text": response.text, "token": response.token, "finish_reason": None}
