@@ -118,8 +118,10 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 def as_target(model) -> Target:
     """Our ``Target`` for what ``load`` or ``mlx_lm.load`` returned; kept on an mlx-lm model so
     that the compiled draft step (kept on the ``Target``) is built once per pair."""
-    if isinstance(model, Target):
-        return model
+    if isinstance(model, Target) or (
+        not isinstance(model, nn.Module) and hasattr(model, "make_cache")
+    ):
+        return model  # ours, or a wrapper around ours (a profiler's, say)
     args = getattr(getattr(model, "language_model", model), "args", None)
     if not isinstance(model, nn.Module) or getattr(args, "model_type", None) not in TARGET_TYPES:
         raise TypeError(
