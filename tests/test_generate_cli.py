@@ -232,7 +232,8 @@ def test_generate_returns_the_text_and_rejects_text_without_tokenizer(pair, caps
 
 def test_entry_points_are_clean():
     """``python -m`` prints no warning; importing the package does not pull in the CLI."""
-    for module in ("mlx_gemma_mtp.generate", "mlx_gemma_mtp.convert"):
+    modules = ("generate", "convert", "server", "chat")
+    for module in (f"mlx_gemma_mtp.{name}" for name in modules):
         result = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True
         )
