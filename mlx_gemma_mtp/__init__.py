@@ -1,8 +1,19 @@
 """Gemma 4 multi-token-prediction speculative decoding in MLX."""
 
 from .config import ConfigError
-from .generate import generate, stream_generate
+from .generation import GenerationResponse, generate, make_prompt_cache, stream_generate
 from .loading import load
+from .prompt_cache import PromptCache, trim_to_common_prefix
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "__version__", "generate", "load", "stream_generate"]
+__all__ = [
+    "ConfigError",
+    "GenerationResponse",
+    "PromptCache",
+    "__version__",
+    "generate",
+    "load",
+    "make_prompt_cache",
+    "stream_generate",
+    "trim_to_common_prefix",
+]

@@ -17,7 +17,7 @@ import mlx.core as mx
 from .config import ConfigError
 from .costs import Costs, DraftController, expected_tokens
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, PRIOR_ACCEPTANCE, SpeculativeGenerator
-from .generate import make_policy
+from .generation import make_policy
 from .machine import speed_identity
 
 PROMPTS = [

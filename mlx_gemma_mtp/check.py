@@ -23,7 +23,7 @@ from . import centroid_head as ch
 from .config import ConfigError, normalize_target_config
 from .costs import DraftController, load_costs
 from .engine import SpeculativeGenerator
-from .generate import stream_generate
+from .generation import stream_generate
 from .loading import all_arrays, load, validate_pair
 from .target import Target
 
@@ -184,7 +184,7 @@ def dtype_name(dtype) -> str:
 def generate_tokens(target, drafter, prompt, max_tokens: int, **sampling):
     """Token ids, the target's log-probability rows and the last response of one generation."""
     tokens, rows, response = [], [], None
-    for response in stream_generate(target, drafter, None, prompt, max_tokens, **sampling):
+    for response in stream_generate(target, None, prompt, max_tokens, drafter, **sampling):
         tokens.append(response.token)
         rows.append(response.logprobs)
     return tokens, rows, response

@@ -18,8 +18,9 @@ without ``visibility_masks`` draft after the read.
 """
 
 import time
+import weakref
 from collections import Counter
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
@@ -125,18 +126,68 @@ def draft_step(target, drafter, policy, full_vocab, token, hidden, shared_kv, ma
     return {**picked, "hidden": out.hidden, "history": history}
 
 
-def prefill(target, cache: list, prompt: mx.array, step_size: int) -> mx.array:
+def prefill(
+    target,
+    cache: list,
+    prompt: mx.array,
+    step_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> mx.array:
     """Feed ``prompt`` ``[P]`` in chunks; returns the final hidden state ``[1, 1, H]`` at P-1.
 
     As mlx-lm does, all but the last token only fill the cache (evaluated chunk by chunk, so no
-    prompt-length activations outlive a chunk) and the last token runs alone."""
+    prompt-length activations outlive a chunk) and the last token runs alone. ``progress`` is
+    called with ``(tokens processed, P)`` after each chunk (mlx-lm's prompt_progress_callback)."""
+    total, done = prompt.size, 0
     while prompt.size > 1:
         chunk = min(step_size, prompt.size - 1)
         target.backbone(prompt[None, :chunk], cache=cache)
         mx.eval([c.state for c in cache])
         prompt = prompt[chunk:]
+        done += chunk
+        if progress is not None:
+            progress(done, total)
         mx.clear_cache()
     return target.backbone(prompt[None], cache=cache)
+
+
+def draft_slack(num_draft_tokens: int) -> int:
+    """Entries a sliding-window cache keeps beyond ``window + 1`` so that every rollback stays
+    possible: a round rejects up to ``k`` drafts, measuring the costs rolls back ``k + 1``
+    tokens, and settling a cancelled generation drops a round verified ahead (``k + 1``) plus
+    up to ``k`` tokens of a block not emitted."""
+    return 2 * num_draft_tokens + 2
+
+
+def compiled_draft_step(target, drafter, policy: TokenPolicy, full_vocab: bool):
+    """The compiled ``draft_step`` of a (target, drafter) pair for this kind of policy, built
+    once and kept on the target (traces are per compiled function: a new one per call would
+    trace again). It holds weak proxies of the models: it keeps neither alive and makes no
+    reference cycle."""
+    steps = target.__dict__.setdefault("_draft_steps", {})
+    key = (id(drafter), full_vocab, policy.draft_signature)
+    if key in steps and steps[key][0]() is drafter:
+        return steps[key][1]
+    # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs and would
+    # recompute them on every call.
+    mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
+    prepare_head(drafter)  # the Metal kernels are probed before any is traced
+    proxies = weakref.proxy(target), weakref.proxy(drafter)
+    step = mx.compile(partial(draft_step, *proxies, policy, full_vocab))
+    steps[key] = (weakref.ref(drafter), step)
+    return step
+
+
+def check_slack(cache: list, slack: int) -> None:
+    """A caller's sliding-window caches must keep enough entries to roll back ``slack``."""
+    for c in cache:
+        kept = getattr(c, "retain", None)
+        if kept is not None and kept - c.window - 1 < slack:
+            raise ValueError(
+                f"the prompt cache keeps {kept - c.window - 1} entries beyond the sliding window; "
+                f"{slack} are needed for these draft tokens (make it with make_prompt_cache and "
+                f"a large enough max_draft_tokens)"
+            )
 
 
 @dataclass
@@ -172,7 +223,12 @@ class SpeculativeGenerator:
         prefill_step_size: int = 512,
         eos_token_ids: Iterable[int] = (),
         costs: Costs | None = None,
+        cache: list | None = None,
+        prompt_progress_callback: Callable[[int, int], None] | None = None,
     ):
+        """``cache``: the target cache to continue from (``Target.make_cache``, with a slack of
+        at least ``draft_slack(num_draft_tokens)``), kept by the caller between generations;
+        after ``settle`` it stands for its old tokens, the prompt and the emitted tokens."""
         if draft_schedule not in SCHEDULES:
             raise ValueError(f"draft schedule {draft_schedule!r} is not one of {SCHEDULES}")
         if num_draft_tokens < 0:
@@ -193,9 +249,14 @@ class SpeculativeGenerator:
         self.prefill_step_size = prefill_step_size
         self.eos_token_ids = set(eos_token_ids)
         self.costs = costs
-        # Sliding caches keep enough entries to roll back a whole verification (calibration
-        # rolls back k_max + 1).
-        self.cache = target.make_cache(draft_slack=num_draft_tokens + 1)
+        if cache is None:
+            cache = target.make_cache(draft_slack=draft_slack(num_draft_tokens))
+        else:
+            check_slack(cache, draft_slack(num_draft_tokens))
+        self.cache = cache
+        self.start = cache[0].offset if cache else 0
+        self.prompt, self.emitted = None, []
+        self.prompt_progress_callback = prompt_progress_callback
         # ``auto`` gets its controller once the prompt is in the cache (see ``generate``).
         self.schedule = DraftSchedule(num_draft_tokens, draft_schedule.replace("auto", "constant"))
         # Drafting before the round's result is read needs the whole token history the
@@ -210,11 +271,9 @@ class SpeculativeGenerator:
         if self.stats.mode == "mtp":
             self.stats.draft_path = self._describe_draft_path()
             if self.pipelined:
-                # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs
-                # and would recompute them on every call.
-                mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
-                prepare_head(drafter)  # the Metal kernels are probed before any is traced
-                self._compiled_step = mx.compile(self._draft_step)
+                self._compiled_step = compiled_draft_step(
+                    target, drafter, self.policy, full_vocab_draft
+                )
         self._auto = draft_schedule == "auto" and self.stats.mode == "mtp"
         self._key = mx.array(0)  # random keys for the compiled sampling draft step
         if self.policy.speculative and self.stats.mode == "mtp":
@@ -235,11 +294,13 @@ class SpeculativeGenerator:
     # -- building rounds (lazy graphs) ------------------------------------------------------
 
     def _first_round(self, prompt: mx.array) -> Round:
-        hidden = prefill(self.target, self.cache, prompt, self.prefill_step_size)
+        hidden = prefill(
+            self.target, self.cache, prompt, self.prefill_step_size, self.prompt_progress_callback
+        )
         history = self._initial_history(prompt)
         logprobs = self.policy.target_logprobs(self.target.logits(hidden[0]), history, [])
         result = self._accept([], [], logprobs)
-        return Round(0, prompt.size - 1, result, logprobs, hidden, history)
+        return Round(0, self.cache[0].offset - 1, result, logprobs, hidden, history)
 
     def _initial_history(self, prompt: mx.array) -> mx.array | None:
         """The processors' history: the whole prompt, or its last ``W`` tokens (padded with its
@@ -323,7 +384,41 @@ class SpeculativeGenerator:
         """Yield blocks of tokens for ``prompt`` (token ids ``[P]``), at most ``max_tokens``."""
         if prompt.size == 0:
             raise ValueError("the prompt is empty")
+        if self.prompt is not None:
+            raise RuntimeError(
+                "this SpeculativeGenerator has generated already: make a new one, passing "
+                "cache= to continue from its cache (after settle)"
+            )
+        self.prompt = prompt.astype(mx.int32)
         self.stats.prompt_tokens = prompt.size
+        blocks = self._generate(prompt, max_tokens)
+        try:
+            for block in blocks:
+                self.emitted += block.tokens
+                yield block
+        finally:
+            blocks.close()
+
+    def settle(self, num_emitted: int) -> None:
+        """Make the cache stand for what it held before ``generate``, the prompt and the first
+        ``num_emitted`` generated tokens (mlx-lm's prompt-cache meaning, whether generation
+        finished or was cancelled): K/V computed past them (drafts, a round verified ahead,
+        tokens not emitted) are trimmed, and those not fed yet (the pending last token, or the
+        rest of an interrupted prefill) are fed."""
+        if self.prompt is None or not self.cache:
+            return
+        if num_emitted > len(self.emitted):
+            raise ValueError(f"{num_emitted} tokens emitted, but only {len(self.emitted)} made")
+        tokens = mx.concatenate([self.prompt, mx.array(self.emitted[:num_emitted], mx.int32)])
+        held = self.cache[0].offset - self.start
+        if held > tokens.size:
+            for c in self.cache:
+                c.trim(held - tokens.size)
+        elif held < tokens.size:
+            prefill(self.target, self.cache, tokens[held:], self.prefill_step_size)
+        mx.eval([c.state for c in self.cache])
+
+    def _generate(self, prompt: mx.array, max_tokens: int) -> Generator[Block, None, None]:
         current = self._first_round(prompt)
         if self._auto:
             self.schedule = self._auto_schedule()

@@ -161,6 +161,11 @@ class TokenPolicy:
         return self.params is not None
 
     @property
+    def draft_signature(self) -> tuple:
+        """What the draft step computes besides the models: policies alike draft alike."""
+        return self.params, self.history_window, self.repetition_penalty, len(self.processors)
+
+    @property
     def acceptance_rule(self) -> str:
         return "speculative" if self.speculative else "match"
 

@@ -52,7 +52,7 @@ from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from mlx_gemma_mtp import load  # noqa: E402
 from mlx_gemma_mtp.costs import Costs, ideal_speedup  # noqa: E402
 from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
-from mlx_gemma_mtp.generate import make_policy, stream_generate  # noqa: E402
+from mlx_gemma_mtp.generation import make_policy, stream_generate  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
 
@@ -163,10 +163,10 @@ class Runner:
         elif arm.kind in ("ours-plain", "mtp"):
             stream = stream_generate(
                 self.target,
-                self.drafter if arm.kind == "mtp" else None,
                 self.tokenizer,
                 prompt,
                 self.max_tokens,
+                self.drafter if arm.kind == "mtp" else None,
                 num_draft_tokens=max(arm.k, 1),
                 draft_schedule=arm.schedule or "constant",
                 temp=arm.temp,
@@ -428,7 +428,7 @@ def profile(runner: Runner, prompts: list[list[int]], ks: list[int]) -> list[dic
             with timed_drafting(totals):
                 record = timed_stream(
                     stream_generate(
-                        target, runner.drafter, runner.tokenizer, prompt, runner.max_tokens,
+                        target, runner.tokenizer, prompt, runner.max_tokens, runner.drafter,
                         num_draft_tokens=k, draft_schedule="constant",
                     )
                 )  # fmt: skip
@@ -436,7 +436,7 @@ def profile(runner: Runner, prompts: list[list[int]], ks: list[int]) -> list[dic
             rounds += record["rounds"]
             plain_record = timed_stream(
                 stream_generate(
-                    runner.target, runner.drafter, runner.tokenizer, prompt, runner.max_tokens,
+                    runner.target, runner.tokenizer, prompt, runner.max_tokens, runner.drafter,
                     num_draft_tokens=k, draft_schedule="constant",
                 )
             )  # fmt: skip

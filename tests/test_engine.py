@@ -19,7 +19,7 @@ from mlx_gemma_mtp import load
 from mlx_gemma_mtp.cache import SlidingWindowCache
 from mlx_gemma_mtp.costs import Costs
 from mlx_gemma_mtp.engine import DraftSchedule, SpeculativeGenerator
-from mlx_gemma_mtp.generate import make_policy, stream_generate
+from mlx_gemma_mtp.generation import make_policy, stream_generate
 from mlx_gemma_mtp.models.gemma4_assistant import DraftOutput
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
@@ -46,7 +46,7 @@ def plain_greedy(target, prompt: list, max_tokens: int) -> list:
 
 def run(target, drafter, prompt: list, max_tokens: int, **kwargs):
     """Token ids and the last response of ``stream_generate`` (no tokenizer: ids in, ids out)."""
-    responses = list(stream_generate(target, drafter, None, prompt, max_tokens, **kwargs))
+    responses = list(stream_generate(target, None, prompt, max_tokens, drafter, **kwargs))
     return [r.token for r in responses], responses
 
 
@@ -217,6 +217,7 @@ def test_acceptance_guard_catches_the_known_traps(fixture_pair, monkeypatch, how
             },
         )
     elif how == "attn_scale":
+        monkeypatch.setitem(target.__dict__, "_draft_steps", {})  # traced with the old scale
         for layer in drafter.layers:
             monkeypatch.setattr(layer.self_attn, "scale", layer.self_attn.head_dim**-0.5)
     elif how is not None:
@@ -423,17 +424,17 @@ def count_syncs(monkeypatch):
 @pytest.mark.parametrize("costs", [SPECULATE, BREAK_EVEN], ids=["drafting", "switching"])
 def test_one_host_sync_per_round(fixture_pair, count_syncs, options, costs):
     target, drafter, _ = fixture_pair
-    list(SpeculativeGenerator(target, drafter).generate(mx.array([2, 3]), 3))  # process caches
-    count_syncs["n"] = 0
     policy = make_policy(**options)
+    # Process caches, and the pair's compiled draft step for this kind of policy.
+    list(SpeculativeGenerator(target, drafter, policy, costs=costs).generate(mx.array([2, 3]), 3))
+    count_syncs["n"] = 0
     engine = SpeculativeGenerator(target, drafter, policy, num_draft_tokens=6, costs=costs)
     blocks = list(engine.generate(mx.array(held_out_prompts()[5]), 60))
     assert sum(len(b.tokens) for b in blocks) == 60
-    # The pipelined engine makes sure once that the weights its compiled draft step captures
-    # are evaluated; prefill evaluates the cache once (prompt shorter than one chunk), then the
-    # first token, then exactly one sync per round, plain steps included.
+    # Prefill evaluates the cache once (prompt shorter than one chunk), then the first token,
+    # then exactly one sync per round, plain steps included.
     assert engine.pipelined
-    assert count_syncs["n"] == 1 + 1 + 1 + len(engine.stats.draft_lengths)
+    assert count_syncs["n"] == 1 + 1 + len(engine.stats.draft_lengths)
     assert engine.stats.rounds < 40
 
 
@@ -466,7 +467,7 @@ def test_closing_early_leaves_nothing_behind(fixture_pair):
     gc.collect()
     mx.synchronize()
     before = mx.get_active_memory()
-    stream = stream_generate(target, drafter, None, prompt, 100)
+    stream = stream_generate(target, None, prompt, 100, drafter)
     tokens = [next(stream).token for _ in range(5)]
     stream.close()
     gc.collect()

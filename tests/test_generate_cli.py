@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_gemma_mtp import load
-from mlx_gemma_mtp.generate import StopStrings, generate, main, stream_generate
+from mlx_gemma_mtp.generate import main
+from mlx_gemma_mtp.generation import StopStrings, generate, stream_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
@@ -71,7 +72,7 @@ def test_cli_streams_text_and_writes_stats(pair, tmp_path):
     assert set(stats) >= STATS_KEYS
     # The chat template is applied by default, as mlx_lm.generate does.
     prompt = chat_prompt(tokenizer, PROMPT)
-    expected = list(stream_generate(target, drafter, tokenizer, prompt, 40))
+    expected = list(stream_generate(target, tokenizer, prompt, 40, drafter))
     assert stats["tokens"] == [r.token for r in expected]
     assert stats["prompt_tokens"] == len(prompt)
     assert stats["generation_tokens"] == 40 and stats["finish_reason"] == "length"
@@ -110,7 +111,7 @@ def test_cli_reads_the_prompt_from_stdin(pair, tmp_path):
     )
     assert result.exit_code == 0, result.output
     prompt = tokenizer.encode(PROMPT)
-    expected = [r.token for r in stream_generate(target, drafter, tokenizer, prompt, 12)]
+    expected = [r.token for r in stream_generate(target, tokenizer, prompt, 12, drafter)]
     assert stats["tokens"] == expected
     assert stats["prompt_tokens"] == len(prompt)
     assert stats["draft_schedule"] == "heuristic" and stats["drafted"] > 0
@@ -195,7 +196,7 @@ def test_stop_strings_hold_back_partial_matches():
 def test_stop_string_inside_a_drafted_block(pair):
     target, drafter, tokenizer = pair
     prompt = chat_prompt(tokenizer, PROMPT)
-    responses = list(stream_generate(target, drafter, tokenizer, prompt, 48))
+    responses = list(stream_generate(target, tokenizer, prompt, 48, drafter))
     text = "".join(r.text for r in responses)
     # A stop string completed by a token in the middle of a drafted block.
     offsets = [0]
@@ -212,7 +213,7 @@ def test_stop_string_inside_a_drafted_block(pair):
     assert first_seen
     i = first_seen[0]
     stop = text[offsets[i] - 3 : offsets[i + 1]]
-    stopped = list(stream_generate(target, drafter, tokenizer, prompt, 48, stop=[stop]))
+    stopped = list(stream_generate(target, tokenizer, prompt, 48, drafter, stop=[stop]))
     assert "".join(r.text for r in stopped) == text[: offsets[i] - 3]
     assert stopped[-1].finish_reason == "stop"
     assert [r.token for r in stopped] == [r.token for r in responses[: i + 1]]
@@ -221,10 +222,10 @@ def test_stop_string_inside_a_drafted_block(pair):
 def test_eos_ends_generation_without_its_text(pair):
     target, drafter, tokenizer = pair
     prompt = chat_prompt(tokenizer, PROMPT)
-    reference = list(stream_generate(target, drafter, tokenizer, prompt, 30))
+    reference = list(stream_generate(target, tokenizer, prompt, 30, drafter))
     eos = reference[10].token
     first = next(i for i, r in enumerate(reference) if r.token == eos)
-    responses = list(stream_generate(target, drafter, tokenizer, prompt, 30, eos_token_ids=[eos]))
+    responses = list(stream_generate(target, tokenizer, prompt, 30, drafter, eos_token_ids=[eos]))
     assert [r.token for r in responses] == [r.token for r in reference[: first + 1]]
     assert responses[-1].finish_reason == "stop"
     assert responses[-1].generation_tokens == first + 1
@@ -233,10 +234,54 @@ def test_eos_ends_generation_without_its_text(pair):
 
 def test_generate_returns_the_text_and_rejects_text_without_tokenizer(pair, capsys):
     target, drafter, tokenizer = pair
-    text = generate(target, drafter, tokenizer, PROMPT, max_tokens=10, verbose=True)
-    streamed = "".join(r.text for r in stream_generate(target, drafter, tokenizer, PROMPT, 10))
+    text = generate(target, tokenizer, PROMPT, verbose=True, max_tokens=10, draft_model=drafter)
+    streamed = "".join(r.text for r in stream_generate(target, tokenizer, PROMPT, 10, drafter))
     assert text == streamed
     captured = capsys.readouterr()
     assert text in captured.out and "Generation: 10 tokens" in captured.err
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        list(stream_generate(target, drafter, None, PROMPT, 10))
+        list(stream_generate(target, None, PROMPT, 10, drafter))
+
+
+def test_entry_points_are_clean():
+    """``python -m`` prints no warning; importing the package does not pull in the CLI."""
+    modules = ("generate", "convert", "server", "chat")
+    for module in (f"mlx_gemma_mtp.{name}" for name in modules):
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True
+        )
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+    code = (
+        "import sys, mlx_gemma_mtp; "
+        "print(sorted({'click', 'mlx_gemma_mtp.generate'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        ("1 2 99999999", "token id 99999999 at position 2 is outside the vocabulary"),
+        ("1 2 -5", "token id -5 at position 2 is outside the vocabulary"),
+        ("1 2 32768", "token id 32768 at position 2 is outside the vocabulary"),
+        ("1 two 3", "token id 'two' at position 1 is not an integer"),
+    ],
+    ids=["huge", "negative", "one-past", "word"],
+)
+def test_cli_rejects_bad_token_ids(ids, message):
+    result, _ = invoke("--model", TARGET, "--draft-model", ASSISTANT, "--prompt-tokens", ids)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "vocabulary size is 32768" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_cli_module_does_not_hide_the_generate_function(pair):
+    """Importing ``mlx_gemma_mtp.generate`` (the CLI) rebinds the package attribute to it."""
+    import mlx_gemma_mtp
+
+    target, drafter, tokenizer = pair
+    expected = generate(target, tokenizer, PROMPT, max_tokens=6, draft_model=drafter)
+    assert mlx_gemma_mtp.generate(target, tokenizer, PROMPT, max_tokens=6, draft_model=drafter) == (
+        expected
+    )

@@ -16,7 +16,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.costs import Costs
 from mlx_gemma_mtp.engine import SpeculativeGenerator
-from mlx_gemma_mtp.generate import make_policy, stream_generate
+from mlx_gemma_mtp.generation import make_policy, stream_generate
 from mlx_gemma_mtp.models import gemma4_assistant
 from mlx_gemma_mtp.sampling import SamplingParams, match_accept, speculative_accept
 from mlx_gemma_mtp.target import Target
@@ -265,7 +265,7 @@ def test_plain_sampling_is_mlx_lm_sampling():
     steps = generate_step(mx.array(prompt), target.model, max_tokens=20, sampler=sampler)
     reference = [token for token, _ in steps]
     mx.random.seed(3)
-    responses = stream_generate(target, None, None, prompt, 20, temp=0.9, top_p=0.95)
+    responses = stream_generate(target, None, prompt, 20, temp=0.9, top_p=0.95)
     assert [r.token for r in responses] == reference
 
 

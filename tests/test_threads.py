@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mlx_gemma_mtp import load
-from mlx_gemma_mtp.generate import stream_generate
+from mlx_gemma_mtp.generation import stream_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 PROMPTS = [[2, 10, 20, 30, 40], [2, 7, 7, 99, 512, 1000, 3]]
@@ -13,7 +13,7 @@ MAX_TOKENS = 32
 
 def greedy_tokens(pair, prompt) -> list[int]:
     target, drafter = pair
-    return [r.token for r in stream_generate(target, drafter, None, prompt, MAX_TOKENS)]
+    return [r.token for r in stream_generate(target, None, prompt, MAX_TOKENS, drafter)]
 
 
 def test_two_pairs_on_two_threads_match_sequential_runs():

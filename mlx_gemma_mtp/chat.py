@@ -1,0 +1,100 @@
+"""``python -m mlx_gemma_mtp.chat --model T --draft-model D``: multi-turn chat, as mlx_lm.chat.
+
+The conversation's prompt cache is kept between turns: each turn feeds only what the chat
+template adds after what the cache already holds.
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import mlx.core as mx
+
+from .config import ConfigError
+from .generation import DEFAULT_NUM_DRAFT_TOKENS, encode_chat, make_prompt_cache, stream_generate
+from .loading import load
+from .prompt_cache import trim_to_common_prefix
+
+HELP = "[INFO] Type a message. 'q' quits, 'r' starts a new conversation, 'h' shows this."
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="Gemma 4 target (MLX/HF folder, hub id).")
+    parser.add_argument("--draft-model", help="Its assistant drafter (omit for plain decoding).")
+    parser.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT_TOKENS)
+    parser.add_argument("--max-tokens", type=int, default=512, help="Per reply.")
+    parser.add_argument("--temp", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--system-prompt")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"))
+    return parser.parse_args(argv)
+
+
+def turn_stats(response, new_tokens: int, total_tokens: int) -> str:
+    line = (
+        f"[{response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s; "
+        f"prompt: {new_tokens} new of {total_tokens}"
+    )
+    if response.mode == "mtp":
+        line += (
+            f"; acceptance {response.acceptance_rate:.2f}, "
+            f"{response.tokens_per_target_forward:.2f} tokens per target forward"
+        )
+    return line + "]"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    try:
+        model, drafter, tokenizer = load(args.model, args.draft_model, args.dtype)
+    except ConfigError as e:
+        raise SystemExit(f"Error: {e}") from None
+    if tokenizer is None:
+        raise SystemExit(f"Error: {args.model} has no tokenizer: chat needs one")
+    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    messages, cache = list(system), make_prompt_cache(model, drafter)
+    print(HELP, file=sys.stderr)
+    while True:
+        try:
+            query = input(">> ")
+        except EOFError:
+            break
+        if query == "q":
+            break
+        if query in ("r", "h"):
+            if query == "r":
+                messages, cache = list(system), make_prompt_cache(model, drafter)
+            print(HELP, file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": query})
+        tokens = encode_chat(tokenizer, messages)
+        new = trim_to_common_prefix(cache, tokens)
+        reply, response = "", None
+        try:
+            for response in stream_generate(
+                model,
+                tokenizer,
+                new,
+                args.max_tokens,
+                drafter,
+                num_draft_tokens=args.num_draft_tokens,
+                temp=args.temp,
+                top_p=args.top_p,
+                prompt_cache=cache,
+            ):
+                print(response.text, end="", flush=True)
+                reply += response.text
+        except KeyboardInterrupt:  # stops the reply; the cache keeps what was emitted
+            pass
+        print()
+        messages.append({"role": "assistant", "content": reply})
+        if response is not None:
+            print(turn_stats(response, len(new), len(tokens)), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Speculative generation with a Gemma 4 target and its assistant drafter: the Python API.
+
+``stream_generate`` and ``generate`` follow mlx-lm's functions of the same names; with
+``draft_model=None`` (or ``num_draft_tokens=0``) they decode plainly through the same code.
+"""
+
+import numbers
+import sys
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
+from mlx_lm.generate import generation_stream, wired_limit
+from mlx_lm.sample_utils import make_logits_processors
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .costs import Costs
+from .engine import DEFAULT_NUM_DRAFT_TOKENS, SpeculativeGenerator, Stats
+from .loading import validate_pair
+from .models.gemma4_assistant import Model as Drafter
+from .prompt_cache import (
+    DEFAULT_MAX_DRAFT_TOKENS,
+    PromptCache,
+    check_prompt_cache,
+    make_cache_for,
+)
+from .sampling import SamplingParams, TokenPolicy
+from .target import Target
+
+TARGET_TYPES = ("gemma4", "gemma4_text")
+CLEAR_CACHE_EVERY = 256  # generated tokens between mx.clear_cache() calls, as mlx-lm
+
+
+@dataclass
+class GenerationResponse(MLXGenerationResponse):
+    """mlx-lm's response plus the speculative counters so far."""
+
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    target_forwards: int = 0
+    mode: str = "mtp"  # "plain" when no drafter is used
+    acceptance_rule: str = "match"  # "speculative": lossless speculative sampling
+    draft_path: str = "none"  # says whether drafting is compiled and centroid-masked
+    k_histogram: dict | None = None  # rounds per number of drafts (0: plain steps)
+    parked_seconds: float = 0.0  # time in plain steps while a drafter was loaded
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.generation_tokens / self.target_forwards if self.target_forwards else 0.0
+
+
+def make_policy(
+    sampler=None,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    top_k: int = 0,
+    logits_processors: list | None = None,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+) -> TokenPolicy:
+    """A ``TokenPolicy`` from mlx-lm's options. A custom ``sampler`` is honoured exactly, but
+    drafts are then accepted only where they equal the sampler's draw (lossless, less accepted).
+    mlx-lm's repetition penalty reads only the last ``repetition_context_size`` tokens, so it
+    keeps the pipelined loop; custom ``logits_processors`` may read the whole history."""
+    params = SamplingParams(temp, top_p, min_p, min_tokens_to_keep, top_k)
+    processors = list(logits_processors or [])
+    window = None if processors else repetition_context_size
+    processors += make_logits_processors(
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+    )
+    return TokenPolicy(sampler, params, processors, window, repetition_penalty)
+
+
+def check_token_ids(ids: Sequence[int] | mx.array, vocab_size: int) -> list[int]:
+    """``ids`` as a list, or a ``ValueError`` naming the first id that is not an integer in
+    ``[0, vocab_size)``: MLX's gather does not bound-check, so a bad id must never reach it."""
+    if isinstance(ids, mx.array):
+        if not mx.issubdtype(ids.dtype, mx.integer):
+            raise ValueError(f"token ids must be integers, got an array of {ids.dtype}")
+        ids = ids.reshape(-1).tolist()
+    ids = list(ids)
+    for i, token in enumerate(ids):
+        integer = isinstance(token, numbers.Integral) and not isinstance(token, bool)
+        if not integer or not 0 <= token < vocab_size:
+            what = "is not an integer" if not integer else "is outside the vocabulary"
+            raise ValueError(
+                f"token id {token!r} at position {i} {what}: token ids must be integers in "
+                f"[0, {vocab_size}) (the model's vocabulary size is {vocab_size})"
+            )
+    return [int(token) for token in ids]
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int] | mx.array, vocab_size: int) -> list:
+    """Token ids of ``prompt`` (text is encoded as mlx-lm does), checked against the vocabulary."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
+        bos = tokenizer.bos_token
+        prompt = tokenizer.encode(
+            prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
+        )
+    ids = check_token_ids(prompt, vocab_size)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return ids
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` through the chat template, ready for the model's reply."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def as_target(model) -> Target:
+    """Our ``Target`` for what ``load`` or ``mlx_lm.load`` returned; kept on an mlx-lm model so
+    that the compiled draft step (kept on the ``Target``) is built once per pair."""
+    if isinstance(model, Target) or (
+        not isinstance(model, nn.Module) and hasattr(model, "make_cache")
+    ):
+        return model  # ours, or a wrapper around ours (a profiler's, say)
+    args = getattr(getattr(model, "language_model", model), "args", None)
+    if not isinstance(model, nn.Module) or getattr(args, "model_type", None) not in TARGET_TYPES:
+        raise TypeError(
+            f"model must be a Gemma 4 target from mlx_gemma_mtp.load or mlx_lm.load, "
+            f"got {type(model).__name__}"
+        )
+    target = getattr(model, "_mtp_target", None)
+    if target is None:
+        target = Target(model)
+        model._mtp_target = target  # a plain attribute: not a parameter or a submodule
+    return target
+
+
+def make_prompt_cache(
+    model, draft_model=None, max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS
+) -> PromptCache:
+    """A cache an app keeps between turns (mlx-lm's meaning): after each call it stands for the
+    prompt and every emitted token, and the next call's prompt is only what comes after them.
+    Drafting with up to ``max_draft_tokens`` tokens per round can roll it back. ``draft_model``
+    only checks the pair (the drafter reads the target's cache and keeps none)."""
+    target = as_target(model)
+    if isinstance(draft_model, Drafter):
+        validate_pair(target, draft_model)
+    return make_cache_for(target, max_draft_tokens)
+
+
+class StopStrings:
+    """Finds stop strings in streamed text; holds back text that may begin one."""
+
+    def __init__(self, stop: Sequence[str] = ()):
+        self.stop = [s for s in stop if s]
+        self.held = ""
+
+    def feed(self, segment: str) -> tuple[str, bool]:
+        """Text that is safe to emit now, and whether a stop string was completed."""
+        text = self.held + segment
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[: min(hits)], True
+        keep = max((self._overlap(text, s) for s in self.stop), default=0)
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    @staticmethod
+    def _overlap(text: str, stop: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
+        for size in range(min(len(text), len(stop) - 1), 0, -1):
+            if stop.startswith(text[-size:]):
+                return size
+        return 0
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class TextStream:
+    """Streamed text of the generated tokens (EOS adds none), cut at the first stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.detokenizer = tokenizer.detokenizer if tokenizer is not None else None
+        if self.detokenizer is not None:
+            self.detokenizer.reset()
+        self.stops = StopStrings(stop)
+
+    def add(self, token: int, is_eos: bool, final: bool) -> tuple[str, bool]:
+        """Text to emit for ``token``, and whether a stop string ended the generation."""
+        segment = ""
+        if self.detokenizer is not None:
+            if not is_eos:
+                self.detokenizer.add_token(token)
+            if final:
+                self.detokenizer.finalize()
+            segment = self.detokenizer.last_segment
+        text, stopped = self.stops.feed(segment)
+        if final and not stopped:
+            text += self.stops.flush()
+        return text, stopped
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int] | mx.array,
+    max_tokens: int = 256,
+    draft_model=None,
+    *,
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+    draft_schedule: str = "auto",
+    full_vocab_draft: bool = False,
+    sampler: Callable[[mx.array], mx.array] | None = None,
+    logits_processors: list | None = None,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    top_k: int = 0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    prompt_cache: list | None = None,
+    prefill_step_size: int = 512,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+    stop: Sequence[str] = (),
+    eos_token_ids: Sequence[int] | None = None,
+    costs: Costs | None = None,
+) -> Generator[GenerationResponse, None, None]:
+    """Yield one ``GenerationResponse`` per generated token (the last one has a
+    ``finish_reason``: ``"stop"`` for EOS or a stop string, ``"length"`` for ``max_tokens``).
+
+    mlx-lm's call shape and meanings: ``model`` from ``load`` or ``mlx_lm.load``, ``prompt`` text
+    (needs ``tokenizer``) or token ids, ``max_tokens=-1`` for no limit, ``draft_model`` the Gemma 4
+    assistant (``None`` or ``num_draft_tokens=0``: plain decoding), ``sampler``,
+    ``logits_processors``, ``prompt_cache`` (from ``make_prompt_cache``: afterwards it stands for
+    the prompt and every emitted token, also when the caller stops early), ``prefill_step_size``,
+    ``prompt_progress_callback(processed, total)``. Ours: ``temp``/``top_p``/``min_p``/
+    ``min_tokens_to_keep``/``top_k`` (lossless speculative sampling), ``repetition_penalty``/
+    ``repetition_context_size``, ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
+    ``eos_token_ids`` (default: all of the tokenizer's), ``costs`` (``mlx_gemma_mtp.costs.Costs``
+    for the ``auto`` schedule instead of the measured ones). Closing the generator cancels.
+    """
+    if max_tokens == 0 or max_tokens < -1:
+        raise ValueError(f"max_tokens must be >= 1, or -1 for no limit; got {max_tokens}")
+    limit = sys.maxsize if max_tokens == -1 else max_tokens
+    target = as_target(model)
+    if isinstance(draft_model, Drafter):
+        validate_pair(target, draft_model)
+    if tokenizer is not None and not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    ids = encode_prompt(tokenizer, prompt, target.args.vocab_size)
+    if eos_token_ids is None:
+        eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
+    if prompt_cache is not None:
+        check_prompt_cache(prompt_cache, target)
+    progress = prompt_progress_callback or (lambda *_: None)
+    policy = make_policy(
+        sampler,
+        temp,
+        top_p,
+        min_p,
+        min_tokens_to_keep,
+        top_k,
+        logits_processors,
+        repetition_penalty,
+        repetition_context_size,
+    )
+    engine = SpeculativeGenerator(
+        target,
+        draft_model,
+        policy,
+        num_draft_tokens=num_draft_tokens,
+        draft_schedule=draft_schedule,
+        full_vocab_draft=full_vocab_draft,
+        prefill_step_size=prefill_step_size,
+        eos_token_ids=eos_token_ids,
+        cache=prompt_cache,
+        prompt_progress_callback=progress,
+        costs=costs,
+    )
+    texts = TextStream(tokenizer, stop)
+    count = 0
+    with wired_limit(target.model, [generation_stream]), mx.stream(generation_stream):
+        tic = time.perf_counter()
+        progress(0, len(ids))
+        blocks = engine.generate(mx.array(ids, mx.int32), limit)
+        prompt_tps = 0.0
+        try:
+            for block in blocks:
+                if count == 0:
+                    prompt_tps = len(ids) / (time.perf_counter() - tic)
+                    progress(len(ids), len(ids))
+                    tic = time.perf_counter()
+                for i, token in enumerate(block.tokens):
+                    count += 1
+                    is_eos = token in engine.eos_token_ids
+                    text, stopped = texts.add(token, is_eos, is_eos or count == limit)
+                    last = stopped or is_eos or count == limit
+                    yield GenerationResponse(
+                        text=text,
+                        token=token,
+                        logprobs=block.logprobs[i],
+                        from_draft=i < block.num_from_draft,
+                        prompt_tokens=len(ids),
+                        prompt_tps=prompt_tps,
+                        generation_tokens=count,
+                        generation_tps=count / max(time.perf_counter() - tic, 1e-9),
+                        peak_memory=mx.get_peak_memory() / 1e9,
+                        finish_reason=("stop" if stopped or is_eos else "length") if last else None,
+                        **_counters(engine.stats),
+                    )
+                    if last:
+                        return
+                    if count % CLEAR_CACHE_EVERY == 0:
+                        mx.clear_cache()
+        finally:
+            blocks.close()
+            if prompt_cache is not None:
+                engine.settle(count)
+                if isinstance(prompt_cache, PromptCache):
+                    prompt_cache.tokens += ids + engine.emitted[:count]
+
+
+def _counters(stats: Stats) -> dict:
+    return dict(
+        drafted=stats.drafted,
+        accepted=stats.accepted,
+        rounds=stats.rounds,
+        target_forwards=stats.target_forwards,
+        mode=stats.mode,
+        acceptance_rule=stats.acceptance_rule,
+        draft_path=stats.draft_path,
+        k_histogram=stats.k_histogram,
+        parked_seconds=stats.parked_seconds,
+    )
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs: Any) -> str:
+    """The whole generated text; ``verbose`` streams it and prints statistics (as mlx-lm).
+    ``kwargs`` are ``stream_generate``'s."""
+    text, response = "", None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose:
+        print()
+        print(format_stats(response), file=sys.stderr)
+    return text
+
+
+def format_stats(response: GenerationResponse) -> str:
+    lines = [
+        "=" * 10,
+        f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
+        f"Generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.3f} tokens-per-sec",
+    ]
+    if response.mode == "mtp":
+        lines.append(
+            f"Drafts: {response.accepted}/{response.drafted} accepted "
+            f"({response.acceptance_rate:.3f}, {response.acceptance_rule} rule), "
+            f"{response.tokens_per_target_forward:.2f} tokens per target forward "
+            f"({response.target_forwards} forwards, {response.rounds} speculative rounds)"
+        )
+        histogram = ", ".join(f"{k}: {n}" for k, n in (response.k_histogram or {}).items())
+        lines.append(
+            f"Draft lengths (k: rounds): {histogram or '-'}; parked "
+            f"{response.parked_seconds:.2f} s; drafting: {response.draft_path}"
+        )
+    else:
+        lines.append("Drafts: none (plain decoding)")
+    lines.append(f"Peak memory: {response.peak_memory:.3f} GB")
+    return "\n".join(lines)
