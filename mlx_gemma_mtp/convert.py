@@ -14,7 +14,7 @@ import click
 import mlx.nn as nn
 from mlx_lm.utils import quantize_model, save_model
 
-from .config import ASSISTANT_TYPE, ConfigError, normalize_target_config, read_config
+from .config import ConfigError, is_assistant, normalize_target_config, read_config
 from .loading import DTYPES, cast, load_drafter_model, load_target_model, resolve_path
 
 EXTRA_FILES = (
@@ -83,7 +83,7 @@ def current_umask() -> int:
 
 
 def load_for_conversion(source: Path, config: dict) -> tuple[nn.Module, dict]:
-    if config["model_type"] == ASSISTANT_TYPE:
+    if is_assistant(config):
         return load_drafter_model(source, config, lazy=True), config
     model = load_target_model(source, config, lazy=True)
     # Saved in the form mlx-lm reads, so the converted target also loads with plain mlx_lm.load.
