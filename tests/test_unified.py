@@ -67,6 +67,23 @@ def test_quantized_unified_pair(wrapper_pair, tmp_path, bits):
     assert check_greedy_contract(tokens, plain_greedy(target.model, PROMPT, 24)).holds
 
 
+def test_mlx_community_style_unified_folder_loads(wrapper_pair, tmp_path):
+    """mlx-lm 0.32.2 cannot convert a gemma4_unified checkpoint itself (it expects per-layer
+    input weights), but 4-bit 12B folders made by other mlx-lm versions keep model_type
+    gemma4_unified and transformers' text_config (no per-layer-input or MoE keys) next to
+    mlx-lm weight names and a quantization block; such a folder loads as our target."""
+    out = tmp_path / "target"
+    convert(str(wrapper_pair.target), str(out), True, 4, 64)
+    config = json.loads((out / "config.json").read_text())
+    original = json.loads((wrapper_pair.target / "config.json").read_text())
+    config.update(model_type="gemma4_unified", text_config=original["text_config"])
+    (out / "config.json").write_text(json.dumps(config))
+    target, drafter, _ = load(str(out), str(wrapper_pair.assistant))
+    assert target.args.hidden_size_per_layer_input == 0
+    tokens = [r.token for r in stream_generate(target, drafter, None, PROMPT, 16)]
+    assert check_greedy_contract(tokens, plain_greedy(target.model, PROMPT, 16)).holds
+
+
 def test_bidirectional_text_is_refused():
     config = {
         "model_type": "gemma4_unified",
