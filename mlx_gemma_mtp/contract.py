@@ -40,3 +40,15 @@ def check_greedy_contract(
             gap = top2[1] - top2[0]
             return ContractCheck(gap < near_tie, i, gap)
     return ContractCheck(True, None, None)
+
+
+def full_forward_prefers(
+    model: nn.Module, prompt: Sequence[int], plain_tokens: Sequence[int], index: int, ours: int
+) -> bool:
+    """Diagnosis of a divergence at ``index``: whether one forward of the target over the whole
+    prefix (prompt + the plain run's first ``index`` tokens, a path that rounds like the
+    verification's multi-token forwards) ranks our token at least as high as the plain run's.
+    True means the two runs differ only by how the target's own forwards round."""
+    sequence = list(prompt) + [int(t) for t in plain_tokens[:index]]
+    logits = model(mx.array([sequence]))[0, -1].astype(mx.float32)
+    return logits[ours].item() >= logits[int(plain_tokens[index])].item()

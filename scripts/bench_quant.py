@@ -17,6 +17,12 @@ Acceptance does not depend on timing, so the numbers are the same on a loaded ma
 
     python scripts/bench_quant.py                       # 20 prompts x 128 tokens (~1 h on 2 cores)
     python scripts/bench_quant.py --num-prompts 2 --max-tokens 16 --out bench_out/quant_smoke
+
+Rows can run as separate processes (``--targets 4bit``) and be joined into one table with
+``--combine``, which reads their ``bench_quant.json`` files or the per-cell JSON lines each run
+prints to stderr as it goes (a run stopped early keeps the cells it finished):
+
+    python scripts/bench_quant.py --combine a/bench_quant.json b.log --out bench_out/quant
 """
 
 import argparse
@@ -34,7 +40,11 @@ sys.path.insert(0, str(ROOT))
 import bench_common as bc  # noqa: E402
 
 from mlx_gemma_mtp import load  # noqa: E402
-from mlx_gemma_mtp.contract import check_greedy_contract, plain_greedy  # noqa: E402
+from mlx_gemma_mtp.contract import (  # noqa: E402
+    check_greedy_contract,
+    full_forward_prefers,
+    plain_greedy,
+)
 from mlx_gemma_mtp.generate import stream_generate  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
@@ -61,7 +71,8 @@ def load_cell(target_precision: str, drafter_precision: str, group_size: int):
 
 def run_cell(target, drafter, prompts, args, temp: float, plain_runs: list | None) -> dict:
     drafted = accepted = generated = forwards = 0
-    identical = near_tie = violations = 0
+    identical = near_tie = 0
+    violations = []
     for i, prompt in enumerate(prompts):
         mx.random.seed(args.seed + i)
         responses = list(
@@ -80,10 +91,12 @@ def run_cell(target, drafter, prompts, args, temp: float, plain_runs: list | Non
         drafted, accepted = drafted + last.drafted, accepted + last.accepted
         generated, forwards = generated + last.generation_tokens, forwards + last.target_forwards
         if plain_runs is not None:
-            check = check_greedy_contract([r.token for r in responses], plain_runs[i])
+            tokens = [r.token for r in responses]
+            check = check_greedy_contract(tokens, plain_runs[i])
             identical += check.first_difference is None
             near_tie += check.holds and check.first_difference is not None
-            violations += not check.holds
+            if not check.holds:
+                violations.append(violation(target, prompt, tokens, plain_runs[i], i, check))
     cell = {
         "acceptance": accepted / drafted if drafted else None,
         "tokens_per_target_forward": generated / forwards if forwards else None,
@@ -97,14 +110,37 @@ def run_cell(target, drafter, prompts, args, temp: float, plain_runs: list | Non
     return cell
 
 
+def violation(target, prompt, tokens, plain_steps, index, check) -> dict:
+    """Where a greedy run left the contract, and whether the target's own full forward over
+    that prefix agrees with MTP's token (rounding between forward paths, not a drafting bug)."""
+    plain_tokens = [int(t) for t, _ in plain_steps]
+    position = check.first_difference
+    ours = tokens[position]
+    return {
+        "prompt": index,
+        "position": position,
+        "top2_gap": check.top2_gap,
+        "full_forward_prefers_ours": full_forward_prefers(
+            target.model, prompt, plain_tokens, position, ours
+        ),
+    }
+
+
 def contract_text(cell: dict, num_prompts: int) -> str:
     if "identical" not in cell:
         return "n/a (sampling)"
     text = f"{cell['identical']}/{num_prompts} identical"
     if cell["near_tie_divergence"]:
         text += f", {cell['near_tie_divergence']} diverge at a near tie"
-    if cell["violations"]:
-        text += f", **{cell['violations']} VIOLATE**"
+    violations = cell["violations"]
+    if isinstance(violations, int):  # logged by a run that only counted them
+        violations = [None] * violations
+    for v in violations:
+        text += ", **1 beyond the near-tie bound**"
+        if v is not None:
+            text += f" (prompt {v['prompt']}, token {v['position']}, gap {v['top2_gap']:.3f}"
+            agrees = v["full_forward_prefers_ours"]
+            text += "; the target's full forward agrees with MTP)" if agrees else ")"
     return text
 
 
@@ -154,11 +190,53 @@ def parse_args(argv=None):
     parser.add_argument("--drafters", default=",".join(DRAFTER_PRECISIONS))
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt")
     parser.add_argument("--out", default="bench_out/quant", help="folder for the json and md")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="FILE",
+        help="join finished runs (bench_quant.json files or their stderr logs) into one report",
+    )
     return parser.parse_args(argv)
+
+
+def read_cells(path: Path) -> tuple[list[dict], dict]:
+    """Cells and settings of a ``bench_quant.json``, or the cells in a run's stderr log."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        result = json.loads(text)
+        return result["cells"], {k: v for k, v in result.items() if k != "cells"}
+    cells = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return cells, {}
+
+
+def combine(paths: list[str], args) -> dict:
+    """One report from several runs of the same settings (``args`` give those of logs)."""
+    cells, settings = [], []
+    for path in paths:
+        found, run_settings = read_cells(Path(path))
+        cells += found
+        settings.append(run_settings)
+    keys = ("num_prompts", "max_tokens", "k", "group_size")
+    expected = {"num_prompts": args.num_prompts, "max_tokens": args.max_tokens}
+    expected.update(k=args.k, group_size=args.group_size)
+    for run_settings in settings:
+        if run_settings and any(run_settings[key] != expected[key] for key in keys):
+            raise SystemExit(f"--combine: runs with different settings ({run_settings})")
+    seen = [(c["target"], c["drafter"], c["temp"]) for c in cells]
+    if len(seen) != len(set(seen)):
+        raise SystemExit("--combine: a cell appears twice")
+    order = {p: i for i, p in enumerate(TARGET_PRECISIONS + DRAFTER_PRECISIONS)}
+    cells.sort(key=lambda c: (order[c["target"]], order[c["drafter"]], c["temp"]))
+    return {**expected, "cells": cells, "combined_from": paths}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    command_args = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python scripts/bench_quant.py", *command_args])
+    if args.combine:
+        result = {"command": command, "machine": bc.machine_info(), **combine(args.combine, args)}
+        return write_report(result, Path(args.out))
     lines = (FIXTURE / "held_out_prompts.jsonl").read_text().splitlines()
     prompts = [json.loads(line)["input_ids"] for line in lines if line][: args.num_prompts]
     temps = [float(t) for t in args.temps.split(",")]
@@ -170,15 +248,13 @@ def main(argv=None) -> dict:
             if plain_runs is None and 0.0 in temps:
                 plain_runs = [plain_greedy(target.model, p, args.max_tokens) for p in prompts]
             for temp in temps:
-                cell = run_cell(
-                    target, drafter, prompts, args, temp, plain_runs if not temp else None
-                )
+                reference = plain_runs if temp == 0 else None
+                cell = run_cell(target, drafter, prompts, args, temp, reference)
                 cell.update(target=target_precision, drafter=drafter_precision, temp=temp)
                 cells.append(cell)
                 print(json.dumps(cell), file=sys.stderr, flush=True)
     result = {
-        "command": "python scripts/bench_quant.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "machine": bc.machine_info(),
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
@@ -186,7 +262,10 @@ def main(argv=None) -> dict:
         "group_size": args.group_size,
         "cells": cells,
     }
-    out = Path(args.out)
+    return write_report(result, Path(args.out))
+
+
+def write_report(result: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_quant.json").write_text(json.dumps(result, indent=2))
     text = report(result)

@@ -18,7 +18,7 @@ from mlx_lm.utils import quantize_model, save_model
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.config import read_config
-from mlx_gemma_mtp.contract import check_greedy_contract, plain_greedy
+from mlx_gemma_mtp.contract import check_greedy_contract, full_forward_prefers, plain_greedy
 from mlx_gemma_mtp.convert import convert
 from mlx_gemma_mtp.generate import stream_generate
 from mlx_gemma_mtp.loading import load_drafter_model
@@ -191,3 +191,16 @@ def test_quantized_centroid_head_matches_its_dequantized_float_version(folders, 
             assert gap <= CENTROID_TIE, f"step {step}: candidate sets differ without a tie"
         token, state = drafts[1].tokens(), drafts[1].hidden
         assert int(drafts[0].tokens()[0, 0]) == int(token[0, 0]), f"step {step}: greedy token"
+
+
+def test_contract_check_and_its_diagnosis():
+    target, _, _ = load(str(FIXTURE / "target"))
+    steps = plain_greedy(target.model, PROMPT, 6)
+    plain = [int(t) for t, _ in steps]
+    assert check_greedy_contract(plain, steps) == (True, None, None)
+    runner_up = int(mx.argsort(steps[3][1])[-2])
+    check = check_greedy_contract(plain[:3] + [runner_up], steps)
+    assert check.first_difference == 3 and check.holds == (check.top2_gap < 0.25)
+    worst = int(mx.argmin(steps[3][1]))
+    assert full_forward_prefers(target.model, PROMPT, plain, 3, plain[3])
+    assert not full_forward_prefers(target.model, PROMPT, plain, 3, worst)
