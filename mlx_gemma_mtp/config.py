@@ -10,8 +10,25 @@ class ConfigError(ValueError):
     """A model folder or its ``config.json`` is not what we expect."""
 
 
-TARGET_TYPES = ("gemma4", "gemma4_text")
-ASSISTANT_TYPE = "gemma4_assistant"
+TARGET_TYPES = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
+# The 12B "unified" family runs mlx-lm's Gemma 4 text model unchanged (see normalize_unified_text).
+MLX_LM_TYPES = {"gemma4_unified": "gemma4", "gemma4_unified_text": "gemma4_text"}
+# transformers' Gemma4UnifiedTextConfig has no per-layer inputs and no MoE (the attributes do not
+# exist, so its config.json lacks them), and defaults that differ from mlx-lm's gemma4_text
+# ModelArgs; a key missing from a unified config.json means transformers' default.
+UNIFIED_TEXT_DEFAULTS = {
+    "hidden_size_per_layer_input": 0,
+    "vocab_size_per_layer_input": 0,
+    "enable_moe_block": False,
+    "num_kv_shared_layers": 0,
+    "use_double_wide_mlp": False,
+    "num_key_value_heads": 4,
+    "sliding_window": 1024,
+    "final_logit_softcapping": None,
+    "max_position_embeddings": 262_144,
+}
+UNIFIED_SLIDING_WINDOW_PATTERN = 6  # transformers' default layer_types: 5 sliding, then 1 full
 
 
 def read_config(model_path: Path) -> dict[str, Any]:
@@ -25,11 +42,43 @@ def read_config(model_path: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or "model_type" not in config:
         raise ConfigError(f"{config_file}: no 'model_type' field")
     model_type = config["model_type"]
-    if model_type not in TARGET_TYPES + (ASSISTANT_TYPE,):
+    if model_type not in TARGET_TYPES + ASSISTANT_TYPES:
         raise ConfigError(
             f"{config_file}: model_type {model_type!r} is not supported "
-            f"(expected one of {', '.join(TARGET_TYPES + (ASSISTANT_TYPE,))})"
+            f"(expected one of {', '.join(TARGET_TYPES + ASSISTANT_TYPES)})"
         )
+    return config
+
+
+def is_assistant(config: dict[str, Any]) -> bool:
+    return config["model_type"] in ASSISTANT_TYPES
+
+
+def normalize_unified_text(text_config: dict[str, Any], source: str) -> dict[str, Any]:
+    """A ``gemma4_unified_text`` config (12B) as mlx-lm's ``gemma4_text`` reads it.
+
+    The unified text model is Gemma 4's text model without per-layer inputs or MoE: same attention
+    (q/k/v norms, ``attention_k_eq_v``, proportional RoPE on full layers), same MLP, same
+    ``layer_scalar`` after each layer, same scaled embedding and softcapping. Its
+    ``use_bidirectional_attention="vision"`` only changes the mask around vision tokens, which
+    text generation never has; ``"all"`` (every token bidirectional) is not a causal LM.
+    """
+    if text_config.get("use_bidirectional_attention") == "all":
+        raise ConfigError(
+            f"{source}: use_bidirectional_attention 'all' makes every token attend both ways; "
+            "only causal text models ('vision' or null) can be decoded"
+        )
+    config = {**UNIFIED_TEXT_DEFAULTS, **text_config, "model_type": "gemma4_text"}
+    for key in ("hidden_size_per_layer_input", "enable_moe_block"):
+        if config[key]:
+            raise ConfigError(f"{source}: a gemma4_unified_text model has no {key}")
+    if config.get("layer_types") is None:
+        pattern = UNIFIED_SLIDING_WINDOW_PATTERN
+        num_layers = config.get("num_hidden_layers", 30)
+        config["layer_types"] = [
+            "sliding_attention" if (i + 1) % pattern else "full_attention"
+            for i in range(num_layers)
+        ]
     return config
 
 
@@ -41,6 +90,8 @@ def normalize_text_config(text_config: dict[str, Any], source: str = "config.jso
     ``global_head_dim`` and ``num_global_key_value_heads``.
     """
     config = copy.deepcopy(text_config)
+    if config.get("model_type") == "gemma4_unified_text":
+        config = normalize_unified_text(config, source)
     per_layer = config.pop("per_layer_config", None)
     if not per_layer:
         return config
@@ -79,13 +130,19 @@ def normalize_text_config(text_config: dict[str, Any], source: str = "config.jso
 
 
 def normalize_target_config(config: dict[str, Any], source: str = "config.json") -> dict:
-    """A target config (``gemma4`` or ``gemma4_text``) ready for mlx-lm's ``ModelArgs``."""
+    """A target config (``gemma4``, ``gemma4_text`` or their ``_unified`` 12B forms) ready for
+    mlx-lm's ``ModelArgs``, with the ``model_type`` mlx-lm has a model for."""
     config = copy.deepcopy(config)
-    if config["model_type"] == "gemma4_text":
+    if config["model_type"] in ("gemma4_text", "gemma4_unified_text"):
         return normalize_text_config(config, source)
     text_config = config.get("text_config")
     if not isinstance(text_config, dict):
-        raise ConfigError(f"{source}: model_type 'gemma4' needs a 'text_config' object")
+        raise ConfigError(
+            f"{source}: model_type {config['model_type']!r} needs a 'text_config' object"
+        )
+    if config["model_type"] == "gemma4_unified":
+        text_config = {"model_type": "gemma4_unified_text", **text_config}
+    config["model_type"] = MLX_LM_TYPES.get(config["model_type"], config["model_type"])
     config["text_config"] = normalize_text_config(text_config, source)
     # mlx-lm's gemma4.ModelArgs copies the top-level vocab_size (default 262144) into text_config.
     config.setdefault("vocab_size", text_config.get("vocab_size", 262144))
@@ -93,4 +150,4 @@ def normalize_target_config(config: dict[str, Any], source: str = "config.json")
 
 
 def text_config_of(config: dict[str, Any]) -> dict[str, Any]:
-    return config["text_config"] if config["model_type"] != "gemma4_text" else config
+    return config.get("text_config", config)

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import get_total_parameters, quantize_model
 from tqdm import tqdm
 
-from .config import ASSISTANT_TYPE, ConfigError, normalize_target_config, read_config
+from .config import ConfigError, is_assistant, normalize_target_config, read_config
 from .loading import (
     DTYPES,
     cast,
@@ -90,7 +90,7 @@ def convert(
 
 
 def load_for_conversion(source: Path, config: dict) -> tuple[nn.Module, dict]:
-    if config["model_type"] == ASSISTANT_TYPE:
+    if is_assistant(config):
         return load_drafter_model(source, config, lazy=True), config
     model = load_target_model(source, config, lazy=True)
     # Saved in the form mlx-lm reads, so the converted target also loads with plain mlx_lm.load.

@@ -3,6 +3,7 @@
 import glob
 import json
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,27 @@ import mlx.nn as nn
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .centroid_head import check_permutation
-from .config import ASSISTANT_TYPE, ConfigError, normalize_target_config, read_config
+from .config import (
+    ASSISTANT_TYPES,
+    ConfigError,
+    is_assistant,
+    normalize_target_config,
+    read_config,
+)
 from .models import gemma4_assistant
 from .target import Target
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 DTYPES = ("float16", "bfloat16", "float32")
+# Weights of the vision/audio parts of multimodal checkpoints (mlx-lm's gemma4 sanitize drops them).
+MULTIMODAL_PREFIXES = (
+    "vision_tower",
+    "audio_tower",
+    "embed_vision",
+    "embed_audio",
+    "multi_modal_projector",
+    "vision_embedder",
+)
 
 
 def resolve_path(path_or_repo: str) -> Path:
@@ -50,8 +66,14 @@ def weight_files(model_path: Path) -> list[Path]:
     return files
 
 
-def check_safetensors(file: Path) -> None:
-    """Fail early, naming the file, on a truncated or corrupt safetensors file."""
+def weight_names(model_path: Path) -> set[str]:
+    """The tensor names of a folder's (checked) safetensors files, read from their headers."""
+    return {name for file in weight_files(model_path) for name in check_safetensors(file)}
+
+
+def check_safetensors(file: Path) -> list[str]:
+    """Fail early, naming the file, on a truncated or corrupt safetensors file; returns the
+    tensor names."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -69,13 +91,7 @@ def check_safetensors(file: Path) -> None:
             f"{file}: truncated safetensors file "
             f"({size} bytes, its header promises {8 + header_len + end})"
         )
-
-
-def load_weights(model_path: Path) -> dict[str, mx.array]:
-    weights = {}
-    for file in weight_files(model_path):
-        weights.update(mx.load(str(file)))
-    return weights
+    return [name for name in header if name != "__metadata__"]
 
 
 def cast(model: nn.Module, dtype: str | None) -> None:
@@ -87,12 +103,12 @@ def cast(model: nn.Module, dtype: str | None) -> None:
 
 
 def load_target_model(model_path: Path, config: dict, lazy: bool = False) -> nn.Module:
-    if config["model_type"] == ASSISTANT_TYPE:
+    if is_assistant(config):
         raise ConfigError(
-            f"{model_path / 'config.json'}: model_type {ASSISTANT_TYPE!r} is an assistant drafter; "
-            "pass it as the draft model, and a Gemma 4 target as the model"
+            f"{model_path / 'config.json'}: model_type {config['model_type']!r} is an assistant "
+            "drafter; pass it as the draft model, and a Gemma 4 target as the model"
         )
-    weight_files(model_path)
+    report_skipped_towers(model_path, weight_names(model_path))
     normalized = normalize_target_config(config, str(model_path / "config.json"))
     try:
         model, _ = load_model(model_path, lazy=lazy, model_config=normalized)
@@ -103,46 +119,57 @@ def load_target_model(model_path: Path, config: dict, lazy: bool = False) -> nn.
     return model
 
 
+def report_skipped_towers(model_path: Path, names: set[str]) -> None:
+    """Text generation only: say (one line) that a multimodal checkpoint's towers are not loaded."""
+    skipped = sorted(
+        {p for n in names for p in MULTIMODAL_PREFIXES if n.removeprefix("model.").startswith(p)}
+    )
+    if skipped:
+        print(
+            f"{model_path}: text generation only, not loading {', '.join(skipped)}",
+            file=sys.stderr,
+        )
+
+
+def drafter_classes(config: dict) -> tuple[type, type]:
+    return gemma4_assistant.Model, gemma4_assistant.ModelArgs
+
+
 def load_drafter_model(model_path: Path, config: dict, lazy: bool = False) -> nn.Module:
+    """mlx-lm's ``load_model`` with our drafter class: quantized drafters load as mlx-lm loads
+    quantized models (per-path overrides, bits and group size inferred per layer)."""
     source = model_path / "config.json"
-    if config["model_type"] != ASSISTANT_TYPE:
+    if not is_assistant(config):
         raise ConfigError(
             f"{source}: model_type {config['model_type']!r} is a target model, not a Gemma 4 "
-            f"assistant drafter (model_type {ASSISTANT_TYPE!r})"
+            f"assistant drafter (model_type one of {', '.join(ASSISTANT_TYPES)})"
         )
     if not isinstance(config.get("text_config"), dict):
         raise ConfigError(f"{source}: an assistant config needs a 'text_config' object")
-    model = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(config))
-    weights = model.sanitize(load_weights(model_path))
-    if config.get("use_ordered_embeddings"):
-        check_token_ordering(model_path, weights, model.vocab_size)
-    if (quantization := config.get("quantization")) is not None:
-        nn.quantize(
-            model,
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-        )
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise ConfigError(
-            f"{model_path}: weights do not match config.json ({one_line(e)})"
-        ) from None
-    model.eval()
-    if not lazy:
-        mx.eval(model.parameters())
-    return model
-
-
-def check_token_ordering(model_path: Path, weights: dict, vocab_size: int) -> None:
-    if "masked_embedding.token_ordering" not in weights:
+    ordered = config.get("use_ordered_embeddings")
+    if "masked_embedding.token_ordering" not in weight_names(model_path) and ordered:
         raise ConfigError(
             f"{model_path}: weights lack masked_embedding.token_ordering, required because "
             "use_ordered_embeddings is true"
         )
     try:
-        check_permutation(weights["masked_embedding.token_ordering"], vocab_size)
+        model, _ = load_model(
+            model_path, lazy=True, model_config=config, get_model_classes=drafter_classes
+        )
+    except ValueError as e:
+        raise ConfigError(
+            f"{model_path}: weights do not match config.json ({one_line(e)})"
+        ) from None
+    if ordered:
+        check_token_ordering(model_path, model.masked_embedding.token_ordering, model.vocab_size)
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def check_token_ordering(model_path: Path, token_ordering: mx.array, vocab_size: int) -> None:
+    try:
+        check_permutation(token_ordering, vocab_size)
     except ValueError:
         raise ConfigError(
             f"{model_path}: masked_embedding.token_ordering is not a permutation of the "

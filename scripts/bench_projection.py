@@ -1,6 +1,7 @@
-"""Real-shape projection: what MTP would buy at the real Gemma 4 E2B/E4B sizes on this machine.
+"""Real-shape projection: what MTP would buy at the real Gemma 4 E2B/E4B/12B sizes on this machine.
 
-Builds the target (mlx-lm ``gemma4_text``) and its assistant drafter at the published config sizes
+Builds the target (mlx-lm ``gemma4_text``; the 12B ``gemma4_unified_text`` is the same model) and
+its assistant drafter at the published config sizes
 (``scripts/real_configs/``) with random weights, fills the target cache with ``--context`` random
 K/V entries, and times one target forward on 1 and on k+1 tokens and one draft step (with and
 without centroid masking), in bf16 and with 4-bit weights. From those it computes the ideal
@@ -16,6 +17,7 @@ dtype (or as packed 4-bit words), one at a time. Values are random; only the cos
 
     python scripts/bench_projection.py                       # E2B and E4B, bf16 and 4-bit
     python scripts/bench_projection.py --models e2b --precisions bf16 --iters 2
+    python scripts/bench_projection.py --models 12b --precisions q4   # bf16 12B needs ~24 GiB
 """
 
 import argparse
@@ -42,7 +44,7 @@ from mlx_gemma_mtp.models import gemma4_assistant  # noqa: E402
 from mlx_gemma_mtp.target import Target  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "real_configs"
-MODELS = {"e2b": "gemma-4-E2B-it", "e4b": "gemma-4-E4B-it"}
+MODELS = {"e2b": "gemma-4-E2B-it", "e4b": "gemma-4-E4B-it", "12b": "gemma-4-12B-it"}
 POOL_SIZE = 1 << 22
 MEMORY_SHARE = 0.6
 # The draft-step timing the ideal-speedup tables use, best first.
@@ -363,9 +365,7 @@ def run_arm(model_key: str, precision: Precision, args) -> dict:
 
 def report(result: dict) -> str:
     lines = [
-        *bc.report_head(
-            "Real-shape projection (random weights at the published E2B/E4B sizes)", result
-        ),
+        *bc.report_head("Real-shape projection (random weights at the published sizes)", result),
         f"Context: {result['context']} cached positions; {result['iters']} timed calls per "
         "figure after one warm-up (median [min-max]; draft steps 3x as many). "
         "Weights are random; a row lookup costs the same in a cut per-layer embedding table.",
@@ -436,7 +436,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--models",
         default="e2b,e4b",
-        help="comma list of e2b, e4b, or NAME for NAME.json + NAME-assistant.json in --config-dir",
+        help="comma list of e2b, e4b, 12b, or NAME for NAME.json + NAME-assistant.json in "
+        "--config-dir",
     )
     parser.add_argument("--precisions", default="bf16,q4", help="comma list: bf16 fp16 fp32 q4 q8")
     parser.add_argument("--ks", default="1,2,4", help="draft lengths k (times t_target(k+1))")

@@ -20,6 +20,14 @@ from transformers import (
     Gemma4ForCausalLM,
     Gemma4ForConditionalGeneration,
     Gemma4TextConfig,
+    Gemma4UnifiedAssistantConfig,
+    Gemma4UnifiedAssistantForCausalLM,
+    Gemma4UnifiedAudioConfig,
+    Gemma4UnifiedConfig,
+    Gemma4UnifiedForCausalLM,
+    Gemma4UnifiedForConditionalGeneration,
+    Gemma4UnifiedTextConfig,
+    Gemma4UnifiedVisionConfig,
     Gemma4VisionConfig,
     GenerationConfig,
 )
@@ -27,6 +35,7 @@ from transformers.generation.candidate_generator import (
     SinglePositionMultiTokenCandidateGenerator,
 )
 from transformers.models.gemma4 import configuration_gemma4, modeling_gemma4
+from transformers.models.gemma4_unified import configuration_gemma4_unified
 
 S, F = "sliding_attention", "full_attention"
 VOCAB = 512
@@ -49,8 +58,21 @@ def patch_transformers() -> None:
        KV-sharing model without per-layer inputs, e.g. the assistant with several queries (it
        slices ``per_layer_inputs``, which is None).
        Disabled: it only drops positions whose outputs are not needed, so the numbers are the same.
+
+    ``Gemma4UnifiedTextConfig`` (12B) carries a copy of the same property, with bugs 1 and 2, and
+    gets the same patch; its model never slices ``per_layer_inputs`` (it has none), so 3 does not
+    apply to it.
     """
-    config_class = configuration_gemma4.Gemma4TextConfig
+    patch_kv_sharing(configuration_gemma4.Gemma4TextConfig)
+    patch_kv_sharing(configuration_gemma4_unified.Gemma4UnifiedTextConfig)
+    modeling_gemma4.Gemma4TextModel._maybe_slice_kv_shared_inputs = no_slicing
+
+
+def no_slicing(self, hidden_states, per_layer_inputs, position_embeddings, masks, *_, **__):
+    return hidden_states, per_layer_inputs, position_embeddings, masks
+
+
+def patch_kv_sharing(config_class: type) -> None:
     if getattr(config_class.kv_sharing_modes.fget, "_parity_patched", False):
         return
     original = config_class.kv_sharing_modes.fget
@@ -69,11 +91,6 @@ def patch_transformers() -> None:
 
     kv_sharing_modes._parity_patched = True
     config_class.kv_sharing_modes = property(kv_sharing_modes)
-
-    def no_slicing(self, hidden_states, per_layer_inputs, position_embeddings, masks, *_, **__):
-        return hidden_states, per_layer_inputs, position_embeddings, masks
-
-    modeling_gemma4.Gemma4TextModel._maybe_slice_kv_shared_inputs = no_slicing
 
 
 # Tiny configurations keeping the architectural features of each real target family.
@@ -133,7 +150,18 @@ TARGET_CONFIGS = {
         vocab_size_per_layer_input=0,
         final_logit_softcapping=30.0,
     ),
+    # 12B (gemma4_unified): no per-layer inputs, no MoE, no K/V sharing, 5 sliding : 1 full.
+    "12b": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=6,
+        layer_types=[S, S, S, S, S, F],
+        num_key_value_heads=2,
+        final_logit_softcapping=30.0,
+    ),
 }
+UNIFIED = {"12b"}  # kinds built with transformers' Gemma4Unified* classes
+PLE_MOE_KEYS = ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block")
 NUM_CENTROIDS, CENTROID_TOP_K = 32, 4
 TINY_VISION = dict(
     hidden_size=16,
@@ -152,12 +180,25 @@ TINY_AUDIO = dict(
     subsampling_conv_channels=[4, 4],
     output_proj_dims=16,
 )
+TINY_UNIFIED_VISION = dict(patch_size=2, pooling_kernel_size=1, mm_embed_dim=16, mm_posemb_size=8)
+TINY_UNIFIED_AUDIO = dict(audio_embed_dim=8)
 QK_NORM = re.compile(r"\.[qk]_norm\.weight$")
 
 
-def assistant_config(kind: str) -> Gemma4AssistantConfig:
+def text_config(kind: str, **fields):
+    """The family's text config class; unified (12B) configs have no PLE/MoE fields at all."""
+    if kind in UNIFIED:
+        fields = {k: v for k, v in fields.items() if k not in PLE_MOE_KEYS}
+        return Gemma4UnifiedTextConfig(**fields)
+    return Gemma4TextConfig(**fields)
+
+
+def assistant_config(
+    kind: str, sliding_window: int = SLIDING_WINDOW, ordered: bool | None = None
+) -> Gemma4AssistantConfig | Gemma4UnifiedAssistantConfig:
+    """``ordered`` (centroid-masked head) defaults to the real family's: E2B/E4B only."""
     target = TARGET_CONFIGS[kind]
-    text = dict(COMMON)
+    text = dict(COMMON, sliding_window=sliding_window)
     text.update(
         hidden_size=32,
         intermediate_size=64,
@@ -173,9 +214,10 @@ def assistant_config(kind: str) -> Gemma4AssistantConfig:
         attention_k_eq_v=target.get("attention_k_eq_v", False),
         num_global_key_value_heads=target.get("num_global_key_value_heads"),
     )
-    ordered = kind == "e2b"
-    return Gemma4AssistantConfig(
-        text_config=Gemma4TextConfig(**text),
+    ordered = kind == "e2b" if ordered is None else ordered
+    config_class = Gemma4UnifiedAssistantConfig if kind in UNIFIED else Gemma4AssistantConfig
+    return config_class(
+        text_config=text_config(kind, **text),
         backbone_hidden_size=target["hidden_size"],
         use_ordered_embeddings=ordered,
         num_centroids=NUM_CENTROIDS,
@@ -213,34 +255,57 @@ class Pair:
     assistant: Path
 
 
-def make_pair(kind: str, tmp_path: Path, target_class: str = "causal", seed: int = 0) -> Pair:
+def make_pair(
+    kind: str,
+    tmp_path: Path,
+    target_class: str = "causal",
+    seed: int = 0,
+    sliding_window: int = SLIDING_WINDOW,
+    ordered: bool | None = None,
+) -> Pair:
     """Save a random float32 target (``Gemma4ForCausalLM`` or, for ``target_class="conditional"``,
-    a ``Gemma4ForConditionalGeneration`` with the same text model) and its assistant under
-    ``tmp_path / f"{kind}-{target_class}"``."""
+    a ``Gemma4ForConditionalGeneration`` with the same text model; their ``Gemma4Unified*`` forms
+    for the 12B) and its assistant under ``tmp_path / pair_name(...)``."""
     patch_transformers()
     generator = torch.Generator().manual_seed(seed)
-    text_config = Gemma4TextConfig(**COMMON, **TARGET_CONFIGS[kind])
-    target = Gemma4ForCausalLM(text_config).float()
+    unified = kind in UNIFIED
+    fields = dict(COMMON, sliding_window=sliding_window, **TARGET_CONFIGS[kind])
+    config = text_config(kind, **fields)
+    target = (Gemma4UnifiedForCausalLM if unified else Gemma4ForCausalLM)(config).float()
     randomize(target, generator)
     if target_class == "conditional":
         causal = target
-        # Tiny vision and audio towers: real checkpoints have them, the converter must drop them.
-        config = Gemma4Config(
-            text_config=text_config,
-            vision_config=Gemma4VisionConfig(**TINY_VISION),
-            audio_config=Gemma4AudioConfig(**TINY_AUDIO),
-        )
-        target = Gemma4ForConditionalGeneration(config).float()
+        # Tiny vision and audio parts: real checkpoints have them, the converter must drop them.
+        if unified:
+            wrapper = Gemma4UnifiedConfig(
+                text_config=config,
+                vision_config=Gemma4UnifiedVisionConfig(**TINY_UNIFIED_VISION),
+                audio_config=Gemma4UnifiedAudioConfig(**TINY_UNIFIED_AUDIO),
+            )
+            target = Gemma4UnifiedForConditionalGeneration(wrapper).float()
+        else:
+            wrapper = Gemma4Config(
+                text_config=config,
+                vision_config=Gemma4VisionConfig(**TINY_VISION),
+                audio_config=Gemma4AudioConfig(**TINY_AUDIO),
+            )
+            target = Gemma4ForConditionalGeneration(wrapper).float()
         target.model.language_model.load_state_dict(causal.model.state_dict())
     elif target_class != "causal":
         raise ValueError(f"unknown target_class {target_class!r}")
-    assistant = Gemma4AssistantForCausalLM(assistant_config(kind)).float()
+    assistant_class = Gemma4UnifiedAssistantForCausalLM if unified else Gemma4AssistantForCausalLM
+    assistant = assistant_class(assistant_config(kind, sliding_window, ordered)).float()
     randomize(assistant, generator)
-    folder = Path(tmp_path) / f"{kind}-{target_class}"
+    folder = Path(tmp_path) / pair_name(kind, target_class, sliding_window, ordered)
     pair = Pair(kind, folder / "target", folder / "assistant")
     target.save_pretrained(pair.target)
     assistant.save_pretrained(pair.assistant)
     return pair
+
+
+def pair_name(kind: str, target_class: str, sliding_window: int, ordered: bool | None) -> str:
+    ordering = "" if ordered is None else "-ordered" if ordered else "-plain"
+    return f"{kind}-{target_class}-w{sliding_window}{ordering}"
 
 
 def load_hf(model_dir: Path) -> torch.nn.Module:
@@ -250,6 +315,9 @@ def load_hf(model_dir: Path) -> torch.nn.Module:
         "gemma4_text": Gemma4ForCausalLM,
         "gemma4": Gemma4ForConditionalGeneration,
         "gemma4_assistant": Gemma4AssistantForCausalLM,
+        "gemma4_unified_text": Gemma4UnifiedForCausalLM,
+        "gemma4_unified": Gemma4UnifiedForConditionalGeneration,
+        "gemma4_unified_assistant": Gemma4UnifiedAssistantForCausalLM,
     }[model_type]
     model = model_class.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     return model.eval()

@@ -16,6 +16,7 @@ sys.path.insert(0, str(SCRIPTS))
 import bench_common as bc  # noqa: E402
 import bench_mtp  # noqa: E402
 import bench_projection  # noqa: E402
+import bench_quant  # noqa: E402
 
 from mlx_gemma_mtp.config import normalize_text_config  # noqa: E402
 from mlx_gemma_mtp.loading import validate_pair  # noqa: E402
@@ -42,7 +43,7 @@ def test_summarize_spread():
     assert bc.summarize([])["median"] is None
 
 
-@pytest.mark.parametrize("name", ["gemma-4-E2B-it", "gemma-4-E4B-it"])
+@pytest.mark.parametrize("name", ["gemma-4-E2B-it", "gemma-4-E4B-it", "gemma-4-12B-it"])
 def test_real_configs_make_a_valid_pair(name):
     """The transcribed configs build (lazily: nothing is allocated) into a target and a drafter
     that fit together, and say where they come from."""
@@ -168,3 +169,17 @@ def test_bench_mtp_with_transformers(tmp_path):
     assert arms["hf-assisted k=2"]["identical_to_plain_greedy"] == "3/3"
     assert arms["hf-plain"]["identical_to_plain_greedy"] == "3/3"
     assert arms["hf-assisted k=2"]["tokens_per_target_forward"] > 1.0
+
+
+def test_bench_quant_runs(tmp_path):
+    result = bench_quant.main(
+        ["--num-prompts", "1", "--max-tokens", "8", "--targets", "float32,4bit"]
+        + ["--drafters", "bf16,4bit", "--temps", "0,0.7", "--out", str(tmp_path)]
+    )
+    cells = {(c["target"], c["drafter"], c["temp"]): c for c in result["cells"]}
+    assert len(cells) == 8
+    greedy = [c for c in cells.values() if c["temp"] == 0]
+    assert all(c["violations"] == [] and c["generated"] == 8 for c in greedy)
+    assert all("identical" not in c for c in cells.values() if c["temp"] > 0)
+    table = (tmp_path / "bench_quant.md").read_text()
+    assert "| 4bit | 4bit | 0 |" in table and "1/1 identical" in table

@@ -3,9 +3,12 @@ after a prefill, then the drafter's draft steps exactly as ``get_candidates`` ru
 
 Tiny random pairs keep each architectural feature (``tests/hf_reference.py``): E2B-like (per-layer
 inputs, KV-shared layers, centroid-masked drafter head), 31B-like (``attention_k_eq_v``) and
-26B-A4B-like (MoE); the E2B-like target also as a ``Gemma4ForConditionalGeneration``. Each goes
-through the converter and through the in-memory path of ``load``. The prompt is longer than the
-sliding window (8), so the drafter's window + 1 sliding view is exercised.
+26B-A4B-like (MoE); the E2B-like target also as a ``Gemma4ForConditionalGeneration``; 12B-like
+unified pairs (``gemma4_unified`` / ``gemma4_unified_text`` targets, ``gemma4_unified_assistant``
+drafters, with and without ordered embeddings, sliding windows 4, 8 and 16). Each goes through the
+converter and through the in-memory path of ``load``. The prompt is longer than the sliding window,
+so the drafter's window + 1 sliding view is exercised; greedy MTP generation then runs well past it
+and must equal transformers' greedy generation token for token.
 """
 
 import json
@@ -19,13 +22,25 @@ from hf_reference import SLIDING_WINDOW, VOCAB, DraftStep, Reference, reference_
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.convert import convert
+from mlx_gemma_mtp.generate import stream_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 NUM_STEPS = 4
 PROMPT_LEN = 21
 RTOL = 1e-4
 TIE = 1e-5  # centroid scores this close at the top-k boundary may select either centroid
-PAIRS = [("e2b", "causal"), ("e2b", "conditional"), ("31b", "causal"), ("26b", "causal")]
+GENERATED = 40  # new tokens in the greedy generation comparison: past every sliding window
+# (kind, target class, options for make_pair)
+PAIRS = [
+    ("e2b", "causal", {}),
+    ("e2b", "conditional", {}),
+    ("31b", "causal", {}),
+    ("26b", "causal", {}),
+    ("12b", "causal", dict(sliding_window=8, ordered=True)),
+    ("12b", "conditional", dict(sliding_window=8, ordered=False)),
+    ("12b", "causal", dict(sliding_window=4, ordered=False)),
+    ("12b", "conditional", dict(sliding_window=16, ordered=True)),
+]
 
 
 def assert_close(actual, expected, what: str) -> None:
@@ -114,9 +129,14 @@ def assert_not_degenerate(ref: Reference) -> None:
     assert len({s.token for s in ref.steps}) > 1
 
 
-@pytest.fixture(scope="module", params=PAIRS, ids=["-".join(p) for p in PAIRS])
+def pair_id(kind: str, target_class: str, options: dict) -> str:
+    return "-".join([kind, target_class, *(f"{k}={v}" for k, v in options.items())])
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=[pair_id(*p) for p in PAIRS])
 def case(request, hf_pair, tmp_path_factory):
-    pair = hf_pair(*request.param)
+    kind, target_class, options = request.param
+    pair = hf_pair(kind, target_class, **options)
     rng = np.random.default_rng(1)
     input_ids = [2] + rng.integers(3, VOCAB, PROMPT_LEN - 1).tolist()
     ref = reference_outputs(pair.target, pair.assistant, input_ids, NUM_STEPS)
@@ -126,6 +146,7 @@ def case(request, hf_pair, tmp_path_factory):
     convert(str(pair.assistant), str(out / "assistant"), dtype="float32")
     return {
         "input_ids": input_ids,
+        "sliding_window": options.get("sliding_window", SLIDING_WINDOW),
         "ref": ref,
         "converted": (out / "target", out / "assistant"),
         "hf": (pair.target, pair.assistant),
@@ -153,16 +174,43 @@ def test_reference_tells_window_plus_one_from_window(case):
     target, drafter, _ = load(*map(str, case["converted"]))
     ours = run_ours(target, drafter, case["input_ids"], 1)
     keys, values = ours.shared_kv["sliding_attention"]
-    ours.shared_kv["sliding_attention"] = (
-        keys[..., -SLIDING_WINDOW:, :],
-        values[..., -SLIDING_WINDOW:, :],
-    )
+    window = case["sliding_window"]
+    ours.shared_kv["sliding_attention"] = (keys[..., -window:, :], values[..., -window:, :])
     inputs = mx.concatenate(
         [target.embed(mx.array([[case["ref"].pending]])), ours.hidden[None, -1:]], axis=-1
     )
     full = drafter(inputs, ours.shared_kv, PROMPT_LEN, full_vocab=True)
     with pytest.raises(AssertionError):
         assert_close(full.logits[0, 0], case["ref"].steps[0].full_logits, "window-only drafter")
+
+
+def test_greedy_mtp_equals_transformers_greedy(case):
+    """float32: MTP's greedy output is transformers' plain greedy generation of the target, token
+    for token, for ``GENERATED`` tokens (the drafter's sliding view moves past the window)."""
+    torch = pytest.importorskip("torch")
+    from hf_reference import load_hf
+
+    target_path, drafter_path = case["hf"]
+    ids = torch.tensor([case["input_ids"]])
+    with torch.no_grad():
+        out = load_hf(target_path).generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=GENERATED,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    expected = out[0, ids.shape[1] :].tolist()
+    target, drafter, _ = load(*map(str, case["converted"]), dtype="float32")
+    tokens = [
+        r.token
+        for r in stream_generate(
+            target, drafter, None, case["input_ids"], GENERATED, num_draft_tokens=3
+        )
+    ]
+    assert len(expected) == GENERATED
+    assert tokens == expected
 
 
 def test_fixture_pair_matches_transformers():
