@@ -18,6 +18,7 @@ from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .config import TARGET_TYPES
 from .costs import Costs
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, SpeculativeGenerator, Stats
 from .loading import validate_pair
@@ -31,7 +32,6 @@ from .prompt_cache import (
 from .sampling import SamplingParams, TokenPolicy
 from .target import Target
 
-TARGET_TYPES = ("gemma4", "gemma4_text")
 CLEAR_CACHE_EVERY = 256  # generated tokens between mx.clear_cache() calls, as mlx-lm
 
 

@@ -45,7 +45,7 @@ from mlx_gemma_mtp.contract import (  # noqa: E402
     full_forward_prefers,
     plain_greedy,
 )
-from mlx_gemma_mtp.generate import stream_generate  # noqa: E402
+from mlx_gemma_mtp.generation import stream_generate  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
 TARGET_PRECISIONS = ("float32", "bf16", "8bit", "4bit")
@@ -78,10 +78,10 @@ def run_cell(target, drafter, prompts, args, temp: float, plain_runs: list | Non
         responses = list(
             stream_generate(
                 target,
-                drafter,
                 None,
                 prompt,
                 args.max_tokens,
+                drafter,
                 temp=temp,
                 num_draft_tokens=args.k,
                 draft_schedule="constant",

@@ -18,11 +18,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from drafting import ALWAYS_DRAFT
 from hf_reference import SLIDING_WINDOW, VOCAB, DraftStep, Reference, reference_outputs
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.convert import convert
-from mlx_gemma_mtp.generate import stream_generate
+from mlx_gemma_mtp.generation import stream_generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 NUM_STEPS = 4
@@ -206,7 +207,13 @@ def test_greedy_mtp_equals_transformers_greedy(case):
     tokens = [
         r.token
         for r in stream_generate(
-            target, drafter, None, case["input_ids"], GENERATED, num_draft_tokens=3
+            target,
+            None,
+            case["input_ids"],
+            GENERATED,
+            drafter,
+            num_draft_tokens=3,
+            costs=ALWAYS_DRAFT,
         )
     ]
     assert len(expected) == GENERATED

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from drafting import ALWAYS_DRAFT
 from mlx.utils import tree_flatten
 from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.utils import quantize_model, save_model
@@ -20,7 +21,7 @@ from mlx_gemma_mtp import load
 from mlx_gemma_mtp.config import read_config
 from mlx_gemma_mtp.contract import check_greedy_contract, full_forward_prefers, plain_greedy
 from mlx_gemma_mtp.convert import convert
-from mlx_gemma_mtp.generate import stream_generate
+from mlx_gemma_mtp.generation import stream_generate
 from mlx_gemma_mtp.loading import load_drafter_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
@@ -54,7 +55,10 @@ def folders(tmp_path_factory):
 
 def assert_keeps_contract(target_path: Path, drafter_path: Path) -> list:
     target, drafter, _ = load(str(target_path), str(drafter_path))
-    tokens = [r.token for r in stream_generate(target, drafter, None, PROMPT, MAX_TOKENS)]
+    tokens = [
+        r.token
+        for r in stream_generate(target, None, PROMPT, MAX_TOKENS, drafter, costs=ALWAYS_DRAFT)
+    ]
     check = check_greedy_contract(tokens, plain_greedy(target.model, PROMPT, MAX_TOKENS))
     assert len(tokens) == MAX_TOKENS
     assert check.holds, check

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from drafting import ALWAYS_DRAFT
 from mlx_lm.utils import load_model
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.config import ConfigError, normalize_target_config
 from mlx_gemma_mtp.contract import check_greedy_contract, plain_greedy
 from mlx_gemma_mtp.convert import convert
-from mlx_gemma_mtp.generate import stream_generate
+from mlx_gemma_mtp.generation import stream_generate
 
 PROMPT = [2, 17, 300, 41, 99, 7, 250, 3, 61, 480, 12, 5]
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,9 @@ def test_quantized_unified_pair(wrapper_pair, tmp_path, bits):
     for role in ("target", "assistant"):
         convert(str(getattr(wrapper_pair, role)), str(tmp_path / role), True, bits, 32)
     target, drafter, _ = load(str(tmp_path / "target"), str(tmp_path / "assistant"))
-    tokens = [r.token for r in stream_generate(target, drafter, None, PROMPT, 24)]
+    tokens = [
+        r.token for r in stream_generate(target, None, PROMPT, 24, drafter, costs=ALWAYS_DRAFT)
+    ]
     assert check_greedy_contract(tokens, plain_greedy(target.model, PROMPT, 24)).holds
 
 
@@ -80,7 +83,9 @@ def test_mlx_community_style_unified_folder_loads(wrapper_pair, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     target, drafter, _ = load(str(out), str(wrapper_pair.assistant))
     assert target.args.hidden_size_per_layer_input == 0
-    tokens = [r.token for r in stream_generate(target, drafter, None, PROMPT, 16)]
+    tokens = [
+        r.token for r in stream_generate(target, None, PROMPT, 16, drafter, costs=ALWAYS_DRAFT)
+    ]
     assert check_greedy_contract(tokens, plain_greedy(target.model, PROMPT, 16)).holds
 
 
