@@ -9,12 +9,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from drafting import ALWAYS_DRAFT
 from mlx_lm.generate import generate_step
 from mlx_lm.models import gemma4_text
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_gemma_mtp import load
-from mlx_gemma_mtp.costs import Costs
 from mlx_gemma_mtp.engine import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy, stream_generate
 from mlx_gemma_mtp.models import gemma4_assistant
@@ -185,8 +185,6 @@ def tiny_pair(seed: int = 0):
 
 
 PROMPT = [1, 2, 3]
-# The default ``auto`` schedule, with costs under which two drafts always pay.
-DRAFT = Costs([0.01] * 4, 1e-4, fixed=True)
 NEW_TOKENS = 4  # t0 from the prefill, then one round of k=2 (and more rounds after rejections)
 
 
@@ -239,8 +237,9 @@ def test_mtp_sampling_distribution_equals_plain(options):
     draws = 3000
     for _ in range(draws):
         engine = SpeculativeGenerator(
-            target, drafter, policy, num_draft_tokens=2, full_vocab_draft=full_vocab, costs=DRAFT
-        )
+            target, drafter, policy, num_draft_tokens=2, full_vocab_draft=full_vocab,
+            costs=ALWAYS_DRAFT,
+        )  # fmt: skip
         tokens = [
             t for block in engine.generate(mx.array(PROMPT), NEW_TOKENS) for t in block.tokens
         ]
