@@ -182,9 +182,12 @@ def dtype_name(dtype) -> str:
 
 
 def generate_tokens(target, drafter, prompt, max_tokens: int, **sampling):
-    """Token ids, the target's log-probability rows and the last response of one generation."""
+    """Token ids, the target's log-probability rows and the last response of one generation.
+    Drafting every round (``constant``): ``auto`` may rightly park it on this machine, and the
+    check is of the drafting path."""
     tokens, rows, response = [], [], None
-    for response in stream_generate(target, None, prompt, max_tokens, drafter, **sampling):
+    options = dict(num_draft_tokens=4, draft_schedule="constant", **sampling)
+    for response in stream_generate(target, None, prompt, max_tokens, drafter, **options):
         tokens.append(response.token)
         rows.append(response.logprobs)
     return tokens, rows, response

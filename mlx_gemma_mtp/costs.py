@@ -98,21 +98,6 @@ def queued_seconds(step: Callable[[], mx.array], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def forward_chain(target, cache: list, length: int, token: mx.array) -> Callable[[], mx.array]:
-    """Greedy target forwards on ``length`` tokens, each fed by the previous one's argmax, the
-    cache rolled back after each so the context stays put."""
-    state = {"tokens": mx.repeat(token.reshape(1, 1), length, axis=1)}
-
-    def forward() -> mx.array:
-        out = target(state["tokens"], cache)
-        state["tokens"] = mx.argmax(out.logits, axis=-1).astype(mx.int32)
-        for layer_cache in cache:
-            layer_cache.trim(length)
-        return state["tokens"]
-
-    return forward
-
-
 def calibration_widths(k_max: int) -> list[int]:
     """Forward widths measured on first use; the others are interpolated (and then followed
     online): one token, two and the widest."""
@@ -120,30 +105,32 @@ def calibration_widths(k_max: int) -> list[int]:
 
 
 def measure_costs(
-    target,
-    cache: list,
+    round_chain: Callable[[int], Callable[[], mx.array]],
     draft_chain: Callable[[], mx.array],
     k_max: int,
+    context: int,
     widths: Sequence[int] | None = None,
     calls: int = 2,
     blocks: int = 2,
 ) -> Costs:
-    """Queued costs on the prefilled ``cache`` (left as it was): target forwards at ``widths``
-    (default ``calibration_widths``, interpolated to every width up to ``k_max + 1``) and the
-    engine's draft step ``draft_chain``. Each is measured ``blocks`` times round-robin and the
-    fastest block kept, so a burst of load from elsewhere spoils one sample, not the table."""
+    """Queued costs: whole rounds of ``k`` drafts (``round_chain(k)``: drafting, the target
+    forward over ``k + 1`` tokens with the policy's acceptance work, the rollback) for
+    ``k + 1`` in ``widths`` (default ``calibration_widths``), and one draft step
+    (``draft_chain``). ``verify[k]`` is a round's time less its drafting, interpolated to every
+    width up to ``k_max + 1``. Each is measured ``blocks`` times round-robin and the fastest
+    block kept, so a burst of load from elsewhere spoils one sample, not the table."""
     widths = sorted(widths or calibration_widths(k_max))
-    token = mx.array([0], mx.int32)
-    chains = {w: forward_chain(target, cache, w, token) for w in widths}
+    chains = {w: round_chain(w - 1) for w in widths}
     chains["draft"] = draft_chain
     samples = {name: [] for name in chains}
     for _ in range(blocks):
         for name, chain in chains.items():
             samples[name].append(queued_seconds(chain, calls))
-    seconds = {w: min(samples[w]) for w in widths}
+    draft = min(samples["draft"])
+    seconds = {w: max(min(samples[w]) - (w - 1) * draft, 0.0) for w in widths}
     verify = [interpolate(seconds, width) for width in range(1, k_max + 2)]
     verify = [max(verify[: i + 1]) for i in range(len(verify))]  # wider never costs less
-    return Costs(verify, min(samples["draft"]), cache[0].offset)
+    return Costs(verify, draft, context)
 
 
 def interpolate(seconds: dict, width: int) -> float:
@@ -271,12 +258,17 @@ class RoundTimes:
     def predict(self, k: int) -> float:
         if k in self.seen:
             return self.seen[k]
-        return self.costs.round_seconds(k) * self.drift()
+        return self.costs.round_seconds(k) * self.drift(k)
 
-    def drift(self) -> float:
-        if not self.seen:
+    def drift(self, k: int) -> float:
+        """How far the measured rounds are from the calibrated costs: plain steps and
+        speculative rounds apart (a speculative round has host work of its own the queued
+        calibration hides), from the other kind only when this one has not been seen."""
+        same = [j for j in self.seen if (j == 0) == (k == 0)]
+        kinds = same or list(self.seen)
+        if not kinds:
             return 1.0
-        ratios = sorted(t / self.costs.round_seconds(k) for k, t in self.seen.items())
+        ratios = sorted(self.seen[j] / self.costs.round_seconds(j) for j in kinds)
         return ratios[len(ratios) // 2]
 
     def observe(self, k: int, seconds: float) -> None:

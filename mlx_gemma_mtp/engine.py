@@ -519,8 +519,9 @@ class SpeculativeGenerator:
         )
 
     def measure_costs(self, k_max: int | None = None, **options) -> Costs:
-        """Queued costs of this engine's forwards and draft step on its prefilled cache (the
-        cache is left as it was); ``options`` go to ``costs.measure_costs``."""
+        """Queued costs of this engine's rounds (drafting, verification with this policy's
+        acceptance work, rollback) and draft step on its prefilled cache (left as it was);
+        ``options`` go to ``costs.measure_costs``."""
         k_max = self.k_max if k_max is None else k_max
         last = Round(
             0,
@@ -531,8 +532,23 @@ class SpeculativeGenerator:
             self._initial_history(mx.array([0], mx.int32)),
         )
         key = self._key  # measuring must not change what is sampled afterwards
+
+        def round_chain(k: int):
+            def one_round() -> mx.array:
+                drafts, dists, history = self._draft_after(last, k)
+                verified = self._verify(last.result[1], drafts, dists, history)
+                for c in self.cache:
+                    c.trim(k + 1)
+                return verified.result
+
+            return one_round
+
         costs = measure_costs(
-            self.target, self.cache, lambda: self._draft_after(last, 1)[0][0], k_max, **options
+            round_chain,
+            lambda: self._draft_after(last, 1)[0][0],
+            k_max,
+            self.cache[0].offset,
+            **options,
         )
         self._key = key
         return costs
