@@ -27,36 +27,25 @@ SETTINGS = {
 
 
 def text_config(layers: int, hidden: int) -> dict:
+    """``check``'s tiny text config, at a size whose shards are worth measuring."""
+    from mlx_gemma_mtp.check import tiny_text_config
+
     kinds = ["sliding_attention"] * 5 + ["full_attention"]
-    return {
-        "architectures": ["Gemma4ForCausalLM"],
-        "model_type": "gemma4_text",
-        "dtype": "bfloat16",
-        "hidden_size": hidden,
-        "intermediate_size": 4 * hidden,
-        "num_hidden_layers": layers,
-        "layer_types": [kinds[i % len(kinds)] for i in range(layers - 1)] + ["full_attention"],
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "head_dim": 256,
-        "global_head_dim": 512,
-        "num_kv_shared_layers": 0,
-        "hidden_size_per_layer_input": 0,
-        "vocab_size_per_layer_input": 0,
-        "vocab_size": 32768,
-        "sliding_window": 512,
-        "rms_norm_eps": 1e-6,
-        "final_logit_softcapping": 30.0,
-        "tie_word_embeddings": True,
-        "rope_parameters": {
-            "full_attention": {
-                "partial_rotary_factor": 0.25,
-                "rope_theta": 1000000.0,
-                "rope_type": "proportional",
-            },
-            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
-        },
-    }
+    return tiny_text_config(
+        architectures=["Gemma4ForCausalLM"],
+        dtype="bfloat16",
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        layer_types=[kinds[i % len(kinds)] for i in range(layers - 1)] + ["full_attention"],
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=256,
+        global_head_dim=512,
+        num_kv_shared_layers=0,
+        vocab_size=32768,
+        sliding_window=512,
+    )
 
 
 def write_checkpoint(folder: Path, config: dict, shard_bytes: int) -> None:
