@@ -33,6 +33,7 @@ except ImportError as e:  # an optional extra
     ) from None
 
 from .config import ConfigError
+from .engine import SCHEDULES
 from .generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
     encode_chat,
@@ -322,6 +323,7 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
             "min_p": pick(body.min_p, "min_p"),
             "repetition_penalty": body.repetition_penalty,
             "num_draft_tokens": k if drafter is not None else 0,
+            "draft_schedule": defaults["draft_schedule"],
             "stop": stop,
         }
 
@@ -495,6 +497,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="Default: loopback only.")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT_TOKENS)
+    parser.add_argument(
+        "--draft-schedule",
+        choices=SCHEDULES,
+        default="auto",
+        help="auto: k chosen every round from measured costs and acceptance (0 parks drafting).",
+    )
     parser.add_argument("--max-tokens", type=int, default=512, help="Default per request.")
     parser.add_argument("--temp", type=float, default=0.0, help="Default temperature.")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -524,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"Error: {e}") from None
     defaults = {
         "num_draft_tokens": args.num_draft_tokens,
+        "draft_schedule": args.draft_schedule,
         "max_tokens": args.max_tokens,
         "temp": args.temp,
         "top_p": args.top_p,

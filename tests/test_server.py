@@ -38,6 +38,9 @@ def server():
         sys.executable, "-m", "mlx_gemma_mtp.server", "--model", TARGET, "--draft-model",
         ASSISTANT, "--port", str(port), "--dtype", "float32", "--prompt-cache-size", "6",
         "--prompt-cache-bytes", str(CACHE_BUDGET),
+        # Drafting every round: auto may rightly park it on this machine, and the MTP counters
+        # in usage are tested here.
+        "--draft-schedule", "constant",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
