@@ -20,8 +20,9 @@ import click
 import mlx.core as mx
 
 from . import centroid_head as ch
+from .calibrate import choices
 from .config import ConfigError, normalize_target_config
-from .costs import DraftController, load_costs
+from .costs import load_costs
 from .engine import SpeculativeGenerator
 from .generation import stream_generate
 from .loading import all_arrays, load, validate_pair
@@ -332,9 +333,10 @@ def cost_table(target, drafter) -> Check:
             "--model T --draft-model D` measures it (the first generation does too)",
         )
     table = ", ".join(f"L={i + 1}: {1e3 * t:.2f}" for i, t in enumerate(costs.verify))
-    controller = DraftController(costs, engine.k_max, 0.7)
     picks = ", ".join(
-        f"{a}: k={controller.best([a] * engine.k_max, engine.k_max)}" for a in (0.5, 0.7, 0.9)
+        f"{row['acceptance']}: k={row['k']}"
+        for row in choices(costs, engine.k_max)
+        if row["acceptance"] in (0.5, 0.7, 0.9)
     )
     detail = (
         f"cached in {path}: t_verify(L) ms {table}; t_draft {1e3 * costs.draft:.2f} ms; "
