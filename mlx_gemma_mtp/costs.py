@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 
 from .machine import speed_identity
 
-COSTS_VERSION = 1
+COSTS_VERSION = 2
 
 
 def tokens_per_round(alpha: float, k: int) -> float:

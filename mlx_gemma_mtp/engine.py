@@ -275,7 +275,8 @@ class SpeculativeGenerator:
                     target, drafter, self.policy, full_vocab_draft
                 )
         self._auto = draft_schedule == "auto" and self.stats.mode == "mtp"
-        self._key = mx.array(0)  # random keys for the compiled sampling draft step
+        self._key = mx.array(0)  # random keys for drafting and speculative acceptance
+        self._measuring = False
         if self.policy.speculative and self.stats.mode == "mtp":
             self._key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
         self._buffer_shapes = None
@@ -313,8 +314,15 @@ class SpeculativeGenerator:
         return mx.concatenate([mx.repeat(prompt[:1], window - prompt.size), prompt])
 
     def _accept(self, drafts: list, dists: list, logprobs: mx.array) -> mx.array:
-        """``[n, t_0, .., t_k]``: accepted count and target tokens (emitted: ``t_0..t_n``)."""
-        n, tokens = self.policy.accept(drafts, dists, logprobs)
+        """``[n, t_0, .., t_k]``: accepted count and target tokens (emitted: ``t_0..t_n``).
+
+        Speculative rounds draw from the engine's own key, and so do plain steps while the costs
+        are measured: measuring draws nothing from MLX's global random state, so a seed gives
+        the same output whether the costs were measured in this run or cached."""
+        key = None
+        if self.policy.speculative and self.stats.mode == "mtp" and (drafts or self._measuring):
+            self._key, key = mx.random.split(self._key)
+        n, tokens = self.policy.accept(drafts, dists, logprobs, key)
         return mx.concatenate([n.reshape(1), tokens]).astype(mx.int32)
 
     def _draft_after(self, done: Round, count: int) -> tuple[list, list, mx.array | None]:
@@ -532,6 +540,7 @@ class SpeculativeGenerator:
             self._initial_history(mx.array([0], mx.int32)),
         )
         key = self._key  # measuring must not change what is sampled afterwards
+        self._measuring = True
 
         def round_chain(k: int):
             def one_round() -> mx.array:
@@ -543,12 +552,13 @@ class SpeculativeGenerator:
 
             return one_round
 
-        costs = measure_costs(
-            round_chain,
-            lambda: self._draft_after(last, 1)[0][0],
-            k_max,
-            self.cache[0].offset,
-            **options,
-        )
-        self._key = key
-        return costs
+        try:
+            return measure_costs(
+                round_chain,
+                lambda: self._draft_after(last, 1)[0][0],
+                k_max,
+                self.cache[0].offset,
+                **options,
+            )
+        finally:
+            self._key, self._measuring = key, False

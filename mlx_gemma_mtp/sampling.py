@@ -99,33 +99,46 @@ def match_accept(drafts: mx.array, target_tokens: mx.array) -> mx.array:
 
 
 def speculative_accept(
-    drafts: mx.array, draft_logq: mx.array, q_rows: mx.array, target_logprobs: mx.array
+    drafts: mx.array,
+    draft_logq: mx.array,
+    q_row: Callable[[mx.array], mx.array],
+    target_logprobs: mx.array,
+    key: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Speculative sampling for ``k >= 1`` drafts drawn with log-probabilities ``draft_logq``
-    ``[k]`` from the rows ``q_rows`` ``[k, V]`` (probabilities), against ``exp(target_logprobs)``
-    ``[k+1, V]`` (float32). Returns ``(n, tokens)``: ``n`` drafts are accepted and
+    ``[k]``, against ``exp(target_logprobs)`` ``[k+1, V]`` (float32). ``q_row(i)`` gives the
+    drafter's probability row ``[V]`` of draft ``i`` (a lazy index); ``key``: the random key
+    (None: MLX's global random state). Returns ``(n, tokens)``: ``n`` drafts are accepted and
     ``tokens[:n+1]`` are the emitted tokens."""
     k = drafts.shape[0]
-    p = mx.exp(target_logprobs)
-    p_draft = mx.take_along_axis(p[:k], drafts[:, None], axis=-1)[:, 0]
-    accept = mx.random.uniform(shape=(k,)) * mx.exp(draft_logq) < p_draft
+    accept_key, draw_key = (None, None) if key is None else mx.random.split(key)
+    p_draft = mx.exp(mx.take_along_axis(target_logprobs[:k], drafts[:, None], axis=-1)[:, 0])
+    accept = mx.random.uniform(shape=(k,), key=accept_key) * mx.exp(draft_logq) < p_draft
     n = mx.cumprod(accept.astype(mx.int32)).sum()
-    residual = mx.maximum(p[:k] - q_rows, 0.0)
+    # One row is drawn from: the residual at the first rejection, or p itself (the bonus token);
+    # building only that row keeps the per-row work of a round to the target's distribution.
+    p = mx.exp(mx.take(target_logprobs, n, axis=0))
+    residual = mx.maximum(p - q_row(mx.minimum(n, k - 1)) * (n < k), 0.0)
     # p == q up to rounding: rejection is (nearly) impossible there, but keep the row valid.
-    residual = mx.where(residual.sum(-1, keepdims=True) > 0, residual, p[:k])
-    fallback = mx.random.categorical(mx.log(mx.concatenate([residual, p[k:]])))
-    token_at_n = fallback[n]
+    residual = mx.where(residual.sum() > 0, residual, p)
+    token_at_n = mx.random.categorical(mx.log(residual), key=draw_key)
     tokens = mx.where(mx.arange(k + 1) < n, mx.concatenate([drafts, drafts[:1]]), token_at_n)
     return n, tokens
 
 
-def probability_rows(draft: dict, vocab_size: int) -> mx.array:
-    """The drafter's distribution as a full-vocabulary probability row ``[1, V]``: scattered from
-    its candidates only here, where the acceptance rule needs it."""
-    q = mx.exp(draft["logq"])
-    if "ids" not in draft:
-        return q
-    return mx.put_along_axis(mx.zeros((1, vocab_size), q.dtype), draft["ids"], q, axis=-1)
+def draft_probability_row(draft_dists: list, vocab_size: int) -> Callable[[mx.array], mx.array]:
+    """``i -> q_i`` ``[V]``: the drafter's distribution at draft ``i`` as a vocabulary row,
+    scattered from its candidates only here, for the one row the acceptance rule draws from."""
+    logq = mx.concatenate([d["logq"] for d in draft_dists])
+    if "ids" not in draft_dists[0]:
+        return lambda i: mx.exp(mx.take(logq, i, axis=0))
+    ids = mx.concatenate([d["ids"] for d in draft_dists])
+
+    def row(i: mx.array) -> mx.array:
+        q = mx.exp(mx.take(logq, i, axis=0))
+        return mx.zeros((vocab_size,), q.dtype).at[mx.take(ids, i, axis=0)].add(q)
+
+    return row
 
 
 class TokenPolicy:
@@ -198,17 +211,22 @@ class TokenPolicy:
             draft["ids"] = ids
         return draft
 
-    def accept(self, drafts: list, draft_dists: list, logprobs: mx.array):
+    def accept(self, drafts: list, draft_dists: list, logprobs: mx.array, key=None):
         """``(n, tokens)`` for drafts ``[k]`` and target log-probabilities ``[k+1, V]``. Without
-        drafts this is mlx-lm's sampler itself, so plain decoding draws exactly as mlx-lm does."""
+        drafts and ``key`` this is mlx-lm's sampler itself, so plain decoding draws exactly as
+        mlx-lm does. With a ``key`` nothing draws from MLX's global random state, except a custom
+        sampler (it takes no key)."""
         if not drafts:
-            return mx.array(0), self.sampler(logprobs)
+            if key is None or self.params is None:
+                return mx.array(0), self.sampler(logprobs)
+            # The same work as mlx-lm's sampler, from the key.
+            scaled = self.params.filter(logprobs) * (1.0 / self.params.temp)
+            return mx.array(0), mx.random.categorical(scaled, key=key)
         drafts = mx.concatenate(drafts)
         if self.speculative:
-            vocab_size = logprobs.shape[-1]
-            q_rows = mx.concatenate([probability_rows(d, vocab_size) for d in draft_dists])
+            q_row = draft_probability_row(draft_dists, logprobs.shape[-1])
             draft_logq = mx.concatenate([d["logq_token"] for d in draft_dists])
             target = self.params.distribution(logprobs)
-            return speculative_accept(drafts, draft_logq, q_rows, target)
+            return speculative_accept(drafts, draft_logq, q_row, target, key)
         tokens = self.sampler(logprobs)
         return match_accept(drafts, tokens), tokens

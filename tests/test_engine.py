@@ -660,14 +660,16 @@ def test_pipelined_drafting_matches_the_synchronous_loop(fixture_pair):
     assert compiled["token"].item() == eager["token"].item()
 
 
-def test_a_seed_reproduces_sampled_output_under_auto(fixture_pair):
-    """Sampled tokens depend on every round's k: auto must not let run-to-run timing change it
-    (once the costs are cached: measuring them draws random numbers)."""
+def test_a_seed_reproduces_sampled_output_under_auto(fixture_pair, tmp_path, monkeypatch):
+    """Sampled tokens depend on every round's k: auto must not let run-to-run timing change it,
+    and measuring the costs (first run, empty cache) must not draw from the seeded state."""
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path))
     target, drafter, _ = fixture_pair
     prompt = held_out_prompts()[11]
-    run(target, drafter, prompt, 4, temp=0.8, top_p=0.95)
-    outputs = []
+    outputs, cached = [], []
     for _ in range(2):
+        cached.append(len(list(tmp_path.glob("costs/*.json"))))
         mx.random.seed(7)
         outputs.append(run(target, drafter, prompt, 48, temp=0.8, top_p=0.95)[0])
+    assert cached == [0, 1]  # measured in the first run, read from the cache in the second
     assert outputs[0] == outputs[1]

@@ -18,7 +18,12 @@ from mlx_gemma_mtp import load
 from mlx_gemma_mtp.engine import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy, stream_generate
 from mlx_gemma_mtp.models import gemma4_assistant
-from mlx_gemma_mtp.sampling import SamplingParams, match_accept, speculative_accept
+from mlx_gemma_mtp.sampling import (
+    SamplingParams,
+    draft_probability_row,
+    match_accept,
+    speculative_accept,
+)
 from mlx_gemma_mtp.target import Target
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
@@ -74,18 +79,23 @@ def test_match_accept_counts_the_leading_matches():
     assert match_accept(mx.zeros((0,), mx.int32), target[:1]).item() == 0
 
 
+def rows(q: mx.array):
+    """``q_row`` for ``speculative_accept`` from probability rows ``[k, V]``."""
+    return lambda i: mx.take(q, i, axis=0)
+
+
 def test_speculative_accept_takes_drafts_the_target_agrees_with():
     logprobs = mx.log(mx.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]))
     drafts = mx.array([1, 0])
     # q == p: every draft is accepted, the bonus comes from the last row.
     q_token = mx.take_along_axis(logprobs[:2], drafts[:, None], axis=-1)[:, 0]
-    n, tokens = speculative_accept(drafts, q_token, mx.exp(logprobs[:2]), logprobs)
+    n, tokens = speculative_accept(drafts, q_token, rows(mx.exp(logprobs[:2])), logprobs)
     assert n.item() == 2 and tokens[:2].tolist() == [1, 0]
     # q puts all its mass on a token p never gives: always rejected, resampled from p.
     never = mx.log(mx.array([[0.0, 0.0, 1.0]])) + mx.zeros((1, 3))
     zero_p = mx.log(mx.array([[0.5, 0.5, 0.0], [0.3, 0.3, 0.4]]))
     for _ in range(20):
-        n, tokens = speculative_accept(mx.array([2]), never[:, 2], mx.exp(never), zero_p)
+        n, tokens = speculative_accept(mx.array([2]), never[:, 2], rows(mx.exp(never)), zero_p)
         assert n.item() == 0 and tokens[0].item() in (0, 1)
 
 
@@ -101,7 +111,8 @@ def test_first_token_distribution_for_fixed_rows():
     for _ in range(draws):
         draft = mx.random.categorical(draft_logprobs)
         q_token = draft_logprobs[0, draft]
-        n, tokens = speculative_accept(draft, q_token, mx.exp(draft_logprobs), target_logprobs)
+        q_row = rows(mx.exp(draft_logprobs))
+        n, tokens = speculative_accept(draft, q_token, q_row, target_logprobs)
         counts[tokens[0].item()] += 1
     assert chi_square_p_value(counts, p) > SIGNIFICANCE
 
@@ -280,3 +291,14 @@ def test_policy_options():
     assert make_policy(logits_processors=[lambda tokens, logits: logits]).history_window is None
     with pytest.raises(ValueError, match="either a sampler"):
         make_policy(sampler=make_sampler(0.5), temp=0.5)
+
+
+def test_draft_probability_row_scatters_the_candidates_of_one_draft():
+    logq = mx.log(mx.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]))
+    ids = mx.array([[4, 1, 0], [2, 3, 5]])
+    dists = [{"logq": logq[i : i + 1], "ids": ids[i : i + 1]} for i in range(2)]
+    row = draft_probability_row(dists, 6)
+    assert np.allclose(np.array(row(mx.array(1))), [0, 0, 0.2, 0.3, 0, 0.5])
+    assert np.allclose(np.array(row(mx.array(0))), [0, 0.5, 0, 0, 0.5, 0])
+    full = draft_probability_row([{"logq": logq[i : i + 1]} for i in range(2)], 3)
+    assert np.allclose(np.array(full(mx.array(1))), [0.2, 0.3, 0.5])
