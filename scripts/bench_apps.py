@@ -7,7 +7,6 @@ the machine may be shared.
 """
 
 import argparse
-import json
 import random
 import shlex
 import socket
@@ -198,11 +197,7 @@ def main(argv=None) -> dict:
     result["ttft"] = ttft_turn_two(model, drafter, prompts, args)
     server_prompts = prompts[: args.server_prompts]
     result["server"] = server_against_direct(model, drafter, tokenizer, server_prompts, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = report(result)
-    (args.out / "bench_apps.json").write_text(json.dumps(result, indent=2))
-    (args.out / "bench_apps.md").write_text(text)
-    print(text)
+    bc.write_results(args.out, "bench_apps", result, report(result))
     return result
 
 

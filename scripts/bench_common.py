@@ -2,6 +2,7 @@
 
 import datetime
 import hashlib
+import json
 import os
 import platform
 import statistics
@@ -167,3 +168,11 @@ def code_line(code: dict | None) -> str:
         return ""
     changed = " + uncommitted changes" if code["package_changed_since_commit"] else ""
     return f"; code {code['commit']}{changed} (package sha256 {code['package_sha256']})"
+
+
+def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
+    """Write ``<out>/<name>.json`` and ``<out>/<name>.md`` (making the folder), print the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"{name}.md").write_text(markdown.rstrip("\n") + "\n")
+    print(markdown)

@@ -732,19 +732,16 @@ def engine_costs(target, drafter, prompt: list[int], args) -> dict:
     return micro
 
 
-def write_outputs(result: dict, out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    markdown = report(result)
-    (out / "bench_mtp.md").write_text(markdown + "\n")
+def write_outputs(result: dict, out: Path) -> None:
+    bc.write_results(out, "bench_mtp", result, report(result))
     plot(result, out / "bench_mtp.png")
-    return markdown
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
-        print(write_outputs(result, Path(args.out)))
+        write_outputs(result, Path(args.out))
         return result
     target, drafter, tokenizer = load(args.model, args.draft_model, dtype=args.dtype)
     drafter_bytes = sum(p.nbytes for _, p in tree_flatten(drafter.parameters()))
@@ -819,10 +816,7 @@ def main(argv=None) -> dict:
     }
     if args.profile:
         result["profile"] = profile(runner, prompts[: args.profile_prompts], args.profile_ks)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_mtp.json").write_text(json.dumps(result, indent=1, default=str))
-    print(write_outputs(result, out))
+    write_outputs(result, Path(args.out))
     return result
 
 

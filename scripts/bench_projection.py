@@ -500,12 +500,7 @@ def main(argv=None) -> dict:
                 + " ms",
                 flush=True,
             )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "projection.json").write_text(json.dumps(result, indent=2, default=str))
-    markdown = report(result)
-    (out / "projection.md").write_text(markdown)
-    print(markdown)
+    bc.write_results(Path(args.out), "projection", result, report(result))
     return result
 
 

@@ -266,11 +266,7 @@ def main(argv=None) -> dict:
 
 
 def write_report(result: dict, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_quant.json").write_text(json.dumps(result, indent=2))
-    text = report(result)
-    (out / "bench_quant.md").write_text(text)
-    print(text)
+    bc.write_results(out, "bench_quant", result, report(result))
     return result
 
 

@@ -13,6 +13,7 @@ SCRIPTS = ROOT / "scripts"
 FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
 sys.path.insert(0, str(SCRIPTS))
 
+import bench_apps  # noqa: E402
 import bench_common as bc  # noqa: E402
 import bench_mtp  # noqa: E402
 import bench_projection  # noqa: E402
@@ -183,3 +184,17 @@ def test_bench_quant_runs(tmp_path):
     assert all("identical" not in c for c in cells.values() if c["temp"] > 0)
     table = (tmp_path / "bench_quant.md").read_text()
     assert "| 4bit | 4bit | 0 |" in table and "1/1 identical" in table
+
+
+@pytest.mark.slow
+def test_bench_apps_runs(tmp_path):
+    result = bench_apps.main(
+        [
+            *("--history", "64", "--reply", "8", "--repeats", "1"),
+            *("--server-prompts", "1", "--max-tokens", "8", "--out", str(tmp_path)),
+        ]
+    )
+    assert result["ttft"] and result["server"]
+    saved = json.loads((tmp_path / "bench_apps.json").read_text())
+    assert saved["ttft"] == result["ttft"]
+    assert "Server / direct" in (tmp_path / "bench_apps.md").read_text()
