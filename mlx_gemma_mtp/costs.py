@@ -288,20 +288,23 @@ class DraftController:
     best is tried. ``k = 0`` parks speculation (plain steps). While parked, a speculative round
     probes the acceptance after ``probe_every`` plain tokens, an interval that doubles after
     each probe that did not pay (up to ``max_probe_every``); no probe when no ``k`` could pay
-    even if every draft were accepted."""
+    even if every draft were accepted. Drafting must beat a plain step by ``margin`` (a
+    fraction) to be chosen: near break-even the estimates' errors (the acceptance seen so far, a
+    round's host work the calibration hides) decide, and parked decoding is never slower."""
 
     def __init__(
         self,
         costs: Costs,
         k_max: int,
         prior: float,
+        margin: float = 0.05,
         probe_every: int = 32,
         max_probe_every: int = 512,
         explore_every: int = 8,
         seed_rounds: int = 3,
         seed_acceptance: float = 0.9,
     ):
-        self.k_max, self.prior = k_max, prior
+        self.k_max, self.prior, self.margin = k_max, prior, margin
         self.acceptance = AcceptanceModel(k_max, prior)
         self.times = RoundTimes(costs)
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
@@ -315,7 +318,8 @@ class DraftController:
 
     def best(self, rates: Sequence[float], limit: int) -> int:
         speeds = [expected_tokens(rates, k) / self.times.predict(k) for k in range(limit + 1)]
-        return max(range(limit + 1), key=lambda k: (speeds[k], -k))
+        k = max(range(limit + 1), key=lambda k: (speeds[k], -k))
+        return k if speeds[k] > speeds[0] * (1 + self.margin) else 0
 
     def choose(self, limit: int) -> int:
         """``k`` for the next round, drafting at most ``limit`` tokens."""

@@ -104,6 +104,16 @@ def test_controller_drafts_where_it_pays_and_follows_acceptance():
 BREAK_EVEN = Costs([0.010 + 0.006 * (L - 1) for L in range(1, 10)], 0.0005)
 
 
+def test_drafting_must_beat_a_plain_step_by_the_margin():
+    """k = 1 at acceptance 1 with a verification 1.9x a plain step: 2 tokens in 1.9 (+ the draft)
+    is 4-5% faster than plain, inside the 5% margin: parked; with no margin it drafts."""
+    costs = Costs([0.010, 0.019], 0.0001, fixed=True)
+    assert DraftController(costs, 1, prior=0.7).best([1.0], 1) == 0
+    assert DraftController(costs, 1, prior=0.7, margin=0.0).best([1.0], 1) == 1
+    faster = Costs([0.010, 0.017], 0.0001, fixed=True)  # 2 tokens in 1.71: 17% faster
+    assert DraftController(faster, 1, prior=0.7).best([1.0], 1) == 1
+
+
 def test_parked_controller_probes_with_backoff():
     """Break-even costs: parked at low acceptance, it probes after 32 plain tokens, then 64,
     128...; when probes find drafts accepted again it resumes drafting."""
