@@ -247,13 +247,15 @@ class AcceptanceModel:
 
 
 class RoundTimes:
-    """Seconds per round of ``k`` drafts: the measured round times for the ``k`` that ran
-    (exponentially weighted), the calibrated costs scaled by how far the measured rounds drifted
-    from them for the others (a busy machine, a longer context)."""
+    """Seconds per round of ``k`` drafts: the measured round times for the ``k`` that ran (a
+    running mean over the first rounds, the calibrated cost counting as one, then exponentially
+    weighted), the calibrated costs scaled by how far the measured rounds drifted from them for
+    the others (a busy machine, a longer context)."""
 
     def __init__(self, costs: Costs, weight: float = 0.2):
         self.costs, self.weight = costs, weight
         self.seen: dict[int, float] = {}
+        self.counts: dict[int, int] = {}
 
     def predict(self, k: int) -> float:
         if k in self.seen:
@@ -278,19 +280,24 @@ class RoundTimes:
             return
         predicted = self.predict(k)
         seconds = min(max(seconds, predicted / 2), predicted * 2)
-        self.seen[k] = predicted + self.weight * (seconds - predicted)
+        self.counts[k] = self.counts.get(k, 0) + 1
+        weight = max(self.weight, 1.0 / (self.counts[k] + 1))
+        self.seen[k] = predicted + weight * (seconds - predicted)
 
 
 class DraftController:
     """``auto``: every round, the ``k`` in ``0..k_max`` that maximises expected tokens per
     second. The first ``seed_rounds`` draft as many as would pay at high acceptance, so every
-    position's acceptance is seen early; every ``explore_every`` rounds one more draft than the
-    best is tried. ``k = 0`` parks speculation (plain steps). While parked, a speculative round
-    probes the acceptance after ``probe_every`` plain tokens, an interval that doubles after
-    each probe that did not pay (up to ``max_probe_every``); no probe when no ``k`` could pay
-    even if every draft were accepted. Drafting must beat a plain step by ``margin`` (a
-    fraction) to be chosen: near break-even the estimates' errors (the acceptance seen so far, a
-    round's host work the calibration hides) decide, and parked decoding is never slower."""
+    position's acceptance is seen early. Every ``explore_every`` rounds another ``k`` is tried:
+    of those whose expected speed is within ``explore_within`` of the best's, the one with the
+    fewest measured round times (a forward's cost need not grow smoothly with its width), else
+    one more draft than the best (to learn the next position's acceptance). ``k = 0`` parks
+    speculation (plain steps). While parked, a speculative round probes the acceptance after
+    ``probe_every`` plain tokens, an interval that doubles after each probe that did not pay (up
+    to ``max_probe_every``); no probe when no ``k`` could pay even if every draft were accepted.
+    Drafting must beat a plain step by ``margin`` (a fraction) to be chosen: near break-even the
+    estimates' errors (the acceptance seen so far, a round's host work the calibration hides)
+    decide, and parked decoding is never slower."""
 
     def __init__(
         self,
@@ -301,6 +308,7 @@ class DraftController:
         probe_every: int = 32,
         max_probe_every: int = 512,
         explore_every: int = 8,
+        explore_within: float = 0.1,
         seed_rounds: int = 3,
         seed_acceptance: float = 0.9,
     ):
@@ -309,6 +317,7 @@ class DraftController:
         self.times = RoundTimes(costs)
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
         self.probe_every, self.explore_every = probe_every, explore_every
+        self.explore_within = explore_within
         self.seed_rounds, self.seed_acceptance = seed_rounds, seed_acceptance
         self.parked_tokens = 0  # plain tokens since the last speculative round
         self.rounds = 0
@@ -316,10 +325,26 @@ class DraftController:
         self.probing = False
         self.probe_weight = 0.5
 
+    def speeds(self, rates: Sequence[float], limit: int) -> list[float]:
+        """Expected tokens per second for ``k = 0..limit``."""
+        return [expected_tokens(rates, k) / self.times.predict(k) for k in range(limit + 1)]
+
     def best(self, rates: Sequence[float], limit: int) -> int:
-        speeds = [expected_tokens(rates, k) / self.times.predict(k) for k in range(limit + 1)]
+        speeds = self.speeds(rates, limit)
         k = max(range(limit + 1), key=lambda k: (speeds[k], -k))
         return k if speeds[k] > speeds[0] * (1 + self.margin) else 0
+
+    def explore(self, best: int, limit: int) -> int:
+        """The ``k`` to try instead of ``best`` in an exploring round."""
+        speeds = self.speeds(self.acceptance.estimates(), limit)
+        close = [
+            k
+            for k in range(1, limit + 1)
+            if k != best and speeds[k] >= (1 - self.explore_within) * speeds[best]
+        ]
+        if not close:
+            return min(best + 1, limit)
+        return min(close, key=lambda k: (self.times.counts.get(k, 0), -k))
 
     def choose(self, limit: int) -> int:
         """``k`` for the next round, drafting at most ``limit`` tokens."""
@@ -342,7 +367,7 @@ class DraftController:
             self.probing = True
             return max(1, self.best([self.seed_acceptance] * limit, limit))
         if self.rounds % self.explore_every == self.explore_every - 1:
-            return min(k + 1, limit)  # now and then, learn about the next position too
+            return self.explore(k, limit)
         return k
 
     def observe(self, k: int, accepted: int, seconds: float | None) -> None:

@@ -82,6 +82,31 @@ def simulate(controller: DraftController, rate: float, tokens: int) -> list[int]
     return ks
 
 
+def test_exploring_tries_the_least_measured_close_contender():
+    """A forward's cost need not grow smoothly with its width (BLAS blocking: on this CPU with
+    OpenBLAS 4 tokens cost less than 3), so exploring rounds try every k close to the best in
+    turn, below it too: at k_max, "one more draft" would never explore at all."""
+    controller = DraftController(FLAT, 6, prior=0.7)
+    rates = [0.95] * 6
+    assert controller.best(rates, 6) == 6
+    controller.acceptance.rates = rates
+    assert controller.explore(6, 6) == 5  # the closest of the untried contenders
+    controller.times.observe(5, FLAT.round_seconds(5))
+    assert controller.explore(6, 6) == 4  # 5 has a measured time now
+    # Nothing close to the best: one more draft, to learn the next position's acceptance.
+    strict = DraftController(FLAT, 6, prior=0.7, explore_within=0.0)
+    best = strict.best(strict.acceptance.estimates(), 6)
+    assert best < 6 and strict.explore(best, 6) == best + 1
+
+
+def test_first_round_times_count_as_much_as_the_calibration():
+    times = RoundTimes(FLAT)
+    times.observe(3, 2 * FLAT.round_seconds(3))
+    assert times.predict(3) == pytest.approx(1.5 * FLAT.round_seconds(3))
+    times.observe(3, 2 * FLAT.round_seconds(3))
+    assert times.predict(3) == pytest.approx(5 / 3 * FLAT.round_seconds(3))
+
+
 def test_controller_parks_where_no_draft_pays_and_never_probes_in_vain():
     controller = DraftController(LINEAR, 6, prior=0.7)
     assert set(simulate(controller, 0.8, 500)) == {0}
