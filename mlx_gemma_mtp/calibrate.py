@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from .config import ConfigError
 from .costs import Costs, DraftController, expected_tokens
-from .engine import DEFAULT_NUM_DRAFT_TOKENS, PRIOR_ACCEPTANCE, SpeculativeGenerator
+from .engine import DEFAULT_NUM_DRAFT_TOKENS, DRAFT_MARGIN, PRIOR_ACCEPTANCE, SpeculativeGenerator
 from .generation import make_policy
 from .machine import speed_identity
 
@@ -63,11 +63,12 @@ def position_acceptance(target, drafter, prompts, k_max: int, sampling: dict, to
     return [a / r if r else None for a, r in zip(accepted, reached, strict=True)]
 
 
-def choices(costs: Costs, k_max: int) -> list[dict]:
-    """The controller's ``k`` and expected speedup at each constant acceptance level."""
+def choices(costs: Costs, k_max: int, rule: str = "match") -> list[dict]:
+    """The controller's ``k`` and expected speedup at each constant acceptance level, for an
+    engine with acceptance ``rule``."""
     rows = []
     for level in LEVELS:
-        controller = DraftController(costs, k_max, level)
+        controller = DraftController(costs, k_max, level, DRAFT_MARGIN[rule])
         k = controller.best([level] * k_max, k_max)
         speedup = costs.speedup(expected_tokens([level] * k_max, k), k)
         rows.append({"acceptance": level, "k": k, "expected_speedup": speedup})
@@ -81,12 +82,13 @@ def calibrate(target, drafter, tokenizer, k_max: int, tokens: int) -> dict:
     for name, sampling in (("greedy", {}), ("sampled temp 0.7 top-p 0.95", SAMPLING)):
         costs, source = measured_costs(target, drafter, context, k_max, sampling)
         acceptance = position_acceptance(target, drafter, prompts, k_max, sampling, tokens)
+        rule = "speculative" if sampling else "match"
         report["modes"][name] = {
             "costs": costs.to_dict(),
             "costs_source": source,
             "acceptance_by_position": acceptance,
-            "prior_acceptance": PRIOR_ACCEPTANCE["speculative" if sampling else "match"],
-            "choices": choices(costs, k_max),
+            "prior_acceptance": PRIOR_ACCEPTANCE[rule],
+            "choices": choices(costs, k_max, rule),
         }
     return report
 

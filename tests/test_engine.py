@@ -21,7 +21,7 @@ from mlx_gemma_mtp.cache import SlidingWindowCache
 from mlx_gemma_mtp.contract import check_greedy_contract
 from mlx_gemma_mtp.contract import plain_greedy as contract_plain_greedy
 from mlx_gemma_mtp.costs import Costs
-from mlx_gemma_mtp.engine import DraftSchedule, SpeculativeGenerator
+from mlx_gemma_mtp.engine import DRAFT_MARGIN, DraftSchedule, SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy, stream_generate
 from mlx_gemma_mtp.models.gemma4_assistant import DraftOutput
 
@@ -673,3 +673,16 @@ def test_a_seed_reproduces_sampled_output_under_auto(fixture_pair, tmp_path, mon
         outputs.append(run(target, drafter, prompt, 48, temp=0.8, top_p=0.95)[0])
     assert cached == [0, 1]  # measured in the first run, read from the cache in the second
     assert outputs[0] == outputs[1]
+
+
+def test_speculative_sampling_drafts_only_with_the_wider_margin(fixture_pair):
+    """Sampling keeps to the calibrated costs (no round times followed): auto demands more of
+    drafting before it leaves plain decoding."""
+    target, drafter, _ = fixture_pair
+    prompt = mx.array(held_out_prompts()[0][:20])
+    for options, rule in (({}, "match"), ({"temp": 0.8}, "speculative")):
+        engine = SpeculativeGenerator(target, drafter, make_policy(**options), costs=ALWAYS_DRAFT)
+        next(engine.generate(prompt, 4))
+        assert engine.stats.acceptance_rule == rule
+        assert engine.schedule.margin == DRAFT_MARGIN[rule]
+    assert DRAFT_MARGIN["speculative"] > DRAFT_MARGIN["match"]
