@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 
 from .machine import speed_identity
 
-COSTS_VERSION = 2
+COSTS_VERSION = 3
 
 
 def tokens_per_round(alpha: float, k: int) -> float:
@@ -58,6 +58,9 @@ class Costs:
     context: int = 0  # cache length when measured
     measured_at: float = field(default_factory=time.time)
     fixed: bool = False  # True: not followed online (benchmarks and tests that pin decisions)
+    # Where speculative sampling's vocabulary rows are filtered and drawn: "device" (lazy, in the
+    # pipelined loop) or "host" (numpy; the loop drafts after each read), whichever measured faster.
+    sampling_on: str = "device"
 
     @property
     def k_max(self) -> int:
@@ -70,6 +73,10 @@ class Costs:
         """The ideal speedup of rounds of ``k`` drafts emitting ``tokens`` on average."""
         return ideal_speedup(tokens, self.verify[0], self.verify[k], k, self.draft)
 
+    def best_speed(self, rates: Sequence[float]) -> float:
+        """Expected tokens per second of the best ``k`` at per-position acceptance ``rates``."""
+        return max(expected_tokens(rates, k) / self.round_seconds(k) for k in range(self.k_max + 1))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -80,7 +87,17 @@ class Costs:
             float(data["draft"]),
             int(data.get("context", 0)),
             float(data.get("measured_at", 0.0)),
+            sampling_on=placement(data.get("sampling_on", "device")),
         )
+
+
+SAMPLING_PLACES = ("device", "host")
+
+
+def placement(value) -> str:
+    if value not in SAMPLING_PLACES:
+        raise ValueError(f"sampling_on must be one of {SAMPLING_PLACES}, got {value!r}")
+    return value
 
 
 # -- measuring ---------------------------------------------------------------------------------

@@ -26,9 +26,20 @@ from functools import partial
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
+from . import host_sampling
 from .centroid_head import prepare_head
-from .costs import Costs, DraftController, costs_identity, load_costs, measure_costs, save_costs
+from .costs import (
+    SAMPLING_PLACES,
+    Costs,
+    DraftController,
+    costs_identity,
+    load_costs,
+    measure_costs,
+    placement,
+    save_costs,
+)
 from .sampling import TokenPolicy
 
 SCHEDULES = ("auto", "constant", "heuristic")
@@ -51,6 +62,7 @@ class Stats:
     draft_schedule: str = "auto"
     acceptance_rule: str = "match"
     draft_path: str = "none"
+    sampling_on: str = "device"  # where speculative sampling filtered and drew ("host": numpy)
     prompt_tokens: int = 0
     rounds: int = 0  # speculative rounds (k >= 1)
     plain_steps: int = 0  # rounds with k = 0 after the first token
@@ -229,12 +241,18 @@ class SpeculativeGenerator:
         costs: Costs | None = None,
         cache: list | None = None,
         prompt_progress_callback: Callable[[int, int], None] | None = None,
+        sampling_on: str = "auto",
     ):
         """``cache``: the target cache to continue from (``Target.make_cache``, with a slack of
         at least ``draft_slack(num_draft_tokens)``), kept by the caller between generations;
-        after ``settle`` it stands for its old tokens, the prompt and the emitted tokens."""
+        after ``settle`` it stands for its old tokens, the prompt and the emitted tokens.
+        ``sampling_on``: where speculative sampling filters and draws the vocabulary rows,
+        ``device`` or ``host`` (numpy, ``host_sampling``); ``auto``: the costs say (each is
+        measured with the costs, and the faster kept)."""
         if draft_schedule not in SCHEDULES:
             raise ValueError(f"draft schedule {draft_schedule!r} is not one of {SCHEDULES}")
+        if sampling_on != "auto":
+            placement(sampling_on)
         if num_draft_tokens < 0:
             raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
         self.target, self.drafter = target, drafter
@@ -263,33 +281,54 @@ class SpeculativeGenerator:
         self.prompt_progress_callback = prompt_progress_callback
         # ``auto`` gets its controller once the prompt is in the cache (see ``generate``).
         self.schedule = DraftSchedule(num_draft_tokens, draft_schedule.replace("auto", "constant"))
-        # Drafting before the round's result is read needs the whole token history the
-        # processors read on the device, and a drafter that sees K/V buffers through masks.
-        self.pipelined = self.policy.history_window is not None and (
+        # The compiled draft step needs the token history the processors read on the device,
+        # and a drafter that sees K/V buffers through masks; then drafts can be dispatched
+        # before the round's result is read, unless the host samples (it reads every round).
+        self._masked = self.policy.history_window is not None and (
             drafter is None or hasattr(drafter, "visibility_masks")
         )
+        samples = self.policy.speculative and self.stats.mode == "mtp"
+        self._placement_open = samples and sampling_on == "auto"
+        self._host = samples and sampling_on == "host"
         # Not a bound method: the engine must not be in a reference cycle, or its caches would
         # outlive it until the garbage collector runs.
         self._draft_step = partial(draft_step, target, drafter, self.policy, full_vocab_draft)
         self._compiled_step = None
         if self.stats.mode == "mtp":
-            self.stats.draft_path = self._describe_draft_path()
-            if self.pipelined:
+            self._sample_on_host(self._host)
+            if self._masked:
                 self._compiled_step = compiled_draft_step(
                     target, drafter, self.policy, full_vocab_draft
                 )
         self._auto = draft_schedule == "auto" and self.stats.mode == "mtp"
         self._key = mx.array(0)  # random keys for drafting and speculative acceptance
         self._measuring = False
-        if self.policy.speculative and self.stats.mode == "mtp":
+        self._rng = None  # the host's draws, seeded from the first key when first needed
+        if samples:
             self._key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+        self._rng_seed = self._key
         self._buffer_shapes = None
 
-    def _describe_draft_path(self) -> str:
-        head = "centroid-masked"
+    @property
+    def pipelined(self) -> bool:
+        """True: the next round's drafts are dispatched before this round's result is read."""
+        return self._masked and not self._host
+
+    def _sample_on_host(self, host: bool) -> None:
+        self._host = host
+        self.stats.sampling_on = "host" if host else "device"
+        self.stats.draft_path = self._describe_draft_path()
+
+    def _head(self) -> str:
         args = getattr(self.drafter, "args", None)
         if self.full_vocab_draft or not getattr(args, "use_ordered_embeddings", True):
-            head = "full-vocabulary"
+            return "full-vocabulary"
+        return "centroid-masked"
+
+    def _describe_draft_path(self) -> str:
+        head = self._head()
+        if self._host and self._masked:
+            return f"compiled, drafting after the host samples, {head}"
         if self.pipelined:
             return f"compiled, pipelined, {head}"
         if self.policy.history_window is None:
@@ -323,11 +362,42 @@ class SpeculativeGenerator:
         Speculative rounds draw from the engine's own key, and so do plain steps while the costs
         are measured: measuring draws nothing from MLX's global random state, so a seed gives
         the same output whether the costs were measured in this run or cached."""
+        if self._host:
+            return self._accept_on_host(drafts, dists, logprobs)
         key = None
         if self.policy.speculative and self.stats.mode == "mtp" and (drafts or self._measuring):
             self._key, key = mx.random.split(self._key)
         n, tokens = self.policy.accept(drafts, dists, logprobs, key)
         return mx.concatenate([n.reshape(1), tokens]).astype(mx.int32)
+
+    def _accept_on_host(self, drafts: list, dists: list, logprobs: mx.array) -> mx.array:
+        """``_accept`` with the filters and draws in numpy (``host_sampling``), from the rows
+        read back (the logits processors and log-softmax stay on the device)."""
+        params, vocab_size = self.policy.params, logprobs.shape[-1]
+        tokens = mx.concatenate(drafts) if drafts else mx.zeros((0,), mx.int32)
+        q_tokens = mx.exp(mx.concatenate([d["logq_token"] for d in dists])) if drafts else tokens
+        rows = logprobs.astype(mx.float32)
+        mx.eval(rows, tokens, q_tokens, [d["logq"] for d in dists], [d.get("ids") for d in dists])
+        rows, dtype = np.array(rows), str(logprobs.dtype).split(".")[-1]
+
+        def target_rows(i: int):
+            return host_sampling.distribution(rows[i], dtype, params)
+
+        def draft_rows(i: int):
+            q = np.exp(np.array(dists[i]["logq"][0], np.float64))
+            ids = dists[i].get("ids")
+            return (np.arange(vocab_size) if ids is None else np.array(ids[0])), q
+
+        drafted = tokens.tolist()
+        n, token = host_sampling.speculative_accept(
+            drafted, q_tokens.tolist(), draft_rows, target_rows, vocab_size, self._host_rng()
+        )
+        return mx.array([n, *drafted[:n], *[token] * (len(drafted) - n + 1)], mx.int32)
+
+    def _host_rng(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self._rng_seed.tolist())
+        return self._rng
 
     def _draft_after(self, done: Round, count: int) -> tuple[list, list, mx.array | None]:
         """Dispatch ``count`` drafts for the round after ``done`` (read or not): from the token
@@ -339,7 +409,7 @@ class SpeculativeGenerator:
         token = mx.take(done.result, n + 1).reshape(1)
         hidden = mx.take(done.hidden, n, axis=1)[:, None]
         position = n + (done.first + 1)
-        if self.pipelined:
+        if self._masked:
             shared_kv, first_positions = self.target.shared_kv_buffers(self.cache)
             masks = self.drafter.visibility_masks(shared_kv, first_positions, position)
             step = self._compiled_step
@@ -432,8 +502,15 @@ class SpeculativeGenerator:
 
     def _generate(self, prompt: mx.array, max_tokens: int) -> Generator[Block, None, None]:
         current = self._first_round(prompt)
-        if self._auto:
-            self.schedule = self._auto_schedule()
+        if self._auto or self._placement_open:
+            costs = self._costs()
+            if self._placement_open:
+                self._sample_on_host(costs.sampling_on == "host")
+            if self._auto:
+                rule = self.policy.acceptance_rule
+                self.schedule = AutoSchedule(
+                    costs, self.k_max, PRIOR_ACCEPTANCE[rule], DRAFT_MARGIN[rule]
+                )
         remaining, block, clock = max_tokens, None, time.perf_counter()
         while True:
             upcoming = None
@@ -497,9 +574,9 @@ class SpeculativeGenerator:
 
     # -- the controller's costs ---------------------------------------------------------------
 
-    def _auto_schedule(self) -> AutoSchedule:
-        """The ``auto`` controller, with costs given, cached on disk, or measured now on the
-        prefilled cache (then cached)."""
+    def _costs(self) -> Costs:
+        """The costs given, cached on disk, or measured now on the prefilled cache (then
+        cached)."""
         costs, source = self.costs, "given"
         if costs is None:
             identity = self.costs_identity()
@@ -511,8 +588,7 @@ class SpeculativeGenerator:
                 source = f"measured now, cached in {saved}" if saved else "measured now"
             self.costs = costs
         self.stats.costs = source
-        rule = self.policy.acceptance_rule
-        return AutoSchedule(costs, self.k_max, PRIOR_ACCEPTANCE[rule], DRAFT_MARGIN[rule])
+        return costs
 
     def costs_identity(self) -> dict:
         """The key of this engine's costs in the on-disk cache."""
@@ -523,7 +599,7 @@ class SpeculativeGenerator:
         params = self.policy.params
         return "/".join(
             [
-                self.stats.draft_path,
+                f"{'compiled' if self._masked else 'synchronous'}, {self._head()}",
                 self.policy.acceptance_rule,
                 f"processors={len(self.policy.processors)}",
                 "" if params is None else f"top_p={params.top_p},top_k={params.top_k}",
@@ -533,7 +609,22 @@ class SpeculativeGenerator:
     def measure_costs(self, k_max: int | None = None, **options) -> Costs:
         """Queued costs of this engine's rounds (drafting, verification with this policy's
         acceptance work, rollback) and draft step on its prefilled cache (left as it was);
-        ``options`` go to ``costs.measure_costs``."""
+        ``options`` go to ``costs.measure_costs``. With speculative sampling and
+        ``sampling_on="auto"``, both places to sample are measured and the costs of the one
+        faster at the prior acceptance are returned (``Costs.sampling_on`` says which)."""
+        if not self._placement_open:
+            return self._measure_costs(k_max, **options)
+        host, measured = self._host, []
+        try:
+            for place in SAMPLING_PLACES:
+                self._host = place == "host"
+                measured.append(self._measure_costs(k_max, **options))
+        finally:
+            self._host = host
+        rates = [PRIOR_ACCEPTANCE["speculative"]] * self.k_max
+        return max(measured, key=lambda costs: costs.best_speed(rates))  # a tie: the device
+
+    def _measure_costs(self, k_max: int | None, **options) -> Costs:
         k_max = self.k_max if k_max is None else k_max
         last = Round(
             0,
@@ -543,7 +634,8 @@ class SpeculativeGenerator:
             mx.zeros((1, 1, self.target.hidden_size)),
             self._initial_history(mx.array([0], mx.int32)),
         )
-        key = self._key  # measuring must not change what is sampled afterwards
+        # Measuring must not change what is sampled afterwards.
+        key, rng_state = self._key, self._host_rng().bit_generator.state
         self._measuring = True
 
         def round_chain(k: int):
@@ -557,7 +649,7 @@ class SpeculativeGenerator:
             return one_round
 
         try:
-            return measure_costs(
+            costs = measure_costs(
                 round_chain,
                 lambda: self._draft_after(last, 1)[0][0],
                 k_max,
@@ -566,3 +658,6 @@ class SpeculativeGenerator:
             )
         finally:
             self._key, self._measuring = key, False
+            self._rng.bit_generator.state = rng_state
+        costs.sampling_on = "host" if self._host else "device"
+        return costs

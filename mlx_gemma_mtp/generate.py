@@ -59,6 +59,7 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
         "draft_schedule": args["draft_schedule"],
         "acceptance_rule": response.acceptance_rule,
         "draft_path": response.draft_path,
+        "sampling_on": response.sampling_on,
         "k_histogram": response.k_histogram,
         "parked_seconds": response.parked_seconds,
         "drafted": response.drafted,
@@ -100,6 +101,13 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
     show_default=True,
     help="auto: k chosen every round from measured costs and acceptance (0 parks drafting).",
 )
+@click.option(
+    "--sampling-on",
+    type=click.Choice(["auto", "device", "host"]),
+    default="auto",
+    show_default=True,
+    help="Where speculative sampling filters and draws the vocabulary rows (auto: measured).",
+)
 @click.option("--system-prompt", help="System message for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt text as is.")
 @click.option("--no-draft", is_flag=True, help="Ignore --draft-model: plain decoding.")
@@ -139,6 +147,7 @@ def main(**args) -> None:
         num_draft_tokens=args["num_draft_tokens"],
         draft_schedule=args["draft_schedule"],
         full_vocab_draft=args["full_vocab_draft"],
+        sampling_on=args["sampling_on"],
         temp=args["temp"],
         top_p=args["top_p"],
         top_k=args["top_k"],

@@ -46,6 +46,7 @@ class GenerationResponse(MLXGenerationResponse):
     mode: str = "mtp"  # "plain" when no drafter is used
     acceptance_rule: str = "match"  # "speculative": lossless speculative sampling
     draft_path: str = "none"  # says whether drafting is compiled and centroid-masked
+    sampling_on: str = "device"  # "host": speculative sampling filtered and drew in numpy
     k_histogram: dict | None = None  # rounds per number of drafts (0: plain steps)
     parked_seconds: float = 0.0  # time in plain steps while a drafter was loaded
 
@@ -235,6 +236,7 @@ def stream_generate(
     stop: Sequence[str] = (),
     eos_token_ids: Sequence[int] | None = None,
     costs: Costs | None = None,
+    sampling_on: str = "auto",
 ) -> Generator[GenerationResponse, None, None]:
     """Yield one ``GenerationResponse`` per generated token (the last one has a
     ``finish_reason``: ``"stop"`` for EOS or a stop string, ``"length"`` for ``max_tokens``).
@@ -248,7 +250,8 @@ def stream_generate(
     ``min_tokens_to_keep``/``top_k`` (lossless speculative sampling), ``repetition_penalty``/
     ``repetition_context_size``, ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
     ``eos_token_ids`` (default: all of the tokenizer's), ``costs`` (``mlx_gemma_mtp.costs.Costs``
-    for the ``auto`` schedule instead of the measured ones). Closing the generator cancels.
+    for the ``auto`` schedule instead of the measured ones), ``sampling_on`` (where speculative
+    sampling filters and draws: ``auto``, ``device`` or ``host``). Closing the generator cancels.
     """
     if max_tokens == 0 or max_tokens < -1:
         raise ValueError(f"max_tokens must be >= 1, or -1 for no limit; got {max_tokens}")
@@ -287,6 +290,7 @@ def stream_generate(
         cache=prompt_cache,
         prompt_progress_callback=progress,
         costs=costs,
+        sampling_on=sampling_on,
     )
     texts = TextStream(tokenizer, stop)
     count = 0
@@ -340,6 +344,7 @@ def _counters(stats: Stats) -> dict:
         mode=stats.mode,
         acceptance_rule=stats.acceptance_rule,
         draft_path=stats.draft_path,
+        sampling_on=stats.sampling_on,
         k_histogram=stats.k_histogram,
         parked_seconds=stats.parked_seconds,
     )
@@ -369,7 +374,8 @@ def format_stats(response: GenerationResponse) -> str:
     if response.mode == "mtp":
         lines.append(
             f"Drafts: {response.accepted}/{response.drafted} accepted "
-            f"({response.acceptance_rate:.3f}, {response.acceptance_rule} rule), "
+            f"({response.acceptance_rate:.3f}, {response.acceptance_rule} rule"
+            f"{', sampled on the host' if response.sampling_on == 'host' else ''}), "
             f"{response.tokens_per_target_forward:.2f} tokens per target forward "
             f"({response.target_forwards} forwards, {response.rounds} speculative rounds)"
         )

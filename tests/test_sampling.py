@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from drafting import ALWAYS_DRAFT
+from drafting import ALWAYS_DRAFT, ON_HOST
 from mlx_lm.generate import generate_step
 from mlx_lm.models import gemma4_text
 from mlx_lm.sample_utils import make_sampler
@@ -229,8 +229,9 @@ def exact_sequence_probs(
         dict(temp=1.0, top_p=0.85, full_vocab_draft=True),
         dict(temp=0.9, top_k=3),
         dict(temp=1.0, repetition_penalty=1.8, repetition_context_size=3),
+        dict(temp=1.0, top_p=0.85, repetition_penalty=1.8, repetition_context_size=3, host=1),
     ],
-    ids=["temp", "top_p", "top_k", "repetition_penalty"],
+    ids=["temp", "top_p", "top_k", "repetition_penalty", "top_p_penalty_on_the_host"],
 )
 def test_mtp_sampling_distribution_equals_plain(options):
     """Chi-square goodness of fit of 3000 MTP generations (4 tokens each, vocab 8: cells are
@@ -238,6 +239,7 @@ def test_mtp_sampling_distribution_equals_plain(options):
     target, drafter = tiny_pair()
     options = dict(options)
     full_vocab = options.pop("full_vocab_draft", False)
+    costs = ON_HOST if options.pop("host", False) else ALWAYS_DRAFT
     policy = make_policy(**options)
     penalty = options.get("repetition_penalty")
     window = options.get("repetition_context_size", 0)
@@ -249,7 +251,7 @@ def test_mtp_sampling_distribution_equals_plain(options):
     for _ in range(draws):
         engine = SpeculativeGenerator(
             target, drafter, policy, num_draft_tokens=2, full_vocab_draft=full_vocab,
-            costs=ALWAYS_DRAFT,
+            costs=costs,
         )  # fmt: skip
         tokens = [
             t for block in engine.generate(mx.array(PROMPT), NEW_TOKENS) for t in block.tokens
@@ -261,7 +263,8 @@ def test_mtp_sampling_distribution_equals_plain(options):
         observed[(a * VOCAB + b) * VOCAB + c] = count
     assert 0.1 < accepted / drafted < 0.9  # both acceptance and rejection paths are exercised
     head = "full-vocabulary" if full_vocab else "centroid-masked"
-    assert engine.stats.draft_path == f"compiled, pipelined, {head}"  # the default loop
+    loop = "drafting after the host samples" if costs is ON_HOST else "pipelined"
+    assert engine.stats.draft_path == f"compiled, {loop}, {head}"  # the default loop
     assert chi_square_p_value(observed, expected) > SIGNIFICANCE
 
 
