@@ -15,7 +15,7 @@ import click
 import mlx.core as mx
 
 from .config import ConfigError
-from .costs import Costs, DraftController, expected_tokens
+from .costs import Costs, DraftController, describe_places, expected_tokens
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, DRAFT_MARGIN, PRIOR_ACCEPTANCE, SpeculativeGenerator
 from .generation import make_policy
 from .machine import speed_identity
@@ -86,6 +86,7 @@ def calibrate(target, drafter, tokenizer, k_max: int, tokens: int) -> dict:
         report["modes"][name] = {
             "costs": costs.to_dict(),
             "costs_source": source,
+            "acceptance_rule": rule,
             "acceptance_by_position": acceptance,
             "prior_acceptance": PRIOR_ACCEPTANCE[rule],
             "choices": choices(costs, k_max, rule),
@@ -101,7 +102,13 @@ def format_report(report: dict) -> str:
     ]
     for name, mode in report["modes"].items():
         costs = Costs.from_dict(mode["costs"])
-        lines += ["", f"## {name}", f"Costs: {mode['costs_source']}", ""]
+        lines += ["", f"## {name}", f"Costs: {mode['costs_source']}"]
+        if mode["acceptance_rule"] == "speculative":
+            lines.append(
+                f"Sampling on: {describe_places(costs.sampling_on)} (where its rows are filtered "
+                "and drawn; both places were measured with these costs, per k the faster kept)"
+            )
+        lines.append("")
         lines.append(
             "| k | t_verify(k+1) ms | round ms (t_verify + k t_draft) | per position acc. |"
         )

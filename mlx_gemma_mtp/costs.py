@@ -58,9 +58,10 @@ class Costs:
     context: int = 0  # cache length when measured
     measured_at: float = field(default_factory=time.time)
     fixed: bool = False  # True: not followed online (benchmarks and tests that pin decisions)
-    # Where speculative sampling's vocabulary rows are filtered and drawn: "device" (lazy, in the
-    # pipelined loop) or "host" (numpy; the loop drafts after each read), whichever measured faster.
-    sampling_on: str = "device"
+    # Where speculative sampling's vocabulary rows are filtered and drawn in a round of k drafts,
+    # ``sampling_on[k]``: "device" (lazy, pipelined) or "host" (numpy, after reading them back),
+    # whichever measured faster; "device" where the list ends.
+    sampling_on: list = field(default_factory=list)
 
     @property
     def k_max(self) -> int:
@@ -73,9 +74,8 @@ class Costs:
         """The ideal speedup of rounds of ``k`` drafts emitting ``tokens`` on average."""
         return ideal_speedup(tokens, self.verify[0], self.verify[k], k, self.draft)
 
-    def best_speed(self, rates: Sequence[float]) -> float:
-        """Expected tokens per second of the best ``k`` at per-position acceptance ``rates``."""
-        return max(expected_tokens(rates, k) / self.round_seconds(k) for k in range(self.k_max + 1))
+    def samples_on_host(self, k: int) -> bool:
+        return k < len(self.sampling_on) and self.sampling_on[k] == "host"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +87,7 @@ class Costs:
             float(data["draft"]),
             int(data.get("context", 0)),
             float(data.get("measured_at", 0.0)),
-            sampling_on=placement(data.get("sampling_on", "device")),
+            sampling_on=[placement(place) for place in data.get("sampling_on", [])],
         )
 
 
@@ -98,6 +98,27 @@ def placement(value) -> str:
     if value not in SAMPLING_PLACES:
         raise ValueError(f"sampling_on must be one of {SAMPLING_PLACES}, got {value!r}")
     return value
+
+
+def describe_places(places: Sequence[str]) -> str:
+    """``device``, ``host``, or which round sizes sample on the host."""
+    host = [k for k, place in enumerate(places) if place == "host"]
+    if not host or len(host) == len(places):
+        return "host" if host else "device"
+    return f"host for k in {host}, device for the others"
+
+
+def fastest_places(device: Costs, host: Costs) -> Costs:
+    """Per round size, the faster of the costs measured sampling on the device and on the host
+    (``sampling_on`` says which), with the device's draft step."""
+    rounds = [min(device.round_seconds(k), host.round_seconds(k)) for k in range(device.k_max + 1)]
+    places = [
+        "host" if host.round_seconds(k) < device.round_seconds(k) else "device"
+        for k in range(device.k_max + 1)
+    ]
+    verify = [seconds - k * device.draft for k, seconds in enumerate(rounds)]
+    verify = [max(verify[: i + 1]) for i in range(len(verify))]  # wider never costs less
+    return Costs(verify, device.draft, device.context, sampling_on=places)
 
 
 # -- measuring ---------------------------------------------------------------------------------

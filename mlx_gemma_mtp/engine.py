@@ -31,10 +31,11 @@ import numpy as np
 from . import host_sampling
 from .centroid_head import prepare_head
 from .costs import (
-    SAMPLING_PLACES,
     Costs,
     DraftController,
     costs_identity,
+    describe_places,
+    fastest_places,
     load_costs,
     measure_costs,
     placement,
@@ -247,8 +248,8 @@ class SpeculativeGenerator:
         at least ``draft_slack(num_draft_tokens)``), kept by the caller between generations;
         after ``settle`` it stands for its old tokens, the prompt and the emitted tokens.
         ``sampling_on``: where speculative sampling filters and draws the vocabulary rows,
-        ``device`` or ``host`` (numpy, ``host_sampling``); ``auto``: the costs say (each is
-        measured with the costs, and the faster kept)."""
+        ``device`` or ``host`` (numpy, ``host_sampling``); ``auto``: the costs say, per round
+        size (both are measured with the costs, and the faster kept)."""
         if draft_schedule not in SCHEDULES:
             raise ValueError(f"draft schedule {draft_schedule!r} is not one of {SCHEDULES}")
         if sampling_on != "auto":
@@ -281,22 +282,24 @@ class SpeculativeGenerator:
         self.prompt_progress_callback = prompt_progress_callback
         # ``auto`` gets its controller once the prompt is in the cache (see ``generate``).
         self.schedule = DraftSchedule(num_draft_tokens, draft_schedule.replace("auto", "constant"))
-        # The compiled draft step needs the token history the processors read on the device,
-        # and a drafter that sees K/V buffers through masks; then drafts can be dispatched
-        # before the round's result is read, unless the host samples (it reads every round).
-        self._masked = self.policy.history_window is not None and (
+        # Drafting before the round's result is read needs the whole token history the
+        # processors read on the device, and a drafter that sees K/V buffers through masks.
+        self.pipelined = self.policy.history_window is not None and (
             drafter is None or hasattr(drafter, "visibility_masks")
         )
         samples = self.policy.speculative and self.stats.mode == "mtp"
         self._placement_open = samples and sampling_on == "auto"
-        self._host = samples and sampling_on == "host"
+        # Round sizes whose rows the host filters and draws (it reads them back first).
+        on_host = samples and sampling_on == "host"
+        self._host_rounds = range(num_draft_tokens + 1) if on_host else range(0)
         # Not a bound method: the engine must not be in a reference cycle, or its caches would
         # outlive it until the garbage collector runs.
         self._draft_step = partial(draft_step, target, drafter, self.policy, full_vocab_draft)
         self._compiled_step = None
         if self.stats.mode == "mtp":
-            self._sample_on_host(self._host)
-            if self._masked:
+            self.stats.draft_path = self._describe_draft_path()
+            self._sample_on_host(self._host_rounds)
+            if self.pipelined:
                 self._compiled_step = compiled_draft_step(
                     target, drafter, self.policy, full_vocab_draft
                 )
@@ -309,15 +312,11 @@ class SpeculativeGenerator:
         self._rng_seed = self._key
         self._buffer_shapes = None
 
-    @property
-    def pipelined(self) -> bool:
-        """True: the next round's drafts are dispatched before this round's result is read."""
-        return self._masked and not self._host
-
-    def _sample_on_host(self, host: bool) -> None:
-        self._host = host
-        self.stats.sampling_on = "host" if host else "device"
-        self.stats.draft_path = self._describe_draft_path()
+    def _sample_on_host(self, rounds) -> None:
+        """Sample on the host in rounds of ``k in rounds`` drafts, on the device otherwise."""
+        self._host_rounds = rounds
+        places = ["host" if k in rounds else "device" for k in range(self.k_max + 1)]
+        self.stats.sampling_on = describe_places(places)
 
     def _head(self) -> str:
         args = getattr(self.drafter, "args", None)
@@ -327,8 +326,6 @@ class SpeculativeGenerator:
 
     def _describe_draft_path(self) -> str:
         head = self._head()
-        if self._host and self._masked:
-            return f"compiled, drafting after the host samples, {head}"
         if self.pipelined:
             return f"compiled, pipelined, {head}"
         if self.policy.history_window is None:
@@ -362,7 +359,7 @@ class SpeculativeGenerator:
         Speculative rounds draw from the engine's own key, and so do plain steps while the costs
         are measured: measuring draws nothing from MLX's global random state, so a seed gives
         the same output whether the costs were measured in this run or cached."""
-        if self._host:
+        if len(drafts) in self._host_rounds:
             return self._accept_on_host(drafts, dists, logprobs)
         key = None
         if self.policy.speculative and self.stats.mode == "mtp" and (drafts or self._measuring):
@@ -409,7 +406,7 @@ class SpeculativeGenerator:
         token = mx.take(done.result, n + 1).reshape(1)
         hidden = mx.take(done.hidden, n, axis=1)[:, None]
         position = n + (done.first + 1)
-        if self._masked:
+        if self.pipelined:
             shared_kv, first_positions = self.target.shared_kv_buffers(self.cache)
             masks = self.drafter.visibility_masks(shared_kv, first_positions, position)
             step = self._compiled_step
@@ -505,7 +502,7 @@ class SpeculativeGenerator:
         if self._auto or self._placement_open:
             costs = self._costs()
             if self._placement_open:
-                self._sample_on_host(costs.sampling_on == "host")
+                self._sample_on_host([k for k in range(self.k_max + 1) if costs.samples_on_host(k)])
             if self._auto:
                 rule = self.policy.acceptance_rule
                 self.schedule = AutoSchedule(
@@ -599,7 +596,7 @@ class SpeculativeGenerator:
         params = self.policy.params
         return "/".join(
             [
-                f"{'compiled' if self._masked else 'synchronous'}, {self._head()}",
+                f"{'compiled' if self.pipelined else 'synchronous'}, {self._head()}",
                 self.policy.acceptance_rule,
                 f"processors={len(self.policy.processors)}",
                 "" if params is None else f"top_p={params.top_p},top_k={params.top_k}",
@@ -610,19 +607,18 @@ class SpeculativeGenerator:
         """Queued costs of this engine's rounds (drafting, verification with this policy's
         acceptance work, rollback) and draft step on its prefilled cache (left as it was);
         ``options`` go to ``costs.measure_costs``. With speculative sampling and
-        ``sampling_on="auto"``, both places to sample are measured and the costs of the one
-        faster at the prior acceptance are returned (``Costs.sampling_on`` says which)."""
+        ``sampling_on="auto"``, both places to sample are measured, and per round size the
+        faster kept (``Costs.sampling_on``)."""
         if not self._placement_open:
             return self._measure_costs(k_max, **options)
-        host, measured = self._host, []
+        rounds, measured = self._host_rounds, []
         try:
-            for place in SAMPLING_PLACES:
-                self._host = place == "host"
+            for host in (range(0), range(self.k_max + 1)):
+                self._host_rounds = host
                 measured.append(self._measure_costs(k_max, **options))
         finally:
-            self._host = host
-        rates = [PRIOR_ACCEPTANCE["speculative"]] * self.k_max
-        return max(measured, key=lambda costs: costs.best_speed(rates))  # a tie: the device
+            self._host_rounds = rounds
+        return fastest_places(*measured)
 
     def _measure_costs(self, k_max: int | None, **options) -> Costs:
         k_max = self.k_max if k_max is None else k_max
@@ -659,5 +655,7 @@ class SpeculativeGenerator:
         finally:
             self._key, self._measuring = key, False
             self._rng.bit_generator.state = rng_state
-        costs.sampling_on = "host" if self._host else "device"
+        costs.sampling_on = [
+            "host" if k in self._host_rounds else "device" for k in range(k_max + 1)
+        ]
         return costs

@@ -372,10 +372,11 @@ def format_stats(response: GenerationResponse) -> str:
         f"{response.generation_tps:.3f} tokens-per-sec",
     ]
     if response.mode == "mtp":
+        place = f", sampled on the {response.sampling_on}"
+        place = "" if response.sampling_on == "device" else place
         lines.append(
             f"Drafts: {response.accepted}/{response.drafted} accepted "
-            f"({response.acceptance_rate:.3f}, {response.acceptance_rule} rule"
-            f"{', sampled on the host' if response.sampling_on == 'host' else ''}), "
+            f"({response.acceptance_rate:.3f}, {response.acceptance_rule} rule{place}), "
             f"{response.tokens_per_target_forward:.2f} tokens per target forward "
             f"({response.target_forwards} forwards, {response.rounds} speculative rounds)"
         )

@@ -6,4 +6,4 @@ from mlx_gemma_mtp.costs import Costs
 
 ALWAYS_DRAFT = Costs([0.01] * 34, 1e-4, fixed=True)
 # The same, with speculative sampling's rows filtered and drawn on the host (numpy).
-ON_HOST = Costs([0.01] * 34, 1e-4, fixed=True, sampling_on="host")
+ON_HOST = Costs([0.01] * 34, 1e-4, fixed=True, sampling_on=["host"] * 34)

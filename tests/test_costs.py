@@ -16,6 +16,7 @@ from mlx_gemma_mtp.costs import (
     DraftController,
     RoundTimes,
     costs_identity,
+    describe_places,
     expected_tokens,
     ideal_speedup,
     load_costs,
@@ -215,3 +216,5 @@ def test_calibrate_command_reuses_its_cache(tmp_path, monkeypatch):
             row["acceptance"] for row in mode["choices"]
         )
     assert "| acceptance | k auto picks | expected speedup |" in outputs[1]
+    sampled = report["modes"]["sampled temp 0.7 top-p 0.95"]
+    assert f"Sampling on: {describe_places(sampled['costs']['sampling_on'])} (" in outputs[1]

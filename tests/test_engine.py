@@ -638,7 +638,7 @@ def test_pipelined_drafting_matches_the_synchronous_loop(fixture_pair):
             engine = SpeculativeGenerator(
                 target, drafter, num_draft_tokens=3, draft_schedule=schedule, costs=SPECULATE
             )
-            engine._masked = pipelined  # False: the synchronous loop, ordered K/V
+            engine.pipelined = pipelined
             blocks = [(b.tokens, b.num_from_draft) for b in engine.generate(mx.array(prompt), 200)]
             runs.append((blocks, engine.stats.draft_lengths))
         assert runs[0] == runs[1]

@@ -23,6 +23,7 @@ STATS_KEYS = {
     "draft_schedule",
     "acceptance_rule",
     "draft_path",
+    "sampling_on",
     "k_histogram",
     "parked_seconds",
     "drafted",
@@ -88,6 +89,19 @@ def test_cli_streams_text_and_writes_stats(pair, tmp_path):
     assert "".join(r.text for r in expected) in result.stdout
     for line in ("Prompt:", "Generation:", "tokens per target forward", "Peak memory:"):
         assert line in result.stderr
+
+
+def test_cli_samples_on_the_host_when_told_and_a_seed_reproduces_it(pair, tmp_path):
+    target, drafter, tokenizer = pair
+    args = ["--model", TARGET, "--draft-model", ASSISTANT, "--prompt", PROMPT, "--max-tokens"]
+    args += ["24", "--temp", "0.8", "--top-p", "0.9", "--seed", "5", "--sampling-on", "host"]
+    result, stats = invoke(*args, tmp_path=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert stats["sampling_on"] == "host" and stats["acceptance_rule"] == "speculative"
+    assert stats["draft_path"] == "compiled, pipelined, centroid-masked"
+    assert "speculative rule, sampled on the host" in result.stderr
+    again = invoke(*args, tmp_path=tmp_path)[1]
+    assert again["tokens"] == stats["tokens"]
 
 
 def test_cli_reads_the_prompt_from_stdin(pair, tmp_path):

@@ -11,7 +11,7 @@ from test_engine import FIXTURE, held_out_prompts, run
 from test_sampling import SIGNIFICANCE, chi_square_p_value
 
 from mlx_gemma_mtp import host_sampling, load
-from mlx_gemma_mtp.costs import Costs, load_costs, save_costs
+from mlx_gemma_mtp.costs import Costs, describe_places, load_costs, save_costs
 from mlx_gemma_mtp.engine import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy
 from mlx_gemma_mtp.sampling import SamplingParams, log_softmax
@@ -97,46 +97,55 @@ def test_all_drafts_accepted_then_a_bonus_token():
     assert (n, token) == (2, 5)
 
 
-def test_the_engine_samples_on_the_host_when_its_costs_say_so(fixture_pair):
+def test_the_engine_samples_on_the_host_where_its_costs_say_so(fixture_pair):
     target, drafter, _ = fixture_pair
     prompt = mx.array(held_out_prompts()[0][:30])
-    for costs, place in ((ALWAYS_DRAFT, "device"), (ON_HOST, "host")):
+    plain_on_device = dataclasses.replace(ON_HOST, sampling_on=["device"] + ["host"] * 33)
+    for costs, place in (
+        (ALWAYS_DRAFT, "device"),
+        (ON_HOST, "host"),
+        (plain_on_device, "host for k in [1, 2, 3, 4, 5, 6], device for the others"),
+    ):
         engine = SpeculativeGenerator(target, drafter, make_policy(temp=0.8), costs=costs)
         tokens = [t for block in engine.generate(prompt, 24) for t in block.tokens]
         assert len(tokens) == 24 and engine.stats.sampling_on == place
         assert engine.stats.rounds > 0 and engine.stats.accepted > 0
-        assert engine.pipelined == (place == "device")
-    assert engine.stats.draft_path == "compiled, drafting after the host samples, centroid-masked"
-    # Greedy never samples on the host, whatever the costs say.
-    engine = SpeculativeGenerator(target, drafter, costs=ON_HOST)
-    list(engine.generate(prompt, 8))
-    assert engine.stats.sampling_on == "device" and engine.pipelined
+        assert engine.stats.draft_path == "compiled, pipelined, centroid-masked"
+    # Greedy never samples on the host, whatever the costs or the option say.
+    for options in (dict(costs=ON_HOST), dict(costs=ALWAYS_DRAFT, sampling_on="host")):
+        engine = SpeculativeGenerator(target, drafter, **options)
+        list(engine.generate(prompt, 8))
+        assert engine.stats.sampling_on == "device"
 
 
-def test_auto_measures_both_places_and_keeps_the_faster(fixture_pair, monkeypatch):
+def test_auto_measures_both_places_and_keeps_the_faster_per_round_size(fixture_pair, monkeypatch):
     target, drafter, _ = fixture_pair
-    engine = SpeculativeGenerator(target, drafter, make_policy(temp=0.7, top_p=0.9))
+    engine = SpeculativeGenerator(
+        target, drafter, make_policy(temp=0.7, top_p=0.9), num_draft_tokens=3
+    )
     list(engine.generate(mx.array(held_out_prompts()[1][:40]), 2))
-    measured = {}
+    # The device is faster for a plain step, the host for rounds with drafts.
+    measured = {
+        "device": Costs([0.010, 0.030, 0.040, 0.050], 0.001),
+        "host": Costs([0.012, 0.014, 0.016, 0.018], 0.002),
+    }
+    seen = []
 
-    def fake(place_costs):
-        def measure(k_max=None, **options):
-            place = "host" if engine._host else "device"
-            measured[place] = dataclasses.replace(place_costs[place], sampling_on=place)
-            return measured[place]
+    def fake_measure(k_max=None, **options):
+        place = "host" if len(engine._host_rounds) else "device"
+        seen.append(place)
+        return measured[place]
 
-        return measure
-
-    for slower in ("device", "host"):
-        faster = "host" if slower == "device" else "device"
-        slow, quick = Costs([0.02] * 5, 0.001), Costs([0.01] * 5, 0.001)
-        monkeypatch.setattr(engine, "_measure_costs", fake({slower: slow, faster: quick}))
-        assert engine.measure_costs().sampling_on == faster
-        assert set(measured) == {"device", "host"}
+    monkeypatch.setattr(engine, "_measure_costs", fake_measure)
+    costs = engine.measure_costs()
+    assert sorted(seen) == ["device", "host"]
+    assert costs.sampling_on == ["device", "host", "host", "host"]
+    assert [round(costs.round_seconds(k), 6) for k in range(4)] == [0.010, 0.016, 0.020, 0.024]
+    assert describe_places(costs.sampling_on) == "host for k in [1, 2, 3], device for the others"
     # Forced: one place, measured once.
     forced = SpeculativeGenerator(target, drafter, make_policy(temp=0.7), sampling_on="host")
     list(forced.generate(mx.array(held_out_prompts()[1][:40]), 2))
-    assert forced.measure_costs(blocks=1, calls=1).sampling_on == "host"
+    assert set(forced.measure_costs(blocks=1, calls=1).sampling_on) == {"host"}
     with pytest.raises(ValueError, match="sampling_on"):
         SpeculativeGenerator(target, drafter, sampling_on="gpu")
 
@@ -155,6 +164,6 @@ def test_a_damaged_placement_in_the_cache_is_measured_again(tmp_path, monkeypatc
     monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path))
     identity = {"test": "placement"}
     path = save_costs(identity, ON_HOST)
-    assert load_costs(identity, 4)[0].sampling_on == "host"
+    assert load_costs(identity, 4)[0].samples_on_host(3)
     path.write_text(path.read_text().replace('"host"', '"gpu"'))
     assert load_costs(identity, 4)[0] is None

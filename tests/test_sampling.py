@@ -263,8 +263,8 @@ def test_mtp_sampling_distribution_equals_plain(options):
         observed[(a * VOCAB + b) * VOCAB + c] = count
     assert 0.1 < accepted / drafted < 0.9  # both acceptance and rejection paths are exercised
     head = "full-vocabulary" if full_vocab else "centroid-masked"
-    loop = "drafting after the host samples" if costs is ON_HOST else "pipelined"
-    assert engine.stats.draft_path == f"compiled, {loop}, {head}"  # the default loop
+    assert engine.stats.draft_path == f"compiled, pipelined, {head}"  # the default loop
+    assert engine.stats.sampling_on == ("host" if costs is ON_HOST else "device")
     assert chi_square_p_value(observed, expected) > SIGNIFICANCE
 
 
