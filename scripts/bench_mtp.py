@@ -50,7 +50,7 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate  # noqa: E
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from mlx_gemma_mtp import load  # noqa: E402
-from mlx_gemma_mtp.costs import Costs, ideal_speedup  # noqa: E402
+from mlx_gemma_mtp.costs import Costs, describe_places, ideal_speedup  # noqa: E402
 from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
 from mlx_gemma_mtp.generation import make_policy, stream_generate  # noqa: E402
 
@@ -525,6 +525,7 @@ def report(result: dict) -> str:
             f"temp {temp}: t_target(L) "
             + ", ".join(f"L={i + 1}: {1e3 * t:.2f}" for i, t in enumerate(c["verify"]))
             + f", draft step {1e3 * c['draft']:.2f}"
+            + sampled_where(c)
             for temp, c in micro["queued"].items()
         )
         + f". One synchronous call each (built, run, waited for; median [min-max] of "
@@ -705,6 +706,12 @@ def prefilled_cache(target, prompt: list[int], slack: int) -> list:
     cache = target.make_cache(draft_slack=slack)
     mx.eval(target.backbone(mx.array(prompt)[None], cache=cache))
     return cache
+
+
+def sampled_where(costs: dict) -> str:
+    """Where a sampled policy's rows were filtered and drawn, if not only on the device."""
+    places = costs.get("sampling_on") or []
+    return f" (sampled on the {describe_places(places)})" if "host" in places else ""
 
 
 def engine_costs(target, drafter, prompt: list[int], args) -> dict:
