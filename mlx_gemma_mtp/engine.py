@@ -14,7 +14,10 @@ recent-token window of the logits processors), so the device drafts while the ho
 result, rolls the caches back and builds the next verification. After a plain step nothing needs
 rolling back, so the next verification is queued before the read too, as mlx-lm's plain loop
 does. Only custom logits processors (which read the whole history on the host) and drafters
-without ``visibility_masks`` draft after the read.
+without ``visibility_masks`` draft after the read. Speculative sampling may filter and draw a
+round's rows on the host instead (numpy, ``host_sampling``; per round size, where that measured
+faster): that round's verification reads its rows back, so the drafts after it are dispatched
+once it is known.
 """
 
 import time
@@ -609,19 +612,19 @@ class SpeculativeGenerator:
         ``options`` go to ``costs.measure_costs``. With speculative sampling and
         ``sampling_on="auto"``, both places to sample are measured, and per round size the
         faster kept (``Costs.sampling_on``)."""
+        k_max = self.k_max if k_max is None else k_max
         if not self._placement_open:
             return self._measure_costs(k_max, **options)
         rounds, measured = self._host_rounds, []
         try:
-            for host in (range(0), range(self.k_max + 1)):
+            for host in (range(0), range(k_max + 1)):
                 self._host_rounds = host
                 measured.append(self._measure_costs(k_max, **options))
         finally:
             self._host_rounds = rounds
         return fastest_places(*measured)
 
-    def _measure_costs(self, k_max: int | None, **options) -> Costs:
-        k_max = self.k_max if k_max is None else k_max
+    def _measure_costs(self, k_max: int, **options) -> Costs:
         last = Round(
             0,
             self.cache[0].offset - 1,

@@ -124,10 +124,10 @@ def test_auto_measures_both_places_and_keeps_the_faster_per_round_size(fixture_p
         target, drafter, make_policy(temp=0.7, top_p=0.9), num_draft_tokens=3
     )
     list(engine.generate(mx.array(held_out_prompts()[1][:40]), 2))
-    # The device is faster for a plain step, the host for rounds with drafts.
+    # The host is faster for rounds with drafts, and measured faster for a plain step too.
     measured = {
         "device": Costs([0.010, 0.030, 0.040, 0.050], 0.001),
-        "host": Costs([0.012, 0.014, 0.016, 0.018], 0.002),
+        "host": Costs([0.009, 0.014, 0.016, 0.018], 0.002),
     }
     seen = []
 
@@ -139,6 +139,7 @@ def test_auto_measures_both_places_and_keeps_the_faster_per_round_size(fixture_p
     monkeypatch.setattr(engine, "_measure_costs", fake_measure)
     costs = engine.measure_costs()
     assert sorted(seen) == ["device", "host"]
+    # A plain step stays mlx-lm's queued one: its calibration does not see the loop's host work.
     assert costs.sampling_on == ["device", "host", "host", "host"]
     assert [round(costs.round_seconds(k), 6) for k in range(4)] == [0.010, 0.016, 0.020, 0.024]
     assert describe_places(costs.sampling_on) == "host for k in [1, 2, 3], device for the others"
