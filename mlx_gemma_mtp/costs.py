@@ -123,8 +123,13 @@ def fastest_places(device: Costs, host: Costs) -> Costs:
     chosen = {"device": device, "host": host}
     rounds = [chosen[place].round_seconds(k) for k, place in enumerate(places)]
     verify = [seconds - k * device.draft for k, seconds in enumerate(rounds)]
-    verify = [max(verify[: i + 1]) for i in range(len(verify))]  # wider never costs less
-    return Costs(verify, device.draft, device.context, sampling_on=places)
+    return Costs(wider_never_cheaper(verify), device.draft, device.context, sampling_on=places)
+
+
+def wider_never_cheaper(verify: Sequence[float]) -> list[float]:
+    """``verify`` made non-decreasing in the width (a measured dip is noise or a quirk that
+    another run need not repeat)."""
+    return [max(verify[: i + 1]) for i in range(len(verify))]
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -173,8 +178,7 @@ def measure_costs(
     draft = min(samples["draft"])
     seconds = {w: max(min(samples[w]) - (w - 1) * draft, 0.0) for w in widths}
     verify = [interpolate(seconds, width) for width in range(1, k_max + 2)]
-    verify = [max(verify[: i + 1]) for i in range(len(verify))]  # wider never costs less
-    return Costs(verify, draft, context)
+    return Costs(wider_never_cheaper(verify), draft, context)
 
 
 def interpolate(seconds: dict, width: int) -> float:

@@ -290,18 +290,16 @@ class SpeculativeGenerator:
         self.pipelined = self.policy.history_window is not None and (
             drafter is None or hasattr(drafter, "visibility_masks")
         )
-        samples = self.policy.speculative and self.stats.mode == "mtp"
-        self._placement_open = samples and sampling_on == "auto"
-        # Round sizes whose rows the host filters and draws (it reads them back first).
-        on_host = samples and sampling_on == "host"
-        self._host_rounds = range(num_draft_tokens + 1) if on_host else range(0)
+        self._samples = self.policy.speculative and self.stats.mode == "mtp"
+        self._placement_open = self._samples and sampling_on == "auto"
+        on_host = self._samples and sampling_on == "host"
+        self._sample_on_host(range(num_draft_tokens + 1) if on_host else range(0))
         # Not a bound method: the engine must not be in a reference cycle, or its caches would
         # outlive it until the garbage collector runs.
         self._draft_step = partial(draft_step, target, drafter, self.policy, full_vocab_draft)
         self._compiled_step = None
         if self.stats.mode == "mtp":
             self.stats.draft_path = self._describe_draft_path()
-            self._sample_on_host(self._host_rounds)
             if self.pipelined:
                 self._compiled_step = compiled_draft_step(
                     target, drafter, self.policy, full_vocab_draft
@@ -310,13 +308,14 @@ class SpeculativeGenerator:
         self._key = mx.array(0)  # random keys for drafting and speculative acceptance
         self._measuring = False
         self._rng = None  # the host's draws, seeded from the first key when first needed
-        if samples:
+        if self._samples:
             self._key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
         self._rng_seed = self._key
         self._buffer_shapes = None
 
     def _sample_on_host(self, rounds) -> None:
-        """Sample on the host in rounds of ``k in rounds`` drafts, on the device otherwise."""
+        """Sample on the host in rounds of ``k in rounds`` drafts (it reads their rows back
+        first), on the device otherwise."""
         self._host_rounds = rounds
         places = ["host" if k in rounds else "device" for k in range(self.k_max + 1)]
         self.stats.sampling_on = describe_places(places)
@@ -365,7 +364,7 @@ class SpeculativeGenerator:
         if len(drafts) in self._host_rounds:
             return self._accept_on_host(drafts, dists, logprobs)
         key = None
-        if self.policy.speculative and self.stats.mode == "mtp" and (drafts or self._measuring):
+        if self._samples and (drafts or self._measuring):
             self._key, key = mx.random.split(self._key)
         n, tokens = self.policy.accept(drafts, dists, logprobs, key)
         return mx.concatenate([n.reshape(1), tokens]).astype(mx.int32)
@@ -634,7 +633,7 @@ class SpeculativeGenerator:
             self._initial_history(mx.array([0], mx.int32)),
         )
         # Measuring must not change what is sampled afterwards.
-        key, rng_state = self._key, self._host_rng().bit_generator.state
+        key, rng_state = self._key, self._samples and self._host_rng().bit_generator.state
         self._measuring = True
 
         def round_chain(k: int):
@@ -657,7 +656,8 @@ class SpeculativeGenerator:
             )
         finally:
             self._key, self._measuring = key, False
-            self._rng.bit_generator.state = rng_state
+            if rng_state:
+                self._rng.bit_generator.state = rng_state
         costs.sampling_on = [
             "host" if k in self._host_rounds else "device" for k in range(k_max + 1)
         ]

@@ -8,6 +8,7 @@ import click
 import mlx.core as mx
 
 from .config import ConfigError
+from .costs import SAMPLING_PLACES
 from .engine import SCHEDULES
 from .generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
@@ -103,7 +104,7 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
 )
 @click.option(
     "--sampling-on",
-    type=click.Choice(["auto", "device", "host"]),
+    type=click.Choice(["auto", *SAMPLING_PLACES]),
     default="auto",
     show_default=True,
     help="Where speculative sampling filters and draws the vocabulary rows (auto: measured).",

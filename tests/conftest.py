@@ -1,6 +1,18 @@
 """Shared fixtures."""
 
+from pathlib import Path
+
 import pytest
+
+FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
+
+
+@pytest.fixture(scope="module")
+def fixture_pair():
+    """The trained tiny target and assistant (``tests/fixtures/gemma4-tiny``), float32."""
+    from mlx_gemma_mtp import load
+
+    return load(str(FIXTURE / "target"), str(FIXTURE / "assistant"), dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -31,11 +31,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 HF_ACCEPTANCE, HF_TOKENS_PER_FORWARD = 0.797, 4.04
 
 
-@pytest.fixture(scope="module")
-def fixture_pair():
-    return load(str(FIXTURE / "target"), str(FIXTURE / "assistant"), dtype="float32")
-
-
 def held_out_prompts() -> list:
     lines = (FIXTURE / "held_out_prompts.jsonl").read_text().splitlines()
     return [json.loads(line)["input_ids"] for line in lines]

@@ -7,20 +7,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from drafting import ALWAYS_DRAFT, ON_HOST
-from test_engine import FIXTURE, held_out_prompts, run
+from test_engine import held_out_prompts, run
 from test_sampling import SIGNIFICANCE, chi_square_p_value
 
-from mlx_gemma_mtp import host_sampling, load
+from mlx_gemma_mtp import host_sampling
 from mlx_gemma_mtp.costs import Costs, describe_places, load_costs, save_costs
 from mlx_gemma_mtp.engine import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy
 from mlx_gemma_mtp.sampling import SamplingParams, log_softmax
-
-
-@pytest.fixture(scope="module")
-def fixture_pair():
-    return load(str(FIXTURE / "target"), str(FIXTURE / "assistant"), dtype="float32")
-
 
 FILTERS = [
     SamplingParams(0.7, top_p=0.95),
