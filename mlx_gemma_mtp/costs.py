@@ -12,7 +12,9 @@ followed online per draft position.
 import hashlib
 import json
 import os
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -294,42 +296,49 @@ class AcceptanceModel:
 
 
 class RoundTimes:
-    """Seconds per round of ``k`` drafts: the measured round times for the ``k`` that ran (a
-    running mean over the first rounds, the calibrated cost counting as one, then exponentially
-    weighted), the calibrated costs scaled by how far the measured rounds drifted from them for
-    the others (a busy machine, a longer context)."""
+    """Seconds per round of ``k`` drafts: for the ``k`` that ran, the median of their last
+    ``window`` measured times (with the calibrated cost as one more until the window is full);
+    for the others, the calibrated costs scaled by how far the measured rounds drifted from
+    them (a busy machine, a longer context). A median, not a mean: one hiccup (a page fault, a
+    retrace, the consumer's work between tokens) must not make plain steps look slow."""
 
-    def __init__(self, costs: Costs, weight: float = 0.2):
-        self.costs, self.weight = costs, weight
-        self.seen: dict[int, float] = {}
+    def __init__(self, costs: Costs, window: int = 15):
+        self.costs = costs
+        self.samples: dict[int, deque] = {}
         self.counts: dict[int, int] = {}
+        self.window = window
+        self._predicted: dict[int, float] = {}  # until the next observation
 
     def predict(self, k: int) -> float:
-        if k in self.seen:
-            return self.seen[k]
-        return self.costs.round_seconds(k) * self.drift(k)
+        if k not in self._predicted:
+            measured = k in self.samples
+            self._predicted[k] = (
+                self.measured(k) if measured else self.costs.round_seconds(k) * self.drift(k)
+            )
+        return self._predicted[k]
+
+    def measured(self, k: int) -> float:
+        values = list(self.samples[k])
+        if len(values) < self.window:
+            values.append(self.costs.round_seconds(k))
+        return statistics.median(values)
 
     def drift(self, k: int) -> float:
         """How far the measured rounds are from the calibrated costs: plain steps and
         speculative rounds apart (a speculative round has host work of its own the queued
         calibration hides), from the other kind only when this one has not been seen."""
-        same = [j for j in self.seen if (j == 0) == (k == 0)]
-        kinds = same or list(self.seen)
+        same = [j for j in self.samples if (j == 0) == (k == 0)]
+        kinds = same or list(self.samples)
         if not kinds:
             return 1.0
-        ratios = sorted(self.seen[j] / self.costs.round_seconds(j) for j in kinds)
-        return ratios[len(ratios) // 2]
+        return statistics.median(self.measured(j) / self.costs.round_seconds(j) for j in kinds)
 
     def observe(self, k: int, seconds: float) -> None:
-        """One round's time; clipped to [1/2, 2] x the prediction so one hiccup (a page fault,
-        a retrace) moves the estimate by little."""
         if self.costs.fixed:
             return
-        predicted = self.predict(k)
-        seconds = min(max(seconds, predicted / 2), predicted * 2)
+        self.samples.setdefault(k, deque(maxlen=self.window)).append(seconds)
         self.counts[k] = self.counts.get(k, 0) + 1
-        weight = max(self.weight, 1.0 / (self.counts[k] + 1))
-        self.seen[k] = predicted + weight * (seconds - predicted)
+        self._predicted.clear()
 
 
 class DraftController:
@@ -338,10 +347,15 @@ class DraftController:
     position's acceptance is seen early. Every ``explore_every`` rounds another ``k`` is tried:
     of those whose expected speed is within ``explore_within`` of the best's, the one with the
     fewest measured round times (a forward's cost need not grow smoothly with its width), else
-    one more draft than the best (to learn the next position's acceptance). ``k = 0`` parks
+    one more draft than the best (to learn the next position's acceptance). When round times are
+    followed (``timed``), a plain step is among them while drafting is expected to beat it by
+    less than ``plain_within``: the calibration may come from a busier or quieter spell of the
+    machine, in which a plain step cost another fraction of a round, and only a plain step
+    measured now says whether drafting still pays. ``k = 0`` parks
     speculation (plain steps). While parked, a speculative round probes the acceptance after
     ``probe_every`` plain tokens, an interval that doubles after each probe that did not pay (up
-    to ``max_probe_every``); no probe when no ``k`` could pay even if every draft were accepted.
+    to ``max_probe_every``); no probe when no ``k`` would pay even with drafts accepted
+    ``seed_acceptance`` of the time (the probe would cost more than it could find).
     Drafting must beat a plain step by ``margin`` (a fraction) to be chosen: near break-even the
     estimates' errors (the acceptance seen so far, a round's host work the calibration hides)
     decide, and parked decoding is never slower."""
@@ -358,16 +372,23 @@ class DraftController:
         explore_within: float = 0.1,
         seed_rounds: int = 3,
         seed_acceptance: float = 0.9,
+        timed: bool = True,
+        plain_within: float = 0.3,
+        times: "RoundTimes | None" = None,
     ):
+        """``times``: round times followed in earlier generations of this pair, to go on from."""
         self.k_max, self.prior, self.margin = k_max, prior, margin
         self.acceptance = AcceptanceModel(k_max, prior)
-        self.times = RoundTimes(costs)
+        self.times = times or RoundTimes(costs)
+        self.timed, self.plain_within = timed, plain_within
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
         self.probe_every, self.explore_every = probe_every, explore_every
         self.explore_within = explore_within
         self.seed_rounds, self.seed_acceptance = seed_rounds, seed_acceptance
         self.parked_tokens = 0  # plain tokens since the last speculative round
         self.rounds = 0
+        self.explored = 0  # 1 + the round count of the last exploring round
+        self.plain_left = 0  # plain steps still to take in an exploring pair
         self.probes = 0
         self.probing = False
         self.probe_weight = 0.5
@@ -389,6 +410,9 @@ class DraftController:
             for k in range(1, limit + 1)
             if k != best and speeds[k] >= (1 - self.explore_within) * speeds[best]
         ]
+        plain_close = speeds[0] * (1 + self.plain_within) >= speeds[best]
+        if self.timed and (plain_close or not self.times.counts.get(0)):
+            close.append(0)
         if not close:
             return min(best + 1, limit)
         return min(close, key=lambda k: (self.times.counts.get(k, 0), -k))
@@ -398,23 +422,30 @@ class DraftController:
         limit = min(limit, self.k_max)
         if limit < 1:
             return 0
-        if self.rounds + self.probes < self.seed_rounds:
-            # The first rounds learn every position the costs could make worth drafting (a
-            # round at k = 1 would teach nothing about the second draft): the k that would be
-            # best were drafts accepted 9 times in 10.
-            k = self.best([self.seed_acceptance] * limit, limit)
-            if k:
-                return k
+        if self.plain_left:
+            self.plain_left -= 1
+            return 0
+        # The k that would be best were drafts accepted 9 times in 10: the first rounds draft it
+        # to learn every position the costs could make worth drafting (a round at k = 1 would
+        # teach nothing about the second draft), and so do probes.
+        hopeful = self.best([self.seed_acceptance] * limit, limit)
+        if self.rounds + self.probes < self.seed_rounds and hopeful:
+            return hopeful
         k = self.best(self.acceptance.estimates(), limit)
         if k == 0:
-            if self.parked_tokens < self.probe_every or self.best([1.0] * limit, limit) == 0:
+            if self.parked_tokens < self.probe_every or hopeful == 0:
                 return 0
             self.parked_tokens = 0
             self.probes += 1
             self.probing = True
-            return max(1, self.best([self.seed_acceptance] * limit, limit))
-        if self.rounds % self.explore_every == self.explore_every - 1:
-            return self.explore(k, limit)
+            return hopeful
+        due = self.rounds % self.explore_every == self.explore_every - 1
+        if due and self.explored != self.rounds + 1:
+            self.explored = self.rounds + 1  # once: plain steps tried do not count a round
+            k = self.explore(k, limit)
+            # Two plain steps: only the second is queued behind another, as parked steps are,
+            # and timed like them (see ``SpeculativeGenerator._generate``).
+            self.plain_left = int(k == 0)
         return k
 
     def observe(self, k: int, accepted: int, seconds: float | None) -> None:

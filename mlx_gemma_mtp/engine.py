@@ -36,6 +36,7 @@ from .centroid_head import prepare_head
 from .costs import (
     Costs,
     DraftController,
+    RoundTimes,
     costs_identity,
     describe_places,
     fastest_places,
@@ -508,7 +509,12 @@ class SpeculativeGenerator:
             if self._auto:
                 rule = self.policy.acceptance_rule
                 self.schedule = AutoSchedule(
-                    costs, self.k_max, PRIOR_ACCEPTANCE[rule], DRAFT_MARGIN[rule]
+                    costs,
+                    self.k_max,
+                    PRIOR_ACCEPTANCE[rule],
+                    DRAFT_MARGIN[rule],
+                    timed=not self.policy.speculative,
+                    times=self._followed_times(costs),
                 )
         remaining, block, clock = max_tokens, None, time.perf_counter()
         while True:
@@ -539,6 +545,9 @@ class SpeculativeGenerator:
                 k = self.schedule.verify(min(len(drafts), remaining - 1))
                 pending = mx.array(block.tokens[-1])
                 upcoming = self._verify(pending, drafts[:k], dists[:k], history)
+                # Parked plain steps are queued behind the one before; this one, built after a
+                # round's read, was not, and its time would overstate theirs.
+                upcoming.timed = not (self.pipelined and k == 0)
             current = upcoming
 
     def _block(self, current: Round, values: list, remaining: int) -> tuple[Block, bool]:
@@ -588,6 +597,21 @@ class SpeculativeGenerator:
             self.costs = costs
         self.stats.costs = source
         return costs
+
+    def _followed_times(self, costs: Costs) -> RoundTimes | None:
+        """The round times the pair's last greedy generation followed from the same costs (kept
+        on the target, as the compiled draft step): each generation goes on from them instead
+        of from the calibration, which may come from another spell of the machine. Sampling
+        keeps to the costs (see ``_record``)."""
+        if self.policy.speculative:
+            return None
+        kept = self.target.__dict__.setdefault("_round_times", {})
+        key = (id(self.drafter), self._draft_kind())
+        ref, times = kept.get(key, (None, None))
+        if ref is None or ref() is not self.drafter or times.costs != costs:
+            times = RoundTimes(costs)
+            kept[key] = (weakref.ref(self.drafter), times)
+        return times
 
     def costs_identity(self) -> dict:
         """The key of this engine's costs in the on-disk cache."""

@@ -32,6 +32,7 @@ import contextlib
 import gc
 import json
 import random
+import statistics
 import sys
 import time
 from collections import Counter
@@ -281,6 +282,7 @@ def summarize_arms(arms: list[Arm], runs: list[dict], drafter_bytes: int) -> lis
             identical = f"{sum(same)}/{len(same)}"
         gen_time = sum(r["t_gen"] for r in mine)
         peaks = [r["peak_memory"] for r in mine if r["peak_memory"] is not None]
+        prompt_ratios = per_prompt_ratios(mine, [r for r in runs if r["arm"] == base_name])
         summaries.append(
             {
                 "arm": arm.name,
@@ -292,6 +294,7 @@ def summarize_arms(arms: list[Arm], runs: list[dict], drafter_bytes: int) -> lis
                 "gen_tps": bc.summarize([r["gen_tps"] for r in mine if r["gen_tps"]]),
                 "e2e_tps": bc.summarize([len(r["tokens"]) / r["t_total"] for r in mine]),
                 "speedup": bc.summarize(ratios),
+                "speedup_per_prompt": bc.summarize(prompt_ratios),
                 "speedup_total_time": base_time / my_time if my_time else None,
                 "acceptance": accepted / drafted if drafted else None,
                 # Tokens per verification round (the first token comes from the prefill).
@@ -311,6 +314,22 @@ def summarize_arms(arms: list[Arm], runs: list[dict], drafter_bytes: int) -> lis
             }
         )
     return summaries
+
+
+def per_prompt_ratios(mine: list[dict], base: list[dict]) -> list[float]:
+    """Per prompt, the arm's median tokens/s over the repeats over the baseline's: the spread
+    of the speedup from prompt to prompt, with the machine's run-to-run noise (one run can be
+    20% slower than the next with nothing changed) averaged over the repeats."""
+
+    def medians(runs: list[dict]) -> dict:
+        by_prompt = {}
+        for r in runs:
+            if r["gen_tps"]:
+                by_prompt.setdefault(r["prompt"], []).append(r["gen_tps"])
+        return {p: statistics.median(v) for p, v in by_prompt.items()}
+
+    arm, baseline = medians(mine), medians(base)
+    return [arm[p] / baseline[p] for p in sorted(arm) if p in baseline]
 
 
 def add_efficiency(summaries: list[dict], runs: list[dict], costs: dict) -> None:
@@ -477,6 +496,8 @@ def report(result: dict) -> str:
         "tokens/s: generation tokens/s from the first to the last generated token, median "
         "[quartiles] over runs. speedup: median [quartiles] of per-run ratios to mlx-lm plain "
         "decoding at the same temperature (transformers arms: to transformers plain); "
+        "per prompt: median [quartiles] over prompts of the ratio of median tokens/s over the "
+        "repeats (with one repeat, the per-run ratios); "
         "total: ratio of summed per-token generation times.",
         "",
     ]
@@ -484,6 +505,7 @@ def report(result: dict) -> str:
         "arm",
         "tokens/s",
         "speedup",
+        "per prompt",
         "total",
         "acceptance",
         "tokens/round",
@@ -501,7 +523,10 @@ def report(result: dict) -> str:
             [
                 s["arm"],
                 bc.spread(s["gen_tps"], 1, 1),
-                bc.spread(s["speedup"], 1, 2) if s["kind"] not in ("plain", "hf-plain") else "1",
+                *(
+                    bc.spread(s.get(key), 1, 2) if s["kind"] not in ("plain", "hf-plain") else "1"
+                    for key in ("speedup", "speedup_per_prompt")
+                ),
                 fmt(s["speedup_total_time"]),
                 fmt(s["acceptance"], "{:.3f}"),
                 fmt(s["tokens_per_round"]),

@@ -120,6 +120,15 @@ def run_bench(tmp_path: Path, *extra: str) -> tuple[dict, Path]:
     return result, out
 
 
+def test_per_prompt_speedup_takes_the_median_over_repeats():
+    def run(arm, prompt, tps):
+        return {"arm": arm, "prompt": prompt, "gen_tps": tps}
+
+    mine = [run("mtp", 0, v) for v in (90, 100, 200)] + [run("mtp", 1, 50)]
+    base = [run("plain", 0, v) for v in (100, 50, 100)] + [run("plain", 1, 100)]
+    assert bench_mtp.per_prompt_ratios(mine, base) == [1.0, 0.5]
+
+
 @pytest.mark.slow
 def test_bench_mtp_runs(tmp_path):
     result, out = run_bench(
@@ -135,7 +144,7 @@ def test_bench_mtp_runs(tmp_path):
         "mtp k=2 heuristic temp=0.7",
     }  # fmt: skip
     for name, s in arms.items():
-        assert s["runs"] == 3
+        assert s["runs"] == 3 and s["speedup_per_prompt"]["n"] == 3
         if s["kind"] == "mtp" and s["schedule"] != "auto":  # auto may park every round
             assert 0.0 <= s["acceptance"] <= 1.0
             assert 1.0 <= s["tokens_per_round"] <= s["k"] + 1

@@ -670,6 +670,27 @@ def test_a_seed_reproduces_sampled_output_under_auto(fixture_pair, tmp_path, mon
     assert outputs[0] == outputs[1]
 
 
+def test_greedy_generations_of_a_pair_go_on_from_the_round_times_followed_before(fixture_pair):
+    """A calibration can come from another spell of the machine: each greedy generation goes
+    on from the round times the pair's last one followed. Sampling keeps to the costs (a seed
+    must reproduce its output), and other costs start afresh."""
+    target, drafter, _ = fixture_pair
+    costs = Costs([0.010 + 0.002 * w for w in range(7)], 1e-4)  # followed online
+    prompt = mx.array(held_out_prompts()[3][:40])
+
+    def schedule(policy=None, given=costs):
+        engine = SpeculativeGenerator(target, drafter, policy, num_draft_tokens=4, costs=given)
+        out = [t for block in engine.generate(prompt, 24) for t in block.tokens]
+        assert out == plain_greedy(target, prompt.tolist(), 24) or policy is not None
+        return engine.schedule
+
+    first, second = schedule(), schedule()
+    assert second.times is first.times and sum(first.times.counts.values()) > 8
+    assert schedule(make_policy(temp=0.8)).times is not first.times
+    other = Costs([0.010 + 0.002 * w for w in range(7)], 2e-4)
+    assert schedule(given=other).times is not first.times
+
+
 def test_speculative_sampling_drafts_only_with_the_wider_margin(fixture_pair):
     """Sampling keeps to the calibrated costs (no round times followed): auto demands more of
     drafting before it leaves plain decoding."""
