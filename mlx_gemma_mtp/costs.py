@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from .machine import speed_identity
 
-COSTS_VERSION = 3
+COSTS_VERSION = 4  # 4: plain steps sample on the device (version 3 files may say host)
 
 
 def tokens_per_round(alpha: float, k: int) -> float:
@@ -380,7 +380,7 @@ class DraftController:
         self.k_max, self.prior, self.margin = k_max, prior, margin
         self.acceptance = AcceptanceModel(k_max, prior)
         self.times = times or RoundTimes(costs)
-        self.timed, self.plain_within = timed, plain_within
+        self.timed, self.plain_within = timed and not costs.fixed, plain_within
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
         self.probe_every, self.explore_every = probe_every, explore_every
         self.explore_within = explore_within

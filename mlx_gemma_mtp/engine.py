@@ -292,6 +292,7 @@ class SpeculativeGenerator:
             drafter is None or hasattr(drafter, "visibility_masks")
         )
         self._samples = self.policy.speculative and self.stats.mode == "mtp"
+        self._sampling_on = sampling_on
         self._placement_open = self._samples and sampling_on == "auto"
         on_host = self._samples and sampling_on == "host"
         self._sample_on_host(range(num_draft_tokens + 1) if on_host else range(0))
@@ -505,7 +506,9 @@ class SpeculativeGenerator:
         if self._auto or self._placement_open:
             costs = self._costs()
             if self._placement_open:
-                self._sample_on_host([k for k in range(self.k_max + 1) if costs.samples_on_host(k)])
+                # Plain steps on the device whatever the costs say (see ``fastest_places``).
+                drafting = range(1, self.k_max + 1)
+                self._sample_on_host([k for k in drafting if costs.samples_on_host(k)])
             if self._auto:
                 rule = self.policy.acceptance_rule
                 self.schedule = AutoSchedule(
@@ -626,6 +629,8 @@ class SpeculativeGenerator:
                 self.policy.acceptance_rule,
                 f"processors={len(self.policy.processors)}",
                 "" if params is None else f"top_p={params.top_p},top_k={params.top_k}",
+                # A forced place is measured alone: its costs must not stand in for auto's.
+                f"sampling_on={self._sampling_on}" if self._samples else "",
             ]
         )
 

@@ -31,9 +31,11 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -51,7 +53,7 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate  # noqa: E
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from mlx_gemma_mtp import load  # noqa: E402
-from mlx_gemma_mtp.costs import Costs, describe_places, ideal_speedup  # noqa: E402
+from mlx_gemma_mtp.costs import Costs, cache_dir, describe_places, ideal_speedup  # noqa: E402
 from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
 from mlx_gemma_mtp.generation import make_policy, stream_generate  # noqa: E402
 
@@ -491,7 +493,8 @@ def report(result: dict) -> str:
         f"Pair: `{result['model']}` + `{result['draft_model']}` ({result['dtype']}); "
         f"{result['num_prompts']} prompts ({result['prompt_lengths']}), "
         f"{result['max_tokens']} new tokens each, {result['repeats']} repeat(s), arms interleaved "
-        f"run by run in random order with a {result['cooldown']} s cool-down.",
+        f"run by run in random order with a {result['cooldown']} s cool-down; `auto`'s "
+        f"costs: {result.get('costs_cache', 'the user cache')}.",
         "",
         "tokens/s: generation tokens/s from the first to the last generated token, median "
         "[quartiles] over runs. speedup: median [quartiles] of per-run ratios to mlx-lm plain "
@@ -715,6 +718,11 @@ def parse_args(argv=None):
         "--from-json", default=None, help="only rewrite the report and plot of a saved run"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fresh-costs",
+        action="store_true",
+        help="auto's cost cache starts empty, as on a user's first run (default: the user's)",
+    )
     args = parser.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k]
     args.schedules = [s for s in args.schedules.split(",") if s]
@@ -775,6 +783,9 @@ def main(argv=None) -> dict:
         result = json.loads(Path(args.from_json).read_text())
         write_outputs(result, Path(args.out))
         return result
+    if args.fresh_costs:  # as a user's first run: auto measures its costs on first use
+        os.environ["MLX_GEMMA_MTP_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_mtp_costs_")
+    costs_cache = "fresh (measured on first use)" if args.fresh_costs else str(cache_dir())
     target, drafter, tokenizer = load(args.model, args.draft_model, dtype=args.dtype)
     drafter_bytes = sum(p.nbytes for _, p in tree_flatten(drafter.parameters()))
     prompts = read_prompts(Path(args.prompts), args.num_prompts)
@@ -836,6 +847,7 @@ def main(argv=None) -> dict:
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
         "cooldown": args.cooldown,
+        "costs_cache": costs_cache,
         "arms": summaries,
         "efficiency": micro,
         "memory_check": memory_check(summaries),
