@@ -310,12 +310,13 @@ class RoundTimes:
         self._predicted: dict[int, float] = {}  # until the next observation
 
     def predict(self, k: int) -> float:
-        if k not in self._predicted:
+        # Read and filled without a lock: generations of a pair on two threads share it.
+        value = self._predicted.get(k)
+        if value is None:
             measured = k in self.samples
-            self._predicted[k] = (
-                self.measured(k) if measured else self.costs.round_seconds(k) * self.drift(k)
-            )
-        return self._predicted[k]
+            value = self.measured(k) if measured else self.costs.round_seconds(k) * self.drift(k)
+            self._predicted[k] = value
+        return value
 
     def measured(self, k: int) -> float:
         values = list(self.samples[k])
@@ -327,8 +328,9 @@ class RoundTimes:
         """How far the measured rounds are from the calibrated costs: plain steps and
         speculative rounds apart (a speculative round has host work of its own the queued
         calibration hides), from the other kind only when this one has not been seen."""
-        same = [j for j in self.samples if (j == 0) == (k == 0)]
-        kinds = same or list(self.samples)
+        seen = list(self.samples)
+        same = [j for j in seen if (j == 0) == (k == 0)]
+        kinds = same or seen
         if not kinds:
             return 1.0
         return statistics.median(self.measured(j) / self.costs.round_seconds(j) for j in kinds)
