@@ -62,7 +62,8 @@ class Costs:
     fixed: bool = False  # True: not followed online (benchmarks and tests that pin decisions)
     # Where speculative sampling's vocabulary rows are filtered and drawn in a round of k drafts,
     # ``sampling_on[k]``: "device" (lazy, pipelined) or "host" (numpy, after reading them back),
-    # whichever measured faster; "device" where the list ends.
+    # whichever measured faster; "device" where the list ends, and for plain steps whatever it
+    # says (see ``fastest_places``; files before COSTS_VERSION 4 could say "host" there).
     sampling_on: list = field(default_factory=list)
 
     @property
@@ -77,7 +78,7 @@ class Costs:
         return ideal_speedup(tokens, self.verify[0], self.verify[k], k, self.draft)
 
     def samples_on_host(self, k: int) -> bool:
-        return k < len(self.sampling_on) and self.sampling_on[k] == "host"
+        return 0 < k < len(self.sampling_on) and self.sampling_on[k] == "host"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +101,12 @@ def placement(value) -> str:
     if value not in SAMPLING_PLACES:
         raise ValueError(f"sampling_on must be one of {SAMPLING_PLACES}, got {value!r}")
     return value
+
+
+def places_of(host_rounds, k_max: int) -> list[str]:
+    """``sampling_on`` for rounds of ``0..k_max`` drafts, the sizes in ``host_rounds`` on the
+    host."""
+    return ["host" if k in host_rounds else "device" for k in range(k_max + 1)]
 
 
 def describe_places(places: Sequence[str]) -> str:
@@ -404,6 +411,12 @@ class DraftController:
         k = max(range(limit + 1), key=lambda k: (speeds[k], -k))
         return k if speeds[k] > speeds[0] * (1 + self.margin) else 0
 
+    def hopeful(self, limit: int) -> int:
+        """The ``k`` that would be best were drafts accepted ``seed_acceptance`` of the time:
+        the first rounds draft it to learn every position the costs could make worth drafting
+        (a round at k = 1 would teach nothing about the second draft), and so do probes."""
+        return self.best([self.seed_acceptance] * limit, limit)
+
     def explore(self, best: int, limit: int) -> int:
         """The ``k`` to try instead of ``best`` in an exploring round."""
         speeds = self.speeds(self.acceptance.estimates(), limit)
@@ -427,20 +440,21 @@ class DraftController:
         if self.plain_left:
             self.plain_left -= 1
             return 0
-        # The k that would be best were drafts accepted 9 times in 10: the first rounds draft it
-        # to learn every position the costs could make worth drafting (a round at k = 1 would
-        # teach nothing about the second draft), and so do probes.
-        hopeful = self.best([self.seed_acceptance] * limit, limit)
-        if self.rounds + self.probes < self.seed_rounds and hopeful:
-            return hopeful
+        if self.rounds + self.probes < self.seed_rounds:
+            k = self.hopeful(limit)
+            if k:
+                return k
         k = self.best(self.acceptance.estimates(), limit)
         if k == 0:
-            if self.parked_tokens < self.probe_every or hopeful == 0:
+            if self.parked_tokens < self.probe_every:
+                return 0
+            k = self.hopeful(limit)
+            if k == 0:
                 return 0
             self.parked_tokens = 0
             self.probes += 1
             self.probing = True
-            return hopeful
+            return k
         due = self.rounds % self.explore_every == self.explore_every - 1
         if due and self.explored != self.rounds + 1:
             self.explored = self.rounds + 1  # once: plain steps tried do not count a round

@@ -43,6 +43,7 @@ from .costs import (
     load_costs,
     measure_costs,
     placement,
+    places_of,
     save_costs,
 )
 from .sampling import TokenPolicy
@@ -319,8 +320,7 @@ class SpeculativeGenerator:
         """Sample on the host in rounds of ``k in rounds`` drafts (it reads their rows back
         first), on the device otherwise."""
         self._host_rounds = rounds
-        places = ["host" if k in rounds else "device" for k in range(self.k_max + 1)]
-        self.stats.sampling_on = describe_places(places)
+        self.stats.sampling_on = describe_places(places_of(rounds, self.k_max))
 
     def _head(self) -> str:
         args = getattr(self.drafter, "args", None)
@@ -506,9 +506,7 @@ class SpeculativeGenerator:
         if self._auto or self._placement_open:
             costs = self._costs()
             if self._placement_open:
-                # Plain steps on the device whatever the costs say (see ``fastest_places``).
-                drafting = range(1, self.k_max + 1)
-                self._sample_on_host([k for k in drafting if costs.samples_on_host(k)])
+                self._sample_on_host([k for k in range(self.k_max + 1) if costs.samples_on_host(k)])
             if self._auto:
                 rule = self.policy.acceptance_rule
                 self.schedule = AutoSchedule(
@@ -687,7 +685,5 @@ class SpeculativeGenerator:
             self._key, self._measuring = key, False
             if rng_state:
                 self._rng.bit_generator.state = rng_state
-        costs.sampling_on = [
-            "host" if k in self._host_rounds else "device" for k in range(k_max + 1)
-        ]
+        costs.sampling_on = places_of(self._host_rounds, k_max)
         return costs
