@@ -273,29 +273,37 @@ def save_costs(identity: dict, costs: Costs) -> Path | None:
 
 
 class AcceptanceModel:
-    """Per draft position, the chance it is accepted when the previous drafts were: a running
-    mean over the first observations (seeded by ``prior``, worth one observation), then
-    exponentially weighted (``weight``) so a change in the text is followed. A position never
-    observed yet is taken to be as good as the one before it."""
+    """Per draft position, the chance it is accepted when the drafts before it were: drafts
+    accepted over drafts reached, in counts that fade by ``1 - weight`` every step (speculative
+    round or plain step), so a change in the text is followed and, after a long park, a probe
+    outweighs what was seen before it. Position 0 starts from ``prior``, worth one round.
+    Every later position is drawn toward the one before it by ``pull`` rounds' worth of counts:
+    a position reached rarely or long ago is taken to be about as good as the one before it.
+    Without the pull, one rejection at a position reached once kept its estimate low while the
+    earlier positions rose, so it was not drafted again to correct it (measured: half the rounds
+    at k = 1-3 where k = 4-6 paid more)."""
 
-    def __init__(self, k_max: int, prior: float, weight: float = 0.1):
-        self.weight = weight
-        self.rates = [prior] * k_max
-        self.counts = [0] * k_max
+    def __init__(self, k_max: int, prior: float, weight: float = 0.1, pull: float = 2.0):
+        self.keep, self.pull = 1.0 - weight, pull
+        self.accepted = [prior] + [0.0] * (k_max - 1)
+        self.reached = [1.0] + [0.0] * (k_max - 1)
 
-    def observe(self, drafted: int, accepted: int, weight: float | None = None) -> None:
-        """One round: ``accepted`` of ``drafted`` drafts. ``weight`` overrides the usual one
-        (a probe after a long park is the only recent evidence)."""
+    def observe(self, drafted: int, accepted: int) -> None:
+        """One round: ``accepted`` of ``drafted`` drafts."""
+        self.fade()
         for i in range(min(accepted + 1, drafted)):
-            self.counts[i] += 1
-            w = max(weight or self.weight, 1.0 / (self.counts[i] + 1))
-            self.rates[i] += w * (float(i < accepted) - self.rates[i])
+            self.reached[i] += 1.0
+            self.accepted[i] += float(i < accepted)
+
+    def fade(self) -> None:
+        """One step's fading (a plain step calls only this)."""
+        self.accepted = [count * self.keep for count in self.accepted]
+        self.reached = [count * self.keep for count in self.reached]
 
     def estimates(self) -> list[float]:
-        rates, previous = [], None
-        for rate, count in zip(self.rates, self.counts, strict=True):
-            previous = rate if count or previous is None else previous
-            rates.append(previous)
+        rates = [self.accepted[0] / self.reached[0]]
+        for accepted, reached in zip(self.accepted[1:], self.reached[1:], strict=True):
+            rates.append((accepted + self.pull * rates[-1]) / (reached + self.pull))
         return rates
 
     def expected_tokens(self, k: int) -> float:
@@ -303,30 +311,41 @@ class AcceptanceModel:
 
 
 class RoundTimes:
-    """Seconds per round of ``k`` drafts: for the ``k`` that ran, the median of their last
+    """Seconds per round of ``k`` drafts: for the ``k`` that ran lately, the median of their last
     ``window`` measured times (with the calibrated cost as one more until the window is full);
     for the others, the calibrated costs scaled by how far the measured rounds drifted from
     them (a busy machine, a longer context). A median, not a mean: one hiccup (a page fault, a
-    retrace, the consumer's work between tokens) must not make plain steps look slow."""
+    retrace, the consumer's work between tokens) must not make plain steps look slow. A time
+    measured more than ``max_age`` rounds ago no longer counts: a ``k`` measured in a slow spell
+    or a long context and not chosen since would otherwise keep looking slow, and never be
+    chosen again to correct it (measured: k = 5, the fastest, kept out for whole prompts)."""
 
-    def __init__(self, costs: Costs, window: int = 15):
+    def __init__(self, costs: Costs, window: int = 15, max_age: int = 64):
         self.costs = costs
-        self.samples: dict[int, deque] = {}
-        self.counts: dict[int, int] = {}
-        self.window = window
+        self.samples: dict[int, deque] = {}  # k -> (round, seconds) of its last rounds
+        self.counts: dict[int, int] = {}  # rounds ever measured per k
+        self.window, self.max_age = window, max_age
+        self.rounds = 0
         self._predicted: dict[int, float] = {}  # until the next observation
 
     def predict(self, k: int) -> float:
         # Read and filled without a lock: generations of a pair on two threads share it.
         value = self._predicted.get(k)
         if value is None:
-            measured = k in self.samples
-            value = self.measured(k) if measured else self.costs.round_seconds(k) * self.drift(k)
+            measured = self.measured(k)
+            value = measured or self.costs.round_seconds(k) * self.drift(k)
             self._predicted[k] = value
         return value
 
-    def measured(self, k: int) -> float:
-        values = list(self.samples[k])
+    def recent(self, k: int) -> list[float]:
+        """The times of ``k`` that still count."""
+        oldest = self.rounds - self.max_age
+        return [seconds for when, seconds in tuple(self.samples.get(k, ())) if when > oldest]
+
+    def measured(self, k: int) -> float | None:
+        values = self.recent(k)
+        if not values:
+            return None
         if len(values) < self.window:
             values.append(self.costs.round_seconds(k))
         return statistics.median(values)
@@ -334,18 +353,18 @@ class RoundTimes:
     def drift(self, k: int) -> float:
         """How far the measured rounds are from the calibrated costs: plain steps and
         speculative rounds apart (a speculative round has host work of its own the queued
-        calibration hides), from the other kind only when this one has not been seen."""
-        seen = list(self.samples)
-        same = [j for j in seen if (j == 0) == (k == 0)]
-        kinds = same or seen
-        if not kinds:
-            return 1.0
-        return statistics.median(self.measured(j) / self.costs.round_seconds(j) for j in kinds)
+        calibration hides), from the other kind only when this one has not been seen lately."""
+        ratios = {j: self.measured(j) for j in tuple(self.samples)}
+        ratios = {j: t / self.costs.round_seconds(j) for j, t in ratios.items() if t is not None}
+        same = [r for j, r in ratios.items() if (j == 0) == (k == 0)]
+        kinds = same or list(ratios.values())
+        return statistics.median(kinds) if kinds else 1.0
 
     def observe(self, k: int, seconds: float) -> None:
         if self.costs.fixed:
             return
-        self.samples.setdefault(k, deque(maxlen=self.window)).append(seconds)
+        self.rounds += 1
+        self.samples.setdefault(k, deque(maxlen=self.window)).append((self.rounds, seconds))
         self.counts[k] = self.counts.get(k, 0) + 1
         self._predicted.clear()
 
@@ -355,13 +374,13 @@ class DraftController:
     second. The first ``seed_rounds`` draft as many as would pay at high acceptance, so every
     position's acceptance is seen early. Every ``explore_every`` rounds another ``k`` is tried:
     of those whose expected speed is within ``explore_within`` of the best's, the one with the
-    fewest measured round times (a forward's cost need not grow smoothly with its width), else
-    one more draft than the best (to learn the next position's acceptance). When round times are
-    followed (``timed``), a plain step is among them while drafting is expected to beat it by
-    less than ``plain_within``: the calibration may come from a busier or quieter spell of the
-    machine, in which a plain step cost another fraction of a round, and only a plain step
-    measured now says whether drafting still pays. ``k = 0`` parks
-    speculation (plain steps). While parked, a speculative round probes the acceptance after
+    fewest round times measured lately (a forward's cost need not grow smoothly with its
+    width), else one more draft than the best (to learn the next position's acceptance). When
+    round times are followed (``timed``), a plain step is among them while drafting is expected
+    to beat it by less than ``plain_within``: the calibration may come from a busier or quieter
+    spell of the machine, in which a plain step cost another fraction of a round, and only a
+    plain step measured now says whether drafting still pays. ``k = 0`` parks speculation
+    (plain steps). While parked, a speculative round probes the acceptance after
     ``probe_every`` plain tokens, an interval that doubles after each probe that did not pay (up
     to ``max_probe_every``); no probe when no ``k`` would pay even with drafts accepted
     ``seed_acceptance`` of the time (the probe would cost more than it could find).
@@ -375,7 +394,7 @@ class DraftController:
         k_max: int,
         prior: float,
         margin: float = 0.05,
-        probe_every: int = 32,
+        probe_every: int = 8,
         max_probe_every: int = 512,
         explore_every: int = 8,
         explore_within: float = 0.1,
@@ -384,10 +403,12 @@ class DraftController:
         timed: bool = True,
         plain_within: float = 0.3,
         times: "RoundTimes | None" = None,
+        acceptance: AcceptanceModel | None = None,
     ):
-        """``times``: round times followed in earlier generations of this pair, to go on from."""
+        """``times``, ``acceptance``: followed in earlier generations of this pair, to go on
+        from."""
         self.k_max, self.prior, self.margin = k_max, prior, margin
-        self.acceptance = AcceptanceModel(k_max, prior)
+        self.acceptance = acceptance or AcceptanceModel(k_max, prior)
         self.times = times or RoundTimes(costs)
         self.timed, self.plain_within = timed and not costs.fixed, plain_within
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
@@ -400,7 +421,6 @@ class DraftController:
         self.plain_left = 0  # plain steps still to take in an exploring pair
         self.probes = 0
         self.probing = False
-        self.probe_weight = 0.5
 
     def speeds(self, rates: Sequence[float], limit: int) -> list[float]:
         """Expected tokens per second for ``k = 0..limit``."""
@@ -430,7 +450,7 @@ class DraftController:
             close.append(0)
         if not close:
             return min(best + 1, limit)
-        return min(close, key=lambda k: (self.times.counts.get(k, 0), -k))
+        return min(close, key=lambda k: (len(self.times.recent(k)), -k))
 
     def choose(self, limit: int) -> int:
         """``k`` for the next round, drafting at most ``limit`` tokens."""
@@ -467,7 +487,7 @@ class DraftController:
     def observe(self, k: int, accepted: int, seconds: float | None) -> None:
         if k:
             self.rounds += 1
-            self.acceptance.observe(k, accepted, self.probe_weight if self.probing else None)
+            self.acceptance.observe(k, accepted)
             # A probe that leaves speculation parked: probe half as often. Drafting that pays:
             # probe as often as at first the next time speculation parks.
             parked = self.best(self.acceptance.estimates(), self.k_max) == 0
@@ -478,5 +498,6 @@ class DraftController:
             self.probing = False
         else:
             self.parked_tokens += 1
+            self.acceptance.fade()
         if seconds is not None:
             self.times.observe(k, seconds)

@@ -34,6 +34,7 @@ import numpy as np
 from . import host_sampling
 from .centroid_head import prepare_head
 from .costs import (
+    AcceptanceModel,
     Costs,
     DraftController,
     RoundTimes,
@@ -515,7 +516,7 @@ class SpeculativeGenerator:
                     PRIOR_ACCEPTANCE[rule],
                     DRAFT_MARGIN[rule],
                     timed=not self.policy.speculative,
-                    times=self._followed_times(costs),
+                    **self._followed(costs),
                 )
         remaining, block, clock = max_tokens, None, time.perf_counter()
         while True:
@@ -599,20 +600,27 @@ class SpeculativeGenerator:
         self.stats.costs = source
         return costs
 
-    def _followed_times(self, costs: Costs) -> RoundTimes | None:
-        """The round times the pair's last greedy generation followed from the same costs (kept
-        on the target, as the compiled draft step): each generation goes on from them instead
-        of from the calibration, which may come from another spell of the machine. Sampling
-        keeps to the costs (see ``_record``)."""
+    def _followed(self, costs: Costs) -> dict:
+        """The round times and acceptance the pair's last greedy generation followed (kept on
+        the target, as the compiled draft step), for ``AutoSchedule``: each generation goes on
+        from them instead of from the calibration, which may come from another spell of the
+        machine, and from the prior acceptance (a reply's first rounds accept less than the
+        pair does on the whole: judged on them alone, two or three rejections parked
+        speculation for 32 tokens). Sampling keeps to the costs and its own rounds (see
+        ``_record``), so that a seed reproduces its output."""
         if self.policy.speculative:
-            return None
-        kept = self.target.__dict__.setdefault("_round_times", {})
-        key = (id(self.drafter), self._draft_kind())
-        ref, times = kept.get(key, (None, None))
-        if ref is None or ref() is not self.drafter or times.costs != costs:
-            times = RoundTimes(costs)
-            kept[key] = (weakref.ref(self.drafter), times)
-        return times
+            return {}
+        kept = self.target.__dict__.setdefault("_followed", {})
+        key = (id(self.drafter), self._draft_kind(), self.k_max)
+        ref, followed = kept.get(key, (None, None))
+        if ref is None or ref() is not self.drafter or followed["times"].costs != costs:
+            prior = PRIOR_ACCEPTANCE[self.policy.acceptance_rule]
+            followed = {
+                "times": RoundTimes(costs),
+                "acceptance": AcceptanceModel(self.k_max, prior),
+            }
+            kept[key] = (weakref.ref(self.drafter), followed)
+        return followed
 
     def costs_identity(self) -> dict:
         """The key of this engine's costs in the on-disk cache."""

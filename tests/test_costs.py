@@ -56,6 +56,22 @@ def test_acceptance_model_follows_each_position():
     assert model.estimates()[0] < 0.01
 
 
+def test_a_position_rejected_once_is_drafted_again_when_the_earlier_ones_rise():
+    """The first rounds of a reply accept little. One rejection at the fourth draft, then only
+    three drafts a round, all accepted: the fourth position's estimate must rise with the
+    third's (its own evidence fades), or it would never be drafted again to correct it."""
+    model = AcceptanceModel(6, prior=0.7)
+    model.observe(6, 3)
+    for _ in range(15):
+        model.observe(3, 3)
+    rates = model.estimates()
+    assert rates[2] > 0.95 and rates[3] > 0.85 and rates[5] > rates[3] - 0.01
+    controller = DraftController(FLAT, 6, prior=0.7, seed_rounds=0, explore_every=10**9)
+    controller.observe(6, 3, None)
+    ks = simulate(controller, 1.0, 200)
+    assert min(ks[-20:]) == 6
+
+
 def test_round_times_follow_the_measured_rounds():
     times = RoundTimes(FLAT)
     assert times.predict(3) == pytest.approx(FLAT.round_seconds(3))
@@ -90,7 +106,7 @@ def test_exploring_tries_the_least_measured_close_contender():
     controller = DraftController(FLAT, 6, prior=0.7)
     rates = [0.95] * 6
     assert controller.best(rates, 6) == 6
-    controller.acceptance.rates = rates
+    controller.acceptance.estimates = lambda: rates
     assert controller.explore(6, 6) == 5  # the closest of the untried contenders
     controller.times.observe(5, FLAT.round_seconds(5))
     assert controller.explore(6, 6) == 4  # 5 has a measured time now
@@ -130,6 +146,22 @@ def test_a_plain_step_is_measured_when_drafting_barely_pays_and_parks_it_if_fast
         ks.append(flat.choose(6))
         flat.observe(ks[-1], ks[-1], FLAT.round_seconds(ks[-1]))
     assert ks.count(0) == 2 and ks.index(0) + 1 == len(ks) - ks[::-1].index(0) - 1
+
+
+def test_a_round_time_measured_long_ago_no_longer_counts():
+    """k = 5 measured in a slow spell, then not chosen: once its times are ``max_age`` rounds
+    old, it is predicted from the calibration and the drift the recent rounds show."""
+    times = RoundTimes(FLAT, window=5, max_age=20)
+    for _ in range(5):
+        times.observe(5, 3 * FLAT.round_seconds(5))
+    assert times.predict(5) == pytest.approx(3 * FLAT.round_seconds(5))
+    for _ in range(15):
+        times.observe(4, 1.1 * FLAT.round_seconds(4))
+    assert times.predict(5) == pytest.approx(3 * FLAT.round_seconds(5))
+    for _ in range(5):
+        times.observe(4, 1.1 * FLAT.round_seconds(4))
+    assert times.recent(5) == [] and times.counts[5] == 5
+    assert times.predict(5) == pytest.approx(1.1 * FLAT.round_seconds(5))
 
 
 def test_round_times_are_medians_with_the_calibration_as_one_sample():
@@ -179,19 +211,17 @@ def test_drafting_must_beat_a_plain_step_by_the_margin():
 
 
 def test_parked_controller_probes_with_backoff():
-    """Break-even costs: parked at low acceptance, it probes after 32 plain tokens, then 64,
-    128...; when probes find drafts accepted again it resumes drafting."""
+    """Break-even costs: parked at low acceptance, it probes after 8 plain tokens, then 16,
+    32...; when probes find drafts accepted again it resumes drafting."""
     controller = DraftController(BREAK_EVEN, 4, prior=0.7)
-    for _ in range(20):
-        controller.observe(controller.choose(4), 0, None)
-    probes = []
-    for step in range(600):
-        k = controller.choose(4)
-        if k:
-            probes.append(step)
-        controller.observe(k, 0, None)
-    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
-    assert gaps[:3] == [65, 129, 257]  # 32 plain tokens, then 64, 128, 256
+    ks = []
+    for _ in range(700):
+        ks.append(controller.choose(4))
+        controller.observe(ks[-1], 0, None)
+    first_plain = ks.index(0)
+    probes = [step for step in range(first_plain, len(ks)) if ks[step]]
+    gaps = [b - a for a, b in zip([first_plain - 1, *probes], probes, strict=False)]
+    assert gaps[:4] == [9, 17, 33, 65]  # 8 plain tokens, then 16, 32, 64
 
     controller = DraftController(BREAK_EVEN, 4, prior=0.7)
     for _ in range(20):

@@ -670,10 +670,11 @@ def test_a_seed_reproduces_sampled_output_under_auto(fixture_pair, tmp_path, mon
     assert outputs[0] == outputs[1]
 
 
-def test_greedy_generations_of_a_pair_go_on_from_the_round_times_followed_before(fixture_pair):
-    """A calibration can come from another spell of the machine: each greedy generation goes
-    on from the round times the pair's last one followed. Sampling keeps to the costs (a seed
-    must reproduce its output), and other costs start afresh."""
+def test_greedy_generations_of_a_pair_go_on_from_what_the_last_one_followed(fixture_pair):
+    """A calibration can come from another spell of the machine, and a reply's first rounds
+    accept less than the pair does: each greedy generation goes on from the round times and
+    acceptance the pair's last one followed. Sampling keeps to the costs and its own rounds (a
+    seed must reproduce its output), and other costs start afresh."""
     target, drafter, _ = fixture_pair
     costs = Costs([0.010 + 0.002 * w for w in range(7)], 1e-4)  # followed online
     prompt = mx.array(held_out_prompts()[3][:40])
@@ -686,7 +687,9 @@ def test_greedy_generations_of_a_pair_go_on_from_the_round_times_followed_before
 
     first, second = schedule(), schedule()
     assert second.times is first.times and sum(first.times.counts.values()) > 8
-    assert schedule(make_policy(temp=0.8)).times is not first.times
+    assert second.acceptance is first.acceptance
+    sampled = schedule(make_policy(temp=0.8))
+    assert sampled.times is not first.times and sampled.acceptance is not first.acceptance
     other = Costs([0.010 + 0.002 * w for w in range(7)], 2e-4)
     assert schedule(given=other).times is not first.times
 
