@@ -275,8 +275,8 @@ def save_costs(identity: dict, costs: Costs) -> Path | None:
 class AcceptanceModel:
     """Per draft position, the chance it is accepted when the drafts before it were: drafts
     accepted over drafts reached, in counts that fade by ``1 - weight`` every step (speculative
-    round or plain step), so a change in the text is followed and, after a long park, a probe
-    outweighs what was seen before it. Position 0 starts from ``prior``, worth one round.
+    round or plain step), so a change in the text is followed, and the longer speculation was
+    parked, the more a probe weighs. Position 0 starts from ``prior``, worth one round.
     Every later position is drawn toward the one before it by ``pull`` rounds' worth of counts:
     a position reached rarely or long ago is taken to be about as good as the one before it.
     Without the pull, one rejection at a position reached once kept its estimate low while the

@@ -5,6 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from mlx_lm.models import gemma4_text
 
@@ -18,6 +19,7 @@ import bench_common as bc  # noqa: E402
 import bench_mtp  # noqa: E402
 import bench_projection  # noqa: E402
 import bench_quant  # noqa: E402
+import replay_schedules  # noqa: E402
 
 from mlx_gemma_mtp.config import normalize_text_config  # noqa: E402
 from mlx_gemma_mtp.loading import validate_pair  # noqa: E402
@@ -127,6 +129,53 @@ def test_per_prompt_speedup_takes_the_median_over_repeats():
     mine = [run("mtp", 0, v) for v in (90, 100, 200)] + [run("mtp", 1, 50)]
     base = [run("plain", 0, v) for v in (100, 50, 100)] + [run("plain", 1, 100)]
     assert bench_mtp.per_prompt_ratios(mine, base) == [1.0, 0.5]
+
+
+def test_replay_counts_rounds_as_the_pipelined_loop_does():
+    """10 tokens, every round accepting 2 of its drafts: the first token is the prefill's, then
+    constant k = 2 takes three rounds of 3 tokens. k = 3 takes two, then a round cut to 2 drafts
+    (3 tokens left), as the engine cuts it."""
+    seconds = [1.0, 1.5, 1.8, 2.0]
+    two = replay_schedules.replay([[2] * 10], lambda: replay_schedules.Constant(2), seconds)
+    assert two["accepted"] == [[2, 2, 2]] and two["k_histogram"] == {2: 3}
+    assert two["tokens_per_s"] == pytest.approx(9 / (3 * 1.8))
+    three = replay_schedules.replay([[2] * 10], lambda: replay_schedules.Constant(3), seconds)
+    assert three["accepted"] == [[2, 2, 2]] and three["k_histogram"] == {3: 2, 2: 1}
+
+
+def test_replay_schedules_runs_and_matches_the_engine(tmp_path, monkeypatch, fixture_pair):
+    """The per-position acceptance replays the engine's own rounds exactly (greedy decoding is
+    deterministic), and the report has a row per schedule."""
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path / "costs"))
+    cached = tmp_path / "acceptance.json"
+    args = [
+        *("--num-prompts", "2", "--long-prompts", "0", "--max-tokens", "10", "--k-max", "3"),
+        *("--round-ms", "10,12,13,14", "--seeds", "2", "--acceptance-json", str(cached)),
+        *("--out", str(tmp_path / "out")),
+    ]
+    result = replay_schedules.main(args)
+    assert [r["schedule"] for r in result["rows"]] == [
+        "constant k=1", "constant k=2", "constant k=3", "auto"
+    ]  # fmt: skip
+    assert result["mismatches"] == 0 and max(r["vs_best_constant"] for r in result["rows"]) >= 1
+    assert "| auto |" in (tmp_path / "out" / "replay_schedules.md").read_text()
+    lengths = json.loads(cached.read_text())
+    assert [len(entry["accepted"]) for entry in lengths] == [10, 10]
+    assert replay_schedules.main(args)["rows"] == result["rows"]  # read back, same replay
+
+    target, drafter, _ = bench_mtp.load(
+        str(FIXTURE / "target"), str(FIXTURE / "assistant"), "float32"
+    )
+    prompt = bench_mtp.read_prompts(FIXTURE / "held_out_prompts.jsonl", 1)[0]
+    engine = replay_schedules.SpeculativeGenerator(
+        target, drafter, num_draft_tokens=2, draft_schedule="constant"
+    )
+    blocks = list(engine.generate(mx.array(prompt), 10))
+    replayed = replay_schedules.replay(
+        [lengths[0]["accepted"]], lambda: replay_schedules.Constant(2), [1.0, 1.0, 1.0]
+    )
+    assert lengths[0]["tokens"] == [t for b in blocks for t in b.tokens]
+    assert replayed["accepted"] == [[b.num_from_draft for b in blocks[1:]]]
 
 
 @pytest.mark.slow
