@@ -407,7 +407,7 @@ class DraftController:
     ):
         """``times``, ``acceptance``: followed in earlier generations of this pair, to go on
         from."""
-        self.k_max, self.prior, self.margin = k_max, prior, margin
+        self.k_max, self.margin = k_max, margin
         self.acceptance = acceptance or AcceptanceModel(k_max, prior)
         self.times = times or RoundTimes(costs)
         self.timed, self.plain_within = timed and not costs.fixed, plain_within

@@ -33,7 +33,12 @@ import bench_common as bc  # noqa: E402
 from bench_mtp import FIXTURE, long_prompts, read_prompts  # noqa: E402
 
 from mlx_gemma_mtp.costs import AcceptanceModel, Costs, DraftController, RoundTimes  # noqa: E402
-from mlx_gemma_mtp.engine import DRAFT_MARGIN, PRIOR_ACCEPTANCE, SpeculativeGenerator  # noqa: E402
+from mlx_gemma_mtp.engine import (  # noqa: E402
+    DRAFT_MARGIN,
+    PRIOR_ACCEPTANCE,
+    DraftSchedule,
+    SpeculativeGenerator,
+)
 from mlx_gemma_mtp.loading import load  # noqa: E402
 
 # -- what every position accepts ----------------------------------------------------------------
@@ -72,17 +77,6 @@ def acceptance_lengths(target, drafter, prompt: list[int], max_tokens: int, k_ma
 
 
 # -- replaying schedules ------------------------------------------------------------------------
-
-
-class Constant:
-    def __init__(self, k: int):
-        self.k = k
-
-    def choose(self, limit: int) -> int:
-        return max(0, min(self.k, limit))
-
-    def observe(self, k: int, accepted: int, seconds: float | None) -> None:
-        pass
 
 
 def replay(
@@ -156,7 +150,9 @@ def compare(
 ) -> list[dict]:
     """One row per schedule: speedup over plain steps (``round_seconds[0]`` a token), in total
     and per prompt (median), medians over ``seeds`` jitters."""
-    arms = {f"constant k={k}": (lambda k=k: Constant(k)) for k in range(1, k_max + 1)}
+    arms = {
+        f"constant k={k}": (lambda k=k: DraftSchedule(k, "constant")) for k in range(1, k_max + 1)
+    }
     rows = []
     for name in [*arms, "auto"]:
         runs = []
