@@ -15,8 +15,8 @@ import click
 import mlx.core as mx
 
 from .config import ConfigError
-from .costs import Costs, DraftController, describe_places, expected_tokens
-from .engine import DEFAULT_NUM_DRAFT_TOKENS, DRAFT_MARGIN, PRIOR_ACCEPTANCE, SpeculativeGenerator
+from .costs import TUNING, Costs, describe_places, expected_tokens
+from .engine import DEFAULT_NUM_DRAFT_TOKENS, SpeculativeGenerator, auto_schedule
 from .generation import make_policy
 from .machine import speed_identity
 
@@ -68,8 +68,7 @@ def choices(costs: Costs, k_max: int, rule: str = "match") -> list[dict]:
     engine with acceptance ``rule``."""
     rows = []
     for level in LEVELS:
-        controller = DraftController(costs, k_max, level, DRAFT_MARGIN[rule])
-        k = controller.best([level] * k_max, k_max)
+        k = auto_schedule(costs, k_max, rule).best([level] * k_max, k_max)
         speedup = costs.speedup(expected_tokens([level] * k_max, k), k)
         rows.append({"acceptance": level, "k": k, "expected_speedup": speedup})
     return rows
@@ -88,7 +87,7 @@ def calibrate(target, drafter, tokenizer, k_max: int, tokens: int) -> dict:
             "costs_source": source,
             "acceptance_rule": rule,
             "acceptance_by_position": acceptance,
-            "prior_acceptance": PRIOR_ACCEPTANCE[rule],
+            "prior_acceptance": TUNING[rule].prior,
             "choices": choices(costs, k_max, rule),
         }
     return report

@@ -34,10 +34,12 @@ import numpy as np
 from . import host_sampling
 from .centroid_head import prepare_head
 from .costs import (
+    TUNING,
     AcceptanceModel,
     Costs,
     DraftController,
     RoundTimes,
+    calibration_widths,
     costs_identity,
     describe_places,
     fastest_places,
@@ -51,12 +53,6 @@ from .sampling import TokenPolicy
 
 SCHEDULES = ("auto", "constant", "heuristic")
 DEFAULT_NUM_DRAFT_TOKENS = 6
-# The controller's acceptance before it has seen any round (then followed online).
-PRIOR_ACCEPTANCE = {"match": 0.7, "speculative": 0.5}
-# How much faster than a plain step drafting must be expected to be. Speculative sampling keeps to
-# the calibrated costs (see ``_record``), whose queued rounds hide some of a real round's host
-# work (sampled rounds measured 5-12% above them on the fixture), so it needs a wider margin.
-DRAFT_MARGIN = {"match": 0.05, "speculative": 0.10}
 
 
 @dataclass
@@ -129,6 +125,29 @@ class AutoSchedule(DraftController):
 
     def verify(self, dispatched: int) -> int:
         return dispatched
+
+
+def auto_schedule(
+    costs: Costs,
+    k_max: int,
+    rule: str,
+    times: RoundTimes | None = None,
+    acceptance: AcceptanceModel | None = None,
+) -> AutoSchedule:
+    """``auto`` with the ``TUNING`` of acceptance ``rule``; ``times`` and ``acceptance``:
+    followed in earlier generations of the pair. Round times are followed under ``match``
+    only (see ``SpeculativeGenerator._record``)."""
+    tuning = TUNING[rule]
+    return AutoSchedule(
+        costs,
+        k_max,
+        tuning.prior,
+        tuning.margin,
+        seed_acceptance=tuning.hopeful,
+        timed=rule == "match",
+        times=times,
+        acceptance=acceptance or tuning.acceptance_model(k_max),
+    )
 
 
 def draft_step(target, drafter, policy, full_vocab, token, hidden, shared_kv, masks, position,
@@ -510,14 +529,7 @@ class SpeculativeGenerator:
                 self._sample_on_host([k for k in range(self.k_max + 1) if costs.samples_on_host(k)])
             if self._auto:
                 rule = self.policy.acceptance_rule
-                self.schedule = AutoSchedule(
-                    costs,
-                    self.k_max,
-                    PRIOR_ACCEPTANCE[rule],
-                    DRAFT_MARGIN[rule],
-                    timed=not self.policy.speculative,
-                    **self._followed(costs),
-                )
+                self.schedule = auto_schedule(costs, self.k_max, rule, **self._followed(costs))
         remaining, block, clock = max_tokens, None, time.perf_counter()
         while True:
             upcoming = None
@@ -593,7 +605,8 @@ class SpeculativeGenerator:
             costs, path = load_costs(identity, self.k_max)
             source = f"cached ({path})"
             if costs is None:
-                costs = self.measure_costs()
+                followed = not self.policy.speculative  # see ``_record``
+                costs = self.measure_costs(widths=calibration_widths(self.k_max, followed))
                 saved = save_costs(identity, costs)
                 source = f"measured now, cached in {saved}" if saved else "measured now"
             self.costs = costs
@@ -614,10 +627,9 @@ class SpeculativeGenerator:
         key = (id(self.drafter), self._draft_kind(), self.k_max)
         ref, followed = kept.get(key, (None, None))
         if ref is None or ref() is not self.drafter or followed["times"].costs != costs:
-            prior = PRIOR_ACCEPTANCE[self.policy.acceptance_rule]
             followed = {
                 "times": RoundTimes(costs),
-                "acceptance": AcceptanceModel(self.k_max, prior),
+                "acceptance": TUNING["match"].acceptance_model(self.k_max),
             }
             kept[key] = (weakref.ref(self.drafter), followed)
         return followed

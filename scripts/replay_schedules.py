@@ -32,12 +32,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_common as bc  # noqa: E402
 from bench_mtp import FIXTURE, long_prompts, read_prompts  # noqa: E402
 
-from mlx_gemma_mtp.costs import AcceptanceModel, Costs, DraftController, RoundTimes  # noqa: E402
+from mlx_gemma_mtp.costs import TUNING, Costs, RoundTimes  # noqa: E402
 from mlx_gemma_mtp.engine import (  # noqa: E402
-    DRAFT_MARGIN,
-    PRIOR_ACCEPTANCE,
+    AutoSchedule,
     DraftSchedule,
     SpeculativeGenerator,
+    auto_schedule,
 )
 from mlx_gemma_mtp.loading import load  # noqa: E402
 
@@ -121,23 +121,12 @@ def replay(
     }
 
 
-def auto_factory(calibration: Costs, k_max: int) -> Callable[[], DraftController]:
+def auto_factory(calibration: Costs, k_max: int) -> Callable[[], AutoSchedule]:
     """``auto`` as the engine runs it greedily: round times and acceptance carried from one
     generation of the pair to the next."""
     times = RoundTimes(calibration)
-    acceptance = AcceptanceModel(k_max, PRIOR_ACCEPTANCE["match"])
-
-    def make() -> DraftController:
-        return DraftController(
-            calibration,
-            k_max,
-            PRIOR_ACCEPTANCE["match"],
-            DRAFT_MARGIN["match"],
-            times=times,
-            acceptance=acceptance,
-        )
-
-    return make
+    acceptance = TUNING["match"].acceptance_model(k_max)
+    return lambda: auto_schedule(calibration, k_max, "match", times, acceptance)
 
 
 def compare(

@@ -20,8 +20,8 @@ from mlx_gemma_mtp import load
 from mlx_gemma_mtp.cache import SlidingWindowCache
 from mlx_gemma_mtp.contract import check_greedy_contract
 from mlx_gemma_mtp.contract import plain_greedy as contract_plain_greedy
-from mlx_gemma_mtp.costs import Costs
-from mlx_gemma_mtp.engine import DRAFT_MARGIN, DraftSchedule, SpeculativeGenerator
+from mlx_gemma_mtp.costs import TUNING, Costs
+from mlx_gemma_mtp.engine import DraftSchedule, SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy, stream_generate
 from mlx_gemma_mtp.models.gemma4_assistant import DraftOutput
 
@@ -703,5 +703,7 @@ def test_speculative_sampling_drafts_only_with_the_wider_margin(fixture_pair):
         engine = SpeculativeGenerator(target, drafter, make_policy(**options), costs=ALWAYS_DRAFT)
         next(engine.generate(prompt, 4))
         assert engine.stats.acceptance_rule == rule
-        assert engine.schedule.margin == DRAFT_MARGIN[rule]
-    assert DRAFT_MARGIN["speculative"] > DRAFT_MARGIN["match"]
+        assert engine.schedule.margin == TUNING[rule].margin
+        assert engine.schedule.seed_acceptance == TUNING[rule].hopeful
+        assert engine.schedule.acceptance.keep == 1 - TUNING[rule].weight
+    assert TUNING["speculative"].margin > TUNING["match"].margin
