@@ -143,11 +143,13 @@ def wider_never_cheaper(verify: Sequence[float]) -> list[float]:
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def queued_seconds(step: Callable[[], mx.array], calls: int) -> float:
+def queued_seconds(step: Callable[[], mx.array], calls: int, warm: bool = True) -> float:
     """Seconds per call of ``step`` when calls are queued as the generation loops queue them:
     each call's graph is built and dispatched while the device still runs the previous one (each
-    feeds the next), so host work is hidden behind device work."""
-    mx.eval(step())
+    feeds the next), so host work is hidden behind device work. ``warm``: one untimed call
+    first (its buffers allocated, its kernels built)."""
+    if warm:
+        mx.eval(step())
     start = time.perf_counter()
     for _ in range(calls):
         mx.async_eval(step())
@@ -184,9 +186,9 @@ def measure_costs(
     chains = {w: round_chain(w - 1) for w in widths}
     chains["draft"] = draft_chain
     samples = {name: [] for name in chains}
-    for _ in range(blocks):
+    for block in range(blocks):
         for name, chain in chains.items():
-            samples[name].append(queued_seconds(chain, calls))
+            samples[name].append(queued_seconds(chain, calls, warm=block == 0))
     draft = min(samples["draft"])
     seconds = {w: max(min(samples[w]) - (w - 1) * draft, 0.0) for w in widths}
     verify = [interpolate(seconds, width) for width in range(1, k_max + 2)]
