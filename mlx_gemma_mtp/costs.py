@@ -384,22 +384,25 @@ class Tuning:
     margin: float  # how much faster than a plain step drafting must be expected to be
     hopeful: float  # the acceptance seed rounds and probes draft for
     weight: float  # how much the acceptance counts fade every step
+    timed: bool  # round times followed online, and round times and acceptance carried over
 
     def acceptance_model(self, k_max: int) -> AcceptanceModel:
         return AcceptanceModel(k_max, self.prior, self.weight)
 
 
 TUNING = {
-    "match": Tuning(prior=0.7, margin=0.05, hopeful=0.9, weight=0.1),
-    # Speculative sampling keeps to the calibrated costs (see ``SpeculativeGenerator._record``),
-    # whose queued rounds hide some of a real round's host work (sampled rounds measured 5-12%
-    # above them on the fixture): a wider margin. Its rounds accept by a coin flip against p/q,
+    "match": Tuning(prior=0.7, margin=0.05, hopeful=0.9, weight=0.1, timed=True),
+    # Sampled output depends on the k of every round: following round times (which vary run to
+    # run), or carrying what an earlier generation followed, would make a seed not reproduce it.
+    # So speculative sampling keeps to the calibrated costs, whose queued rounds hide some of a
+    # real round's host work (sampled rounds measured 5-12% above them on the fixture): a wider
+    # margin. Its rounds accept by a coin flip against p/q,
     # so one round says less than a greedy round does: counts fade half as fast. And p and q
     # overlap less than a greedy drafter agrees (the first drafts at temperature 1.0: 0.61-0.71
     # on the fixture), so seeds and probes draft for 0.8, not 0.9 (a simulation over the
     # rounds of a temperature-1.0 benchmark: 2-3% faster with both; where drafting loses,
     # parked throughout instead of 3% slower than plain).
-    "speculative": Tuning(prior=0.5, margin=0.10, hopeful=0.8, weight=0.05),
+    "speculative": Tuning(prior=0.5, margin=0.10, hopeful=0.8, weight=0.05, timed=False),
 }
 
 

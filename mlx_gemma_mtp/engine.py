@@ -135,8 +135,7 @@ def auto_schedule(
     acceptance: AcceptanceModel | None = None,
 ) -> AutoSchedule:
     """``auto`` with the ``TUNING`` of acceptance ``rule``; ``times`` and ``acceptance``:
-    followed in earlier generations of the pair. Round times are followed under ``match``
-    only (see ``SpeculativeGenerator._record``)."""
+    followed in earlier generations of the pair (see ``fresh_followed``)."""
     tuning = TUNING[rule]
     return AutoSchedule(
         costs,
@@ -144,10 +143,16 @@ def auto_schedule(
         tuning.prior,
         tuning.margin,
         seed_acceptance=tuning.hopeful,
-        timed=rule == "match",
+        timed=tuning.timed,
         times=times,
         acceptance=acceptance or tuning.acceptance_model(k_max),
     )
+
+
+def fresh_followed(costs: Costs, k_max: int) -> dict:
+    """What greedy ``auto`` follows and carries from one generation of a pair to the next
+    (``auto_schedule``'s ``times`` and ``acceptance``), before any generation."""
+    return {"times": RoundTimes(costs), "acceptance": TUNING["match"].acceptance_model(k_max)}
 
 
 def draft_step(target, drafter, policy, full_vocab, token, hidden, shared_kv, masks, position,
@@ -313,6 +318,7 @@ class SpeculativeGenerator:
             drafter is None or hasattr(drafter, "visibility_masks")
         )
         self._samples = self.policy.speculative and self.stats.mode == "mtp"
+        self._timed = TUNING[self.policy.acceptance_rule].timed  # round times followed
         self._sampling_on = sampling_on
         self._placement_open = self._samples and sampling_on == "auto"
         on_host = self._samples and sampling_on == "host"
@@ -588,9 +594,7 @@ class SpeculativeGenerator:
             stats.plain_steps += 1
             if stats.mode == "mtp":
                 stats.parked_seconds += now - clock
-        # Sampled output depends on the k of every round: following round times (which vary run
-        # to run) would make a seed not reproduce it, so sampling keeps to the measured costs.
-        timed = current.timed and not self.policy.speculative
+        timed = current.timed and self._timed
         self.schedule.observe(k, n, now - clock if timed else None)
         return now
 
@@ -605,8 +609,7 @@ class SpeculativeGenerator:
             costs, path = load_costs(identity, self.k_max)
             source = f"cached ({path})"
             if costs is None:
-                followed = not self.policy.speculative  # see ``_record``
-                costs = self.measure_costs(widths=calibration_widths(self.k_max, followed))
+                costs = self.measure_costs(widths=calibration_widths(self.k_max, self._timed))
                 saved = save_costs(identity, costs)
                 source = f"measured now, cached in {saved}" if saved else "measured now"
             self.costs = costs
@@ -620,17 +623,14 @@ class SpeculativeGenerator:
         machine, and from the prior acceptance (a reply's first rounds accept less than the
         pair does on the whole: judged on them alone, two or three rejections parked
         speculation for 32 tokens). Sampling keeps to the costs and its own rounds (see
-        ``_record``), so that a seed reproduces its output."""
-        if self.policy.speculative:
+        ``TUNING``), so that a seed reproduces its output."""
+        if not self._timed:
             return {}
         kept = self.target.__dict__.setdefault("_followed", {})
         key = (id(self.drafter), self._draft_kind(), self.k_max)
         ref, followed = kept.get(key, (None, None))
         if ref is None or ref() is not self.drafter or followed["times"].costs != costs:
-            followed = {
-                "times": RoundTimes(costs),
-                "acceptance": TUNING["match"].acceptance_model(self.k_max),
-            }
+            followed = fresh_followed(costs, self.k_max)
             kept[key] = (weakref.ref(self.drafter), followed)
         return followed
 

@@ -32,12 +32,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_common as bc  # noqa: E402
 from bench_mtp import FIXTURE, long_prompts, read_prompts  # noqa: E402
 
-from mlx_gemma_mtp.costs import TUNING, Costs, RoundTimes  # noqa: E402
+from mlx_gemma_mtp.costs import Costs  # noqa: E402
 from mlx_gemma_mtp.engine import (  # noqa: E402
     AutoSchedule,
     DraftSchedule,
     SpeculativeGenerator,
     auto_schedule,
+    fresh_followed,
 )
 from mlx_gemma_mtp.loading import load  # noqa: E402
 
@@ -124,9 +125,8 @@ def replay(
 def auto_factory(calibration: Costs, k_max: int) -> Callable[[], AutoSchedule]:
     """``auto`` as the engine runs it greedily: round times and acceptance carried from one
     generation of the pair to the next."""
-    times = RoundTimes(calibration)
-    acceptance = TUNING["match"].acceptance_model(k_max)
-    return lambda: auto_schedule(calibration, k_max, "match", times, acceptance)
+    followed = fresh_followed(calibration, k_max)
+    return lambda: auto_schedule(calibration, k_max, "match", **followed)
 
 
 def compare(
