@@ -15,8 +15,8 @@ import click
 import mlx.core as mx
 
 from .config import ConfigError
-from .costs import TUNING, Costs, describe_places, expected_tokens
-from .engine import DEFAULT_NUM_DRAFT_TOKENS, SpeculativeGenerator, auto_schedule
+from .costs import AcceptanceModel, Costs, expected_tokens
+from .engine import DEFAULT_NUM_DRAFT_TOKENS, AutoSchedule, SpeculativeGenerator
 from .generation import make_policy
 from .machine import speed_identity
 
@@ -63,12 +63,11 @@ def position_acceptance(target, drafter, prompts, k_max: int, sampling: dict, to
     return [a / r if r else None for a, r in zip(accepted, reached, strict=True)]
 
 
-def choices(costs: Costs, k_max: int, rule: str = "match") -> list[dict]:
-    """The controller's ``k`` and expected speedup at each constant acceptance level, for an
-    engine with acceptance ``rule``."""
+def choices(costs: Costs, k_max: int) -> list[dict]:
+    """The controller's ``k`` and expected speedup at each constant acceptance level."""
     rows = []
     for level in LEVELS:
-        k = auto_schedule(costs, k_max, rule).best([level] * k_max, k_max)
+        k = AutoSchedule(costs, k_max).best([level] * k_max, k_max)
         speedup = costs.speedup(expected_tokens([level] * k_max, k), k)
         rows.append({"acceptance": level, "k": k, "expected_speedup": speedup})
     return rows
@@ -81,14 +80,13 @@ def calibrate(target, drafter, tokenizer, k_max: int, tokens: int) -> dict:
     for name, sampling in (("greedy", {}), ("sampled temp 0.7 top-p 0.95", SAMPLING)):
         costs, source = measured_costs(target, drafter, context, k_max, sampling)
         acceptance = position_acceptance(target, drafter, prompts, k_max, sampling, tokens)
-        rule = "speculative" if sampling else "match"
         report["modes"][name] = {
             "costs": costs.to_dict(),
             "costs_source": source,
-            "acceptance_rule": rule,
+            "acceptance_rule": "coupled" if sampling else "match",
             "acceptance_by_position": acceptance,
-            "prior_acceptance": TUNING[rule].prior,
-            "choices": choices(costs, k_max, rule),
+            "prior_acceptance": AcceptanceModel(k_max).estimates()[0],
+            "choices": choices(costs, k_max),
         }
     return report
 
@@ -101,13 +99,7 @@ def format_report(report: dict) -> str:
     ]
     for name, mode in report["modes"].items():
         costs = Costs.from_dict(mode["costs"])
-        lines += ["", f"## {name}", f"Costs: {mode['costs_source']}"]
-        if mode["acceptance_rule"] == "speculative":
-            lines.append(
-                f"Sampling on: {describe_places(costs.sampling_on)} (where its rows are filtered "
-                "and drawn; both places were measured with these costs, per k the faster kept)"
-            )
-        lines.append("")
+        lines += ["", f"## {name}", f"Costs: {mode['costs_source']}", ""]
         lines.append(
             "| k | t_verify(k+1) ms | round ms (t_verify + k t_draft) | per position acc. |"
         )

@@ -38,6 +38,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import kernels as metal
+from .pairs import kept_for
 
 ROWS_PER_SIMDGROUP = 4  # rows per simdgroup in centroid_scores / candidate_logits
 SIMDGROUPS = 2  # simdgroups per threadgroup there (64 threads, like MLX's qmv kernels)
@@ -104,8 +105,8 @@ def kernels_wanted() -> bool:
 
 
 class HeadState:
-    """What one centroid head keeps between calls. It lives on the head's centroid module
-    (``head_state``), so it goes away with its model and no two models share it."""
+    """What one centroid head keeps between calls. The package keeps it for the head's centroid
+    module (``head_state``), so it goes away with its model and no two models share it."""
 
     def __init__(self):
         self.matrix: tuple[mx.array, mx.array] | None = None  # (weight, see centroid_matrix)
@@ -114,17 +115,9 @@ class HeadState:
         self.verdicts: dict = {}  # hidden dtype -> whether the kernels passed their probe
 
 
-STATE_ATTRIBUTE = "centroid_head_state"
-
-
 def head_state(centroids: nn.Module) -> HeadState:
-    """The ``HeadState`` of the head whose centroid module is ``centroids`` (a plain attribute,
-    not a parameter: it is neither saved nor traced)."""
-    state = getattr(centroids, STATE_ATTRIBUTE, None)
-    if state is None:
-        state = HeadState()
-        setattr(centroids, STATE_ATTRIBUTE, state)
-    return state
+    """The ``HeadState`` of the head whose centroid module is ``centroids``."""
+    return kept_for(centroids, "centroid head", HeadState)
 
 
 def metal_supported(hidden: mx.array, centroids: RowMatrix, lm_head: RowMatrix, top_k: int) -> bool:

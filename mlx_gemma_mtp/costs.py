@@ -11,8 +11,10 @@ followed online per draft position.
 
 import hashlib
 import json
+import math
 import os
 import statistics
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -24,7 +26,7 @@ from mlx.utils import tree_flatten
 
 from .machine import speed_identity
 
-COSTS_VERSION = 5  # 5: sampled costs measure every width (4: plain steps sample on the device)
+COSTS_VERSION = 6  # 6: one kind of file per kind of policy (sampling is coupled, on the device)
 
 
 def tokens_per_round(alpha: float, k: int) -> float:
@@ -60,11 +62,6 @@ class Costs:
     context: int = 0  # cache length when measured
     measured_at: float = field(default_factory=time.time)
     fixed: bool = False  # True: not followed online (benchmarks and tests that pin decisions)
-    # Where speculative sampling's vocabulary rows are filtered and drawn in a round of k drafts,
-    # ``sampling_on[k]``: "device" (lazy, pipelined) or "host" (numpy, after reading them back),
-    # whichever measured faster; "device" where the list ends, and for plain steps whatever it
-    # says (see ``fastest_places``; files before COSTS_VERSION 4 could say "host" there).
-    sampling_on: list = field(default_factory=list)
 
     @property
     def k_max(self) -> int:
@@ -77,61 +74,26 @@ class Costs:
         """The ideal speedup of rounds of ``k`` drafts emitting ``tokens`` on average."""
         return ideal_speedup(tokens, self.verify[0], self.verify[k], k, self.draft)
 
-    def samples_on_host(self, k: int) -> bool:
-        return 0 < k < len(self.sampling_on) and self.sampling_on[k] == "host"
-
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Costs":
-        return cls(
-            [float(v) for v in data["verify"]],
-            float(data["draft"]),
-            int(data.get("context", 0)),
-            float(data.get("measured_at", 0.0)),
-            sampling_on=[placement(place) for place in data.get("sampling_on", [])],
-        )
+        """Costs read back from ``to_dict``; a ``ValueError`` for anything a measurement could
+        not have given (a zero or absurd time, a value that is not a number)."""
+        verify, draft = [seconds(v) for v in data["verify"]], seconds(data["draft"], zero=True)
+        if not verify:
+            raise ValueError("no verification costs")
+        return cls(verify, draft, int(data.get("context", 0)), float(data.get("measured_at", 0)))
 
 
-SAMPLING_PLACES = ("device", "host")
-
-
-def placement(value) -> str:
-    if value not in SAMPLING_PLACES:
-        raise ValueError(f"sampling_on must be one of {SAMPLING_PLACES}, got {value!r}")
-    return value
-
-
-def places_of(host_rounds, k_max: int) -> list[str]:
-    """``sampling_on`` for rounds of ``0..k_max`` drafts, the sizes in ``host_rounds`` on the
-    host."""
-    return ["host" if k in host_rounds else "device" for k in range(k_max + 1)]
-
-
-def describe_places(places: Sequence[str]) -> str:
-    """``device``, ``host``, or which round sizes sample on the host."""
-    host = [k for k, place in enumerate(places) if place == "host"]
-    if not host or len(host) == len(places):
-        return "host" if host else "device"
-    return f"host for k in {host}, device for the others"
-
-
-def fastest_places(device: Costs, host: Costs) -> Costs:
-    """Per round size with drafts, the faster of the costs measured sampling on the device and
-    on the host (``sampling_on`` says which), with the device's draft step. A plain step samples
-    on the device: there mlx-lm's loop queues it behind the previous one, which hides the loop's
-    per-token host work; a step sampled on the host cannot be queued, and that work, which the
-    calibration's chain of bare steps does not have, adds to it (measured on this CPU, parked:
-    19.1 ms a step calibrated, 24 ms in the loop)."""
-    places = ["device"] + [
-        "host" if host.round_seconds(k) < device.round_seconds(k) else "device"
-        for k in range(1, device.k_max + 1)
-    ]
-    chosen = {"device": device, "host": host}
-    rounds = [chosen[place].round_seconds(k) for k, place in enumerate(places)]
-    verify = [seconds - k * device.draft for k, seconds in enumerate(rounds)]
-    return Costs(wider_never_cheaper(verify), device.draft, device.context, sampling_on=places)
+def seconds(value, zero: bool = False) -> float:
+    """A measured time: a finite number of seconds under an hour (above 0 unless ``zero``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"a time must be a number, got {value!r}")
+    if not math.isfinite(value) or not (0 <= value < 3600) or (value == 0 and not zero):
+        raise ValueError(f"{value!r} s is not a measured time")
+    return float(value)
 
 
 def wider_never_cheaper(verify: Sequence[float]) -> list[float]:
@@ -157,14 +119,10 @@ def queued_seconds(step: Callable[[], mx.array], calls: int, warm: bool = True) 
     return (time.perf_counter() - start) / calls
 
 
-def calibration_widths(k_max: int, followed: bool = True) -> list[int]:
-    """Forward widths measured on first use. Where round times are followed online (greedy):
-    one token, two and the widest, the others interpolated and then followed. Where they are
-    not (sampling keeps to its calibration), every width: a forward's cost need not grow
-    smoothly with its width (OpenBLAS here: 3 and 4 tokens cost the same; interpolated, a round
-    of 2 drafts looked 17% cheaper than it ran, and sampled ``auto`` kept to 1-2 drafts where 3
-    ran 14% faster)."""
-    return sorted({1, 2, k_max + 1}) if followed else list(range(1, k_max + 2))
+def calibration_widths(k_max: int) -> list[int]:
+    """Forward widths measured on first use: one token, two and the widest; the others are
+    interpolated, then followed online from the measured round times."""
+    return sorted({1, 2, k_max + 1})
 
 
 def measure_costs(
@@ -255,7 +213,7 @@ def load_costs(identity: dict, k_max: int) -> tuple[Costs | None, Path]:
     try:
         data = json.loads(path.read_text())
         costs = Costs.from_dict(data["costs"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, path
     if data.get("identity") != identity or costs.k_max < k_max:
         return None, path
@@ -265,11 +223,14 @@ def load_costs(identity: dict, k_max: int) -> tuple[Costs | None, Path]:
 def save_costs(identity: dict, costs: Costs) -> Path | None:
     """Write atomically; a cache folder that cannot be written is no error (None)."""
     path = costs_path(identity)
+    text = json.dumps({"identity": identity, "costs": costs.to_dict()}, indent=1)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(f".{os.getpid()}.tmp")
-        staging.write_text(json.dumps({"identity": identity, "costs": costs.to_dict()}, indent=1))
-        staging.replace(path)
+        # A staging file of its own per writer: two threads (or processes) may save at once.
+        handle, staging = tempfile.mkstemp(suffix=".tmp", prefix=path.stem, dir=path.parent)
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+        os.replace(staging, path)
     except OSError:
         return None
     return path
@@ -289,7 +250,7 @@ class AcceptanceModel:
     earlier positions rose, so it was not drafted again to correct it (measured: half the rounds
     at k = 1-3 where k = 4-6 paid more)."""
 
-    def __init__(self, k_max: int, prior: float, weight: float = 0.1, pull: float = 2.0):
+    def __init__(self, k_max: int, prior: float = 0.7, weight: float = 0.1, pull: float = 2.0):
         self.keep, self.pull = 1.0 - weight, pull
         self.accepted = [prior] + [0.0] * (k_max - 1)
         self.reached = [1.0] + [0.0] * (k_max - 1)
@@ -375,37 +336,6 @@ class RoundTimes:
         self._predicted.clear()
 
 
-@dataclass(frozen=True)
-class Tuning:
-    """What the controller assumes under one acceptance rule (see ``DraftController`` and
-    ``AcceptanceModel``)."""
-
-    prior: float  # the acceptance before any round is seen
-    margin: float  # how much faster than a plain step drafting must be expected to be
-    hopeful: float  # the acceptance seed rounds and probes draft for
-    weight: float  # how much the acceptance counts fade every step
-    timed: bool  # round times followed online, and round times and acceptance carried over
-
-    def acceptance_model(self, k_max: int) -> AcceptanceModel:
-        return AcceptanceModel(k_max, self.prior, self.weight)
-
-
-TUNING = {
-    "match": Tuning(prior=0.7, margin=0.05, hopeful=0.9, weight=0.1, timed=True),
-    # Sampled output depends on the k of every round: following round times (which vary run to
-    # run), or carrying what an earlier generation followed, would make a seed not reproduce it.
-    # So speculative sampling keeps to the calibrated costs, whose queued rounds hide some of a
-    # real round's host work (sampled rounds measured 5-12% above them on the fixture): a wider
-    # margin. Its rounds accept by a coin flip against p/q,
-    # so one round says less than a greedy round does: counts fade half as fast. And p and q
-    # overlap less than a greedy drafter agrees (the first drafts at temperature 1.0: 0.61-0.71
-    # on the fixture), so seeds and probes draft for 0.8, not 0.9 (a simulation over the
-    # rounds of a temperature-1.0 benchmark: 2-3% faster with both; where drafting loses,
-    # parked throughout instead of 3% slower than plain).
-    "speculative": Tuning(prior=0.5, margin=0.10, hopeful=0.8, weight=0.05, timed=False),
-}
-
-
 class DraftController:
     """``auto``: every round, the ``k`` in ``0..k_max`` that maximises expected tokens per
     second. The first ``seed_rounds`` draft as many as would pay at high acceptance, so every
@@ -429,15 +359,14 @@ class DraftController:
         self,
         costs: Costs,
         k_max: int,
-        prior: float,
-        margin: float = TUNING["match"].margin,
+        prior: float = 0.7,
+        margin: float = 0.05,
         probe_every: int = 8,
         max_probe_every: int = 512,
         explore_every: int = 8,
         explore_within: float = 0.1,
         seed_rounds: int = 3,
-        seed_acceptance: float = TUNING["match"].hopeful,
-        timed: bool = True,
+        seed_acceptance: float = 0.9,
         plain_within: float = 0.3,
         times: "RoundTimes | None" = None,
         acceptance: AcceptanceModel | None = None,
@@ -447,7 +376,7 @@ class DraftController:
         self.k_max, self.margin = k_max, margin
         self.acceptance = acceptance or AcceptanceModel(k_max, prior)
         self.times = times or RoundTimes(costs)
-        self.timed, self.plain_within = timed and not costs.fixed, plain_within
+        self.timed, self.plain_within = not costs.fixed, plain_within
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
         self.probe_every, self.explore_every = probe_every, explore_every
         self.explore_within = explore_within

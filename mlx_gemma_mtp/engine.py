@@ -14,10 +14,12 @@ recent-token window of the logits processors), so the device drafts while the ho
 result, rolls the caches back and builds the next verification. After a plain step nothing needs
 rolling back, so the next verification is queued before the read too, as mlx-lm's plain loop
 does. Only custom logits processors (which read the whole history on the host) and drafters
-without ``visibility_masks`` draft after the read. Speculative sampling may filter and draw a
-round's rows on the host instead (numpy, ``host_sampling``; per round size, where that measured
-faster): that round's verification reads its rows back, so the drafts after it are dispatched
-once it is known.
+without ``visibility_masks`` draft after the read.
+
+Every emitted token is the target's own pick at its position (``sampling.TokenPolicy``): argmax,
+or, when sampling, a Gumbel-max draw with noise hashed from the generation's seed and the
+position. So the output never depends on how many drafts a round had: with a seed, the same
+request gives the same tokens whatever the costs measured and the schedule chose.
 """
 
 import time
@@ -26,29 +28,24 @@ from collections import Counter
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 
 import mlx.core as mx
-import numpy as np
 
-from . import host_sampling
 from .centroid_head import prepare_head
 from .costs import (
-    TUNING,
     AcceptanceModel,
     Costs,
     DraftController,
     RoundTimes,
     calibration_widths,
     costs_identity,
-    describe_places,
-    fastest_places,
     load_costs,
     measure_costs,
-    placement,
-    places_of,
     save_costs,
 )
+from .pairs import pair_state
 from .sampling import TokenPolicy
 
 SCHEDULES = ("auto", "constant", "heuristic")
@@ -65,7 +62,6 @@ class Stats:
     draft_schedule: str = "auto"
     acceptance_rule: str = "match"
     draft_path: str = "none"
-    sampling_on: str = "device"  # where speculative sampling filtered and drew ("host": numpy)
     prompt_tokens: int = 0
     rounds: int = 0  # speculative rounds (k >= 1)
     plain_steps: int = 0  # rounds with k = 0 after the first token
@@ -74,6 +70,7 @@ class Stats:
     target_forwards: int = 0
     draft_lengths: list = field(default_factory=list)  # k of every round, 0 for plain steps
     accepted_lengths: list = field(default_factory=list)  # n of every round
+    k_counts: Counter = field(default_factory=Counter)  # rounds per k, counted as they end
     parked_seconds: float = 0.0  # spent in plain steps while a drafter was loaded
     costs: str | None = None  # where the controller's costs came from
 
@@ -83,7 +80,7 @@ class Stats:
 
     @property
     def k_histogram(self) -> dict:
-        return dict(sorted(Counter(self.draft_lengths).items()))
+        return dict(sorted(self.k_counts.items()))
 
 
 class Block(NamedTuple):
@@ -127,50 +124,31 @@ class AutoSchedule(DraftController):
         return dispatched
 
 
-def auto_schedule(
-    costs: Costs,
-    k_max: int,
-    rule: str,
-    times: RoundTimes | None = None,
-    acceptance: AcceptanceModel | None = None,
-) -> AutoSchedule:
-    """``auto`` with the ``TUNING`` of acceptance ``rule``; ``times`` and ``acceptance``:
-    followed in earlier generations of the pair (see ``fresh_followed``)."""
-    tuning = TUNING[rule]
-    return AutoSchedule(
-        costs,
-        k_max,
-        tuning.prior,
-        tuning.margin,
-        seed_acceptance=tuning.hopeful,
-        timed=tuning.timed,
-        times=times,
-        acceptance=acceptance or tuning.acceptance_model(k_max),
-    )
-
-
 def fresh_followed(costs: Costs, k_max: int) -> dict:
-    """What greedy ``auto`` follows and carries from one generation of a pair to the next
-    (``auto_schedule``'s ``times`` and ``acceptance``), before any generation."""
-    return {"times": RoundTimes(costs), "acceptance": TUNING["match"].acceptance_model(k_max)}
+    """What ``auto`` follows and carries from one generation of a pair to the next (the round
+    times and the acceptance per draft position), before any generation."""
+    return {"times": RoundTimes(costs), "acceptance": AcceptanceModel(k_max)}
 
 
 def draft_step(target, drafter, policy, full_vocab, token, hidden, shared_kv, masks, position,
-               history, key) -> dict:  # fmt: skip
+               history, noise, values) -> dict:  # fmt: skip
     """One draft step from the pending ``token`` [1] and ``hidden`` [1, 1, H]: the drafted
-    ``token`` (with its distribution when sampling), the next ``hidden`` state and ``history``."""
+    ``token``, the next ``hidden`` state and ``history``. ``noise``: ``[seed, position of the
+    drafted token]``; ``values``: the policy's sampling values (array inputs, so one compiled
+    step serves every temperature)."""
     inputs = mx.concatenate([target.embed(token[None]), hidden], axis=-1)
     extra = {} if masks is None else {"masks": masks}
     out = drafter(inputs, shared_kv, position, full_vocab, **extra)
     logits, ids = out.logits.reshape(1, -1), out.candidates
     if ids is not None and policy.history_window is None:  # custom processors read whole rows
         logits, ids = drafter.full_vocab_logits(out).reshape(1, -1), None
-    picked = policy.draft(logits, None if ids is None else ids.reshape(1, -1), history, key)
+    picked = policy.draft(logits, None if ids is None else ids.reshape(1, -1), history, noise,
+                          values)  # fmt: skip
     if policy.processors:
-        history = mx.concatenate([history, picked["token"].astype(history.dtype)])
+        history = mx.concatenate([history, picked.astype(history.dtype)])
         if policy.history_window:
             history = history[1:]
-    return {**picked, "hidden": out.hidden, "history": history}
+    return {"token": picked, "hidden": out.hidden, "history": history}
 
 
 def prefill(
@@ -208,20 +186,22 @@ def draft_slack(num_draft_tokens: int) -> int:
 
 def compiled_draft_step(target, drafter, policy: TokenPolicy, full_vocab: bool):
     """The compiled ``draft_step`` of a (target, drafter) pair for this kind of policy, built
-    once and kept on the target (traces are per compiled function: a new one per call would
-    trace again). It holds weak proxies of the models: it keeps neither alive and makes no
-    reference cycle."""
-    steps = target.__dict__.setdefault("_draft_steps", {})
-    key = (id(drafter), full_vocab, policy.draft_signature)
-    if key in steps and steps[key][0]() is drafter:
-        return steps[key][1]
-    # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs and would
-    # recompute them on every call.
-    mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
-    prepare_head(drafter)  # the Metal kernels are probed before any is traced
-    proxies = weakref.proxy(target), weakref.proxy(drafter)
-    step = mx.compile(partial(draft_step, *proxies, policy, full_vocab))
-    steps[key] = (weakref.ref(drafter), step)
+    once and kept in the pair's state (traces are per compiled function: a new one per call
+    would trace again). It holds weak proxies of the models: it keeps neither alive and makes
+    no reference cycle."""
+
+    def build():
+        # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs and would
+        # recompute them on every call.
+        mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
+        prepare_head(drafter)  # the Metal kernels are probed before any is traced
+        proxies = weakref.proxy(target), weakref.proxy(drafter)
+        return weakref.ref(target), mx.compile(partial(draft_step, *proxies, policy, full_vocab))
+
+    steps, key = pair_state(target.backbone, drafter).steps, (full_vocab, policy.kind)
+    built_for, step = steps.get(key, build)
+    if built_for() is not target:  # another wrapper of the same model: its proxy may be dead
+        built_for, step = steps.put(key, build())
     return step
 
 
@@ -272,18 +252,14 @@ class SpeculativeGenerator:
         costs: Costs | None = None,
         cache: list | None = None,
         prompt_progress_callback: Callable[[int, int], None] | None = None,
-        sampling_on: str = "auto",
     ):
         """``cache``: the target cache to continue from (``Target.make_cache``, with a slack of
         at least ``draft_slack(num_draft_tokens)``), kept by the caller between generations;
         after ``settle`` it stands for its old tokens, the prompt and the emitted tokens.
-        ``sampling_on``: where speculative sampling filters and draws the vocabulary rows,
-        ``device`` or ``host`` (numpy, ``host_sampling``); ``auto``: the costs say, per round
-        size (both are measured with the costs, and the faster kept)."""
+        A sampling policy takes its seed from MLX's random state here (``mx.random.seed``
+        fixes it); nothing else draws from it."""
         if draft_schedule not in SCHEDULES:
             raise ValueError(f"draft schedule {draft_schedule!r} is not one of {SCHEDULES}")
-        if sampling_on != "auto":
-            placement(sampling_on)
         if num_draft_tokens < 0:
             raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
         self.target, self.drafter = target, drafter
@@ -317,12 +293,6 @@ class SpeculativeGenerator:
         self.pipelined = self.policy.history_window is not None and (
             drafter is None or hasattr(drafter, "visibility_masks")
         )
-        self._samples = self.policy.speculative and self.stats.mode == "mtp"
-        self._timed = TUNING[self.policy.acceptance_rule].timed  # round times followed
-        self._sampling_on = sampling_on
-        self._placement_open = self._samples and sampling_on == "auto"
-        on_host = self._samples and sampling_on == "host"
-        self._sample_on_host(range(num_draft_tokens + 1) if on_host else range(0))
         # Not a bound method: the engine must not be in a reference cycle, or its caches would
         # outlive it until the garbage collector runs.
         self._draft_step = partial(draft_step, target, drafter, self.policy, full_vocab_draft)
@@ -334,19 +304,10 @@ class SpeculativeGenerator:
                     target, drafter, self.policy, full_vocab_draft
                 )
         self._auto = draft_schedule == "auto" and self.stats.mode == "mtp"
-        self._key = mx.array(0)  # random keys for drafting and speculative acceptance
-        self._measuring = False
-        self._rng = None  # the host's draws, seeded from the first key when first needed
-        if self._samples:
-            self._key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
-        self._rng_seed = self._key
+        self._seed = mx.array(0, mx.uint32)  # the noise of coupled sampling (see sampling.py)
+        if self.policy.coupled:
+            self._seed = mx.random.randint(0, 2**31 - 1, ()).astype(mx.uint32)
         self._buffer_shapes = None
-
-    def _sample_on_host(self, rounds) -> None:
-        """Sample on the host in rounds of ``k in rounds`` drafts (it reads their rows back
-        first), on the device otherwise."""
-        self._host_rounds = rounds
-        self.stats.sampling_on = describe_places(places_of(rounds, self.k_max))
 
     def _head(self) -> str:
         args = getattr(self.drafter, "args", None)
@@ -370,8 +331,8 @@ class SpeculativeGenerator:
         )
         history = self._initial_history(prompt)
         logprobs = self.policy.target_logprobs(self.target.logits(hidden[0]), history, [])
-        result = self._accept([], [], logprobs)
-        return Round(0, self.cache[0].offset - 1, result, logprobs, hidden, history)
+        first = self.cache[0].offset - 1
+        return Round(0, first, self._accept([], logprobs, first), logprobs, hidden, history)
 
     def _initial_history(self, prompt: mx.array) -> mx.array | None:
         """The processors' history: the whole prompt, or its last ``W`` tokens (padded with its
@@ -383,55 +344,19 @@ class SpeculativeGenerator:
             return prompt if window is None else prompt[-window:]
         return mx.concatenate([mx.repeat(prompt[:1], window - prompt.size), prompt])
 
-    def _accept(self, drafts: list, dists: list, logprobs: mx.array) -> mx.array:
-        """``[n, t_0, .., t_k]``: accepted count and target tokens (emitted: ``t_0..t_n``).
-
-        Speculative rounds draw from the engine's own key, and so do plain steps while the costs
-        are measured: measuring draws nothing from MLX's global random state, so a seed gives
-        the same output whether the costs were measured in this run or cached."""
-        if len(drafts) in self._host_rounds:
-            return self._accept_on_host(drafts, dists, logprobs)
-        key = None
-        if self._samples and (drafts or self._measuring):
-            self._key, key = mx.random.split(self._key)
-        n, tokens = self.policy.accept(drafts, dists, logprobs, key)
+    def _accept(self, drafts: list, logprobs: mx.array, first: int) -> mx.array:
+        """``[n, t_0, .., t_k]``: accepted count and target tokens (emitted: ``t_0..t_n``) of
+        the rows fed from cache position ``first`` on (row ``i`` picks position
+        ``first + 1 + i``)."""
+        n, tokens = self.policy.accept(drafts, logprobs, self._seed, first + 1)
         return mx.concatenate([n.reshape(1), tokens]).astype(mx.int32)
 
-    def _accept_on_host(self, drafts: list, dists: list, logprobs: mx.array) -> mx.array:
-        """``_accept`` with the filters and draws in numpy (``host_sampling``), from the rows
-        read back (the logits processors and log-softmax stay on the device)."""
-        params, vocab_size = self.policy.params, logprobs.shape[-1]
-        tokens = mx.concatenate(drafts) if drafts else mx.zeros((0,), mx.int32)
-        q_tokens = mx.exp(mx.concatenate([d["logq_token"] for d in dists])) if drafts else tokens
-        rows = logprobs.astype(mx.float32)
-        mx.eval(rows, tokens, q_tokens, [d["logq"] for d in dists], [d.get("ids") for d in dists])
-        rows, dtype = np.array(rows), str(logprobs.dtype).split(".")[-1]
-
-        def target_rows(i: int):
-            return host_sampling.distribution(rows[i], dtype, params)
-
-        def draft_rows(i: int):
-            q = np.exp(np.array(dists[i]["logq"][0], np.float64))
-            ids = dists[i].get("ids")
-            return (np.arange(vocab_size) if ids is None else np.array(ids[0])), q
-
-        drafted = tokens.tolist()
-        n, token = host_sampling.speculative_accept(
-            drafted, q_tokens.tolist(), draft_rows, target_rows, vocab_size, self._host_rng()
-        )
-        return mx.array([n, *drafted[:n], *[token] * (len(drafted) - n + 1)], mx.int32)
-
-    def _host_rng(self) -> np.random.Generator:
-        if self._rng is None:
-            self._rng = np.random.default_rng(self._rng_seed.tolist())
-        return self._rng
-
-    def _draft_after(self, done: Round, count: int) -> tuple[list, list, mx.array | None]:
+    def _draft_after(self, done: Round, count: int) -> tuple[list, mx.array | None]:
         """Dispatch ``count`` drafts for the round after ``done`` (read or not): from the token
         and hidden state at its accepted count, at the position after it."""
         history = self._history_after(done)
         if count < 1:
-            return [], [], history
+            return [], history
         n = done.result[0]
         token = mx.take(done.result, n + 1).reshape(1)
         hidden = mx.take(done.hidden, n, axis=1)[:, None]
@@ -446,18 +371,14 @@ class SpeculativeGenerator:
         else:
             shared_kv, masks, step = self.target.shared_kv(self.cache), None, self._draft_step
             position = position.item()
-        keys = mx.random.split(self._key, count + 1) if self.policy.speculative else None
-        if keys is not None:
-            self._key = keys[0]
-        drafts, dists, draft_history = [], [], history
+        drafts, draft_history, values = [], history, self.policy.values
         for i in range(count):
-            key = keys[i + 1] if keys is not None else self._key
-            out = step(token, hidden, shared_kv, masks, position, draft_history, key)
+            noise = mx.stack([self._seed, mx.array(position + i + 1, mx.uint32)])
+            out = step(token, hidden, shared_kv, masks, position, draft_history, noise, values)
             token, hidden, draft_history = out["token"], out["hidden"], out["history"]
             drafts.append(token)
-            dists.append(out)
-        mx.async_eval(drafts, [d.get("logq") for d in dists if "logq" in d])
-        return drafts, dists, history
+        mx.async_eval(drafts)
+        return drafts, history
 
     def _history_after(self, done: Round) -> mx.array | None:
         """The processors' history once ``done``'s emitted tokens ``t_0..t_n`` are appended."""
@@ -470,13 +391,13 @@ class SpeculativeGenerator:
         joined = mx.concatenate([done.history, tokens])
         return mx.take(joined, mx.arange(window) + done.result[0] + 1)
 
-    def _verify(self, pending: mx.array, drafts: list, dists: list, history) -> Round:
+    def _verify(self, pending: mx.array, drafts: list, history) -> Round:
         """One target forward over ``[pending, *drafts]``, with its accept result (lazy)."""
         first = self.cache[0].offset
         inputs = mx.concatenate([pending.reshape(1).astype(mx.int32), *drafts])
         out = self.target(inputs[None], self.cache)
         logprobs = self.policy.target_logprobs(out.logits[0], history, drafts)
-        result = self._accept(drafts, dists, logprobs)
+        result = self._accept(drafts, logprobs, first)
         mx.async_eval(result)
         return Round(len(drafts), first, result, logprobs, out.hidden, history)
 
@@ -529,23 +450,19 @@ class SpeculativeGenerator:
 
     def _generate(self, prompt: mx.array, max_tokens: int) -> Generator[Block, None, None]:
         current = self._first_round(prompt)
-        if self._auto or self._placement_open:
+        if self._auto:
             costs = self._costs()
-            if self._placement_open:
-                self._sample_on_host([k for k in range(self.k_max + 1) if costs.samples_on_host(k)])
-            if self._auto:
-                rule = self.policy.acceptance_rule
-                self.schedule = auto_schedule(costs, self.k_max, rule, **self._followed(costs))
+            self.schedule = AutoSchedule(costs, self.k_max, **self._followed(costs))
         remaining, block, clock = max_tokens, None, time.perf_counter()
         while True:
             upcoming = None
             if self.pipelined:
                 count = self.schedule.choose(remaining - 2)
-                drafts, dists, history = self._draft_after(current, count)
+                drafts, history = self._draft_after(current, count)
                 if current.k == 0 and remaining > 1:
                     # A plain step rolls nothing back: queue the next verification now.
                     k = self.schedule.verify(len(drafts))
-                    upcoming = self._verify(current.result[1], drafts[:k], dists[:k], history)
+                    upcoming = self._verify(current.result[1], drafts[:k], history)
             if block is not None:
                 yield block
             values = current.result.tolist()
@@ -561,10 +478,10 @@ class SpeculativeGenerator:
             if upcoming is None:
                 if not self.pipelined:
                     count = self.schedule.choose(remaining - 1)
-                    drafts, dists, history = self._draft_after(current, count)
+                    drafts, history = self._draft_after(current, count)
                 k = self.schedule.verify(min(len(drafts), remaining - 1))
                 pending = mx.array(block.tokens[-1])
-                upcoming = self._verify(pending, drafts[:k], dists[:k], history)
+                upcoming = self._verify(pending, drafts[:k], history)
                 # Parked plain steps are queued behind the one before; this one, built after a
                 # round's read, was not, and its time would overstate theirs.
                 upcoming.timed = not (self.pipelined and k == 0)
@@ -584,6 +501,7 @@ class SpeculativeGenerator:
             return now
         stats.draft_lengths.append(k)
         stats.accepted_lengths.append(n)
+        stats.k_counts[k] += 1
         if k:
             stats.rounds += 1
             stats.drafted += k
@@ -594,44 +512,47 @@ class SpeculativeGenerator:
             stats.plain_steps += 1
             if stats.mode == "mtp":
                 stats.parked_seconds += now - clock
-        timed = current.timed and self._timed
-        self.schedule.observe(k, n, now - clock if timed else None)
+        self.schedule.observe(k, n, now - clock if current.timed else None)
         return now
 
     # -- the controller's costs ---------------------------------------------------------------
 
     def _costs(self) -> Costs:
-        """The costs given, cached on disk, or measured now on the prefilled cache (then
-        cached)."""
-        costs, source = self.costs, "given"
-        if costs is None:
-            identity = self.costs_identity()
-            costs, path = load_costs(identity, self.k_max)
-            source = f"cached ({path})"
-            if costs is None:
-                costs = self.measure_costs(widths=calibration_widths(self.k_max, self._timed))
-                saved = save_costs(identity, costs)
-                source = f"measured now, cached in {saved}" if saved else "measured now"
-            self.costs = costs
-        self.stats.costs = source
-        return costs
+        """The costs given, else the pair's for this kind of drafting: cached on disk, or
+        measured now on the prefilled cache (then cached), once per process."""
+        if self.costs is not None:
+            self.stats.costs = "given"
+            return self.costs
+        state = pair_state(self.target.backbone, self.drafter)
+        now = []  # the source, when this generation loads or measures them
+        key = (self._draft_kind(), self.k_max)
+        self.costs, path = state.costs.get(key, lambda: self._load_or_measure_costs(now))
+        self.stats.costs = now[0] if now else f"cached ({path})" if path else "measured earlier"
+        return self.costs
+
+    def _load_or_measure_costs(self, source: list) -> tuple[Costs, Path | None]:
+        identity = self.costs_identity()
+        costs, path = load_costs(identity, self.k_max)
+        if costs is not None:
+            source.append(f"cached ({path})")
+            return costs, path
+        costs = self.measure_costs(widths=calibration_widths(self.k_max))
+        saved = save_costs(identity, costs)
+        source.append(f"measured now, cached in {saved}" if saved else "measured now")
+        return costs, saved
 
     def _followed(self, costs: Costs) -> dict:
-        """The round times and acceptance the pair's last greedy generation followed (kept on
-        the target, as the compiled draft step), for ``AutoSchedule``: each generation goes on
-        from them instead of from the calibration, which may come from another spell of the
-        machine, and from the prior acceptance (a reply's first rounds accept less than the
-        pair does on the whole: judged on them alone, two or three rejections parked
-        speculation for 32 tokens). Sampling keeps to the costs and its own rounds (see
-        ``TUNING``), so that a seed reproduces its output."""
-        if not self._timed:
-            return {}
-        kept = self.target.__dict__.setdefault("_followed", {})
-        key = (id(self.drafter), self._draft_kind(), self.k_max)
-        ref, followed = kept.get(key, (None, None))
-        if ref is None or ref() is not self.drafter or followed["times"].costs != costs:
-            followed = fresh_followed(costs, self.k_max)
-            kept[key] = (weakref.ref(self.drafter), followed)
+        """The round times and acceptance the pair's last generation of this kind followed,
+        for ``AutoSchedule``: each generation goes on from them instead of from the
+        calibration, which may come from another spell of the machine, and from the prior
+        acceptance (a reply's first rounds accept less than the pair does on the whole: judged
+        on them alone, two or three rejections parked speculation for 32 tokens). Neither
+        changes the output, only its speed."""
+        state = pair_state(self.target.backbone, self.drafter)
+        key = (self._draft_kind(), self.k_max)
+        followed = state.followed.get(key, lambda: fresh_followed(costs, self.k_max))
+        if followed["times"].costs is not costs:
+            followed = state.followed.put(key, fresh_followed(costs, self.k_max))
         return followed
 
     def costs_identity(self) -> dict:
@@ -639,38 +560,18 @@ class SpeculativeGenerator:
         return costs_identity(self.target.model, self.drafter, self._draft_kind())
 
     def _draft_kind(self) -> str:
-        """What the draft step costs depend on, besides the models."""
-        params = self.policy.params
-        return "/".join(
-            [
-                f"{'compiled' if self.pipelined else 'synchronous'}, {self._head()}",
-                self.policy.acceptance_rule,
-                f"processors={len(self.policy.processors)}",
-                "" if params is None else f"top_p={params.top_p},top_k={params.top_k}",
-                # A forced place is measured alone: its costs must not stand in for auto's.
-                f"sampling_on={self._sampling_on}" if self._samples else "",
-            ]
-        )
+        """What the draft step and a round's acceptance work cost depend on, besides the models:
+        a kind of policy, never a value of its (a temperature, a top-p)."""
+        rule, filters, window, penalty, processors = self.policy.kind
+        head = f"{'compiled' if self.pipelined else 'synchronous'}, {self._head()}"
+        return f"{head}/{rule}/filters={filters}/processors={processors}"
 
     def measure_costs(self, k_max: int | None = None, **options) -> Costs:
         """Queued costs of this engine's rounds (drafting, verification with this policy's
         acceptance work, rollback) and draft step on its prefilled cache (left as it was);
-        ``options`` go to ``costs.measure_costs``. With speculative sampling and
-        ``sampling_on="auto"``, both places to sample are measured, and per round size the
-        faster kept (``Costs.sampling_on``)."""
+        ``options`` go to ``costs.measure_costs``. Measuring draws no random numbers, so it
+        changes nothing that is sampled afterwards."""
         k_max = self.k_max if k_max is None else k_max
-        if not self._placement_open:
-            return self._measure_costs(k_max, **options)
-        rounds, measured = self._host_rounds, []
-        try:
-            for host in (range(0), range(k_max + 1)):
-                self._host_rounds = host
-                measured.append(self._measure_costs(k_max, **options))
-        finally:
-            self._host_rounds = rounds
-        return fastest_places(*measured)
-
-    def _measure_costs(self, k_max: int, **options) -> Costs:
         last = Round(
             0,
             self.cache[0].offset - 1,
@@ -679,31 +580,21 @@ class SpeculativeGenerator:
             mx.zeros((1, 1, self.target.hidden_size)),
             self._initial_history(mx.array([0], mx.int32)),
         )
-        # Measuring must not change what is sampled afterwards.
-        key, rng_state = self._key, self._samples and self._host_rng().bit_generator.state
-        self._measuring = True
 
         def round_chain(k: int):
             def one_round() -> mx.array:
-                drafts, dists, history = self._draft_after(last, k)
-                verified = self._verify(last.result[1], drafts, dists, history)
+                drafts, history = self._draft_after(last, k)
+                verified = self._verify(last.result[1], drafts, history)
                 for c in self.cache:
                     c.trim(k + 1)
                 return verified.result
 
             return one_round
 
-        try:
-            costs = measure_costs(
-                round_chain,
-                lambda: self._draft_after(last, 1)[0][0],
-                k_max,
-                self.cache[0].offset,
-                **options,
-            )
-        finally:
-            self._key, self._measuring = key, False
-            if rng_state:
-                self._rng.bit_generator.state = rng_state
-        costs.sampling_on = places_of(self._host_rounds, k_max)
-        return costs
+        return measure_costs(
+            round_chain,
+            lambda: self._draft_after(last, 1)[0][0],
+            k_max,
+            self.cache[0].offset,
+            **options,
+        )

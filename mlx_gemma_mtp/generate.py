@@ -8,7 +8,6 @@ import click
 import mlx.core as mx
 
 from .config import ConfigError
-from .costs import SAMPLING_PLACES
 from .engine import SCHEDULES
 from .generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
@@ -55,20 +54,9 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
         "generation_tokens": response.generation_tokens,
         "prompt_tps": response.prompt_tps,
         "generation_tps": response.generation_tps,
-        "mode": response.mode,
         "num_draft_tokens": args["num_draft_tokens"] if response.mode == "mtp" else 0,
         "draft_schedule": args["draft_schedule"],
-        "acceptance_rule": response.acceptance_rule,
-        "draft_path": response.draft_path,
-        "sampling_on": response.sampling_on,
-        "k_histogram": response.k_histogram,
-        "parked_seconds": response.parked_seconds,
-        "drafted": response.drafted,
-        "accepted": response.accepted,
-        "acceptance_rate": response.acceptance_rate,
-        "rounds": response.rounds,
-        "target_forwards": response.target_forwards,
-        "tokens_per_target_forward": response.tokens_per_target_forward,
+        **response.mtp_stats(),
         "peak_memory_gb": response.peak_memory,
         "finish_reason": response.finish_reason,
         "tokens": tokens,
@@ -101,13 +89,6 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
     default="auto",
     show_default=True,
     help="auto: k chosen every round from measured costs and acceptance (0 parks drafting).",
-)
-@click.option(
-    "--sampling-on",
-    type=click.Choice(["auto", *SAMPLING_PLACES]),
-    default="auto",
-    show_default=True,
-    help="Where speculative sampling filters and draws the vocabulary rows (auto: measured).",
 )
 @click.option("--system-prompt", help="System message for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt text as is.")
@@ -148,7 +129,6 @@ def main(**args) -> None:
         num_draft_tokens=args["num_draft_tokens"],
         draft_schedule=args["draft_schedule"],
         full_vocab_draft=args["full_vocab_draft"],
-        sampling_on=args["sampling_on"],
         temp=args["temp"],
         top_p=args["top_p"],
         top_k=args["top_k"],

@@ -23,6 +23,7 @@ from .costs import Costs
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, SpeculativeGenerator, Stats
 from .loading import validate_pair
 from .models.gemma4_assistant import Model as Drafter
+from .pairs import kept_for
 from .prompt_cache import (
     DEFAULT_MAX_DRAFT_TOKENS,
     PromptCache,
@@ -44,9 +45,8 @@ class GenerationResponse(MLXGenerationResponse):
     rounds: int = 0
     target_forwards: int = 0
     mode: str = "mtp"  # "plain" when no drafter is used
-    acceptance_rule: str = "match"  # "speculative": lossless speculative sampling
+    acceptance_rule: str = "match"  # "coupled": sampling with the position's noise
     draft_path: str = "none"  # says whether drafting is compiled and centroid-masked
-    sampling_on: str = "device"  # "host": speculative sampling filtered and drew in numpy
     k_histogram: dict | None = None  # rounds per number of drafts (0: plain steps)
     parked_seconds: float = 0.0  # time in plain steps while a drafter was loaded
 
@@ -57,6 +57,12 @@ class GenerationResponse(MLXGenerationResponse):
     @property
     def tokens_per_target_forward(self) -> float:
         return self.generation_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    def mtp_stats(self) -> dict:
+        """The speculative counters so far, with their rates: what ``--stats-json``, the server's
+        ``usage.mtp`` and the benchmarks report."""
+        rates = ("acceptance_rate", "tokens_per_target_forward")
+        return {**counters(self), **{name: getattr(self, name) for name in rates}}
 
 
 def make_policy(
@@ -71,7 +77,9 @@ def make_policy(
     repetition_context_size: int = 20,
 ) -> TokenPolicy:
     """A ``TokenPolicy`` from mlx-lm's options. A custom ``sampler`` is honoured exactly, but
-    drafts are then accepted only where they equal the sampler's draw (lossless, less accepted).
+    its draws depend on how many rows each round verifies (it draws from MLX's random state), so
+    a seed fixes its output only for one draft schedule; the options (``temp``, ``top_p``, ...)
+    sample coupled, which a seed fixes whatever the schedule.
     mlx-lm's repetition penalty reads only the last ``repetition_context_size`` tokens, so it
     keeps the pipelined loop; custom ``logits_processors`` may read the whole history."""
     params = SamplingParams(temp, top_p, min_p, min_tokens_to_keep, top_k)
@@ -124,8 +132,8 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def as_target(model) -> Target:
-    """Our ``Target`` for what ``load`` or ``mlx_lm.load`` returned; kept on an mlx-lm model so
-    that the compiled draft step (kept on the ``Target``) is built once per pair."""
+    """Our ``Target`` for what ``load`` or ``mlx_lm.load`` returned: for an mlx-lm model, one per
+    live model, kept by the package (``pairs.kept_for``), not on the model."""
     if isinstance(model, Target) or (
         not isinstance(model, nn.Module) and hasattr(model, "make_cache")
     ):
@@ -136,11 +144,7 @@ def as_target(model) -> Target:
             f"model must be a Gemma 4 target from mlx_gemma_mtp.load or mlx_lm.load, "
             f"got {type(model).__name__}"
         )
-    target = getattr(model, "_mtp_target", None)
-    if target is None:
-        target = Target(model)
-        model._mtp_target = target  # a plain attribute: not a parameter or a submodule
-    return target
+    return kept_for(model, "target", lambda: Target(model, hold=False))
 
 
 def make_prompt_cache(
@@ -236,7 +240,6 @@ def stream_generate(
     stop: Sequence[str] = (),
     eos_token_ids: Sequence[int] | None = None,
     costs: Costs | None = None,
-    sampling_on: str = "auto",
 ) -> Generator[GenerationResponse, None, None]:
     """Yield one ``GenerationResponse`` per generated token (the last one has a
     ``finish_reason``: ``"stop"`` for EOS or a stop string, ``"length"`` for ``max_tokens``).
@@ -247,11 +250,11 @@ def stream_generate(
     ``logits_processors``, ``prompt_cache`` (from ``make_prompt_cache``: afterwards it stands for
     the prompt and every emitted token, also when the caller stops early), ``prefill_step_size``,
     ``prompt_progress_callback(processed, total)``. Ours: ``temp``/``top_p``/``min_p``/
-    ``min_tokens_to_keep``/``top_k`` (lossless speculative sampling), ``repetition_penalty``/
+    ``min_tokens_to_keep``/``top_k`` (coupled sampling: a seed fixes the output, whatever the
+    drafting), ``repetition_penalty``/
     ``repetition_context_size``, ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
     ``eos_token_ids`` (default: all of the tokenizer's), ``costs`` (``mlx_gemma_mtp.costs.Costs``
-    for the ``auto`` schedule instead of the measured ones), ``sampling_on`` (where speculative
-    sampling filters and draws: ``auto``, ``device`` or ``host``). Closing the generator cancels.
+    for the ``auto`` schedule instead of the measured ones). Closing the generator cancels.
     """
     if max_tokens == 0 or max_tokens < -1:
         raise ValueError(f"max_tokens must be >= 1, or -1 for no limit; got {max_tokens}")
@@ -290,7 +293,6 @@ def stream_generate(
         cache=prompt_cache,
         prompt_progress_callback=progress,
         costs=costs,
-        sampling_on=sampling_on,
     )
     texts = TextStream(tokenizer, stop)
     count = 0
@@ -321,7 +323,7 @@ def stream_generate(
                         generation_tps=count / max(time.perf_counter() - tic, 1e-9),
                         peak_memory=mx.get_peak_memory() / 1e9,
                         finish_reason=("stop" if stopped or is_eos else "length") if last else None,
-                        **_counters(engine.stats),
+                        **counters(engine.stats),
                     )
                     if last:
                         return
@@ -335,19 +337,22 @@ def stream_generate(
                     prompt_cache.tokens += ids + engine.emitted[:count]
 
 
-def _counters(stats: Stats) -> dict:
-    return dict(
-        drafted=stats.drafted,
-        accepted=stats.accepted,
-        rounds=stats.rounds,
-        target_forwards=stats.target_forwards,
-        mode=stats.mode,
-        acceptance_rule=stats.acceptance_rule,
-        draft_path=stats.draft_path,
-        sampling_on=stats.sampling_on,
-        k_histogram=stats.k_histogram,
-        parked_seconds=stats.parked_seconds,
-    )
+# The engine's counters (``Stats``) that every response carries, under the same names.
+COUNTERS = (
+    "mode",
+    "acceptance_rule",
+    "draft_path",
+    "k_histogram",
+    "parked_seconds",
+    "drafted",
+    "accepted",
+    "rounds",
+    "target_forwards",
+)
+
+
+def counters(source: Stats) -> dict:
+    return {name: getattr(source, name) for name in COUNTERS}
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs: Any) -> str:
@@ -372,11 +377,9 @@ def format_stats(response: GenerationResponse) -> str:
         f"{response.generation_tps:.3f} tokens-per-sec",
     ]
     if response.mode == "mtp":
-        place = f", sampled on the {response.sampling_on}"
-        place = "" if response.sampling_on == "device" else place
         lines.append(
             f"Drafts: {response.accepted}/{response.drafted} accepted "
-            f"({response.acceptance_rate:.3f}, {response.acceptance_rule} rule{place}), "
+            f"({response.acceptance_rate:.3f}, {response.acceptance_rule} rule), "
             f"{response.tokens_per_target_forward:.2f} tokens per target forward "
             f"({response.target_forwards} forwards, {response.rounds} speculative rounds)"
         )

@@ -1,26 +1,22 @@
-"""Choosing tokens from logits, and accepting drafted tokens without changing the distribution.
+"""Choosing tokens from logits, and accepting drafted tokens without changing the output.
 
-Two acceptance rules, both lossless:
-
-- ``match``: the target picks its token at every verified position with the plain sampler (argmax
-  for greedy); drafts are accepted while they equal it. Works for any sampler.
-- ``speculative``: for temperature > 0 with mlx-lm's sampling options, drafts are sampled from the
-  drafter's distribution ``q`` and accepted with probability ``min(1, p(d) / q(d))``; on rejection
-  the token is drawn from ``normalize(max(0, p - q))``; if all drafts pass, a bonus token comes from
-  ``p``. ``p`` and ``q`` get the same filters mlx-lm's ``make_sampler`` applies, in float32.
+Drafts are accepted while they equal the target's own choice at their position (``match``), so
+every emitted token is the target's choice. Greedy: the argmax. A custom ``sampler``: its draw
+over the verified rows. mlx-lm's sampling options (temperature, top-p, min-p, top-k): *coupled*
+sampling, Gumbel-max with noise that belongs to the output position. The token at sequence
+position ``j`` is ``argmax(filtered logits / temp + g_j)``, where ``g_j[v]`` is Gumbel noise
+hashed from the generation's seed, ``j`` and the token id ``v``; the drafter proposes
+``argmax(its logits / temp + g_j)`` with the same noise. The target's draw at ``j`` does not
+depend on how many drafts a round had, or whether there was a drafter at all, so with a seed the
+output is the same for every draft schedule and every cost table, and equal to plain decoding
+with the same seed; drafting only changes the speed.
 """
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.sample_utils import (
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    greedy_sampler,
-    make_sampler,
-)
+from mlx_lm.sample_utils import greedy_sampler
 
 from .centroid_head import candidate_argmax
 
@@ -47,25 +43,103 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temp == 0
 
-    def make_sampler(self) -> Sampler:
-        return make_sampler(
-            self.temp, self.top_p, self.min_p, self.min_tokens_to_keep, top_k=self.top_k
-        )
+    @property
+    def filters(self) -> tuple[bool, bool, bool, bool]:
+        """Which filters apply (top-p, min-p, min-p's tokens to keep, top-k): what the graph of
+        a filtered row depends on. Their values are array inputs (``values``), so a compiled
+        step serves every value."""
+        keep_min = self.min_tokens_to_keep > 1
+        return (0 < self.top_p < 1.0, self.min_p != 0.0, keep_min, self.top_k > 0)
 
-    def filter(self, logprobs: mx.array) -> mx.array:
-        """The truncations ``make_sampler`` applies, in its order (excluded tokens get -inf)."""
-        if 0 < self.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, self.top_p)
-        if self.min_p != 0.0:
-            logprobs = apply_min_p(logprobs, self.min_p, self.min_tokens_to_keep)
-        if 0 < self.top_k < logprobs.shape[-1]:  # a candidate row may hold fewer tokens
-            logprobs = apply_top_k(logprobs, self.top_k)
-        return logprobs
+    def values(self) -> mx.array:
+        """``[1 / temp, top_p, min_p, min_tokens_to_keep, top_k]`` as a float32 array."""
+        inverse_temp = 1.0 / self.temp if self.temp else 0.0
+        values = [inverse_temp, self.top_p, self.min_p, self.min_tokens_to_keep, self.top_k]
+        return mx.array(values, mx.float32)
 
     def distribution(self, logprobs: mx.array) -> mx.array:
-        """Float32 log-probabilities of the sampler's draw: filters, then temperature."""
-        scaled = self.filter(logprobs).astype(mx.float32) * (1.0 / self.temp)
-        return log_softmax(scaled)
+        """Float32 log-probabilities of the draw: the filters, then the temperature."""
+        scaled = filter_rows(logprobs, self.filters, self.values()).astype(mx.float32)
+        return log_softmax(scaled * (1.0 / self.temp))
+
+
+def kth_largest(logprobs: mx.array, k: mx.array) -> mx.array:
+    """Per row, the ``k``-th largest entry (``k`` >= 1, an array), as ``[..., 1]``."""
+    size = logprobs.shape[-1]
+    index = mx.clip(size - k.astype(mx.int32), 0, size - 1)
+    index = mx.broadcast_to(index, (*logprobs.shape[:-1], 1))
+    return mx.take_along_axis(mx.sort(logprobs, axis=-1), index, axis=-1)
+
+
+def top_p_rows(logprobs: mx.array, top_p: mx.array) -> mx.array:
+    """mlx-lm's ``apply_top_p``, operation for operation. Not that function itself: it is
+    compiled with MLX's random state as an input and output, which inside our compiled draft
+    step would leave a traced array as the global random state."""
+    sorted_logprobs = mx.sort(logprobs, axis=-1)
+    sorted_probs = mx.exp(sorted_logprobs.astype(mx.float32))
+    mass_above = mx.cumsum(sorted_probs, axis=-1, reverse=True, inclusive=False)
+    total_mass = mass_above[..., :1] + sorted_probs[..., :1]
+    num_dropped = (mass_above >= top_p * total_mass).sum(axis=-1, keepdims=True)
+    threshold = mx.take_along_axis(sorted_logprobs, num_dropped, axis=-1)
+    return mx.where(logprobs < threshold, -mx.inf, logprobs)
+
+
+def filter_rows(logprobs: mx.array, filters: tuple, values: mx.array) -> mx.array:
+    """mlx-lm's truncations in ``make_sampler``'s order (excluded tokens get -inf), with the
+    values from ``SamplingParams.values``: top-p as mlx-lm computes it; min-p relative to the
+    top token (keeping at least ``min_tokens_to_keep``); top-k keeping every token tied with
+    the ``k``-th."""
+    top_p, min_p, keep_min, top_k = filters
+    if top_p:
+        logprobs = top_p_rows(logprobs, values[1])
+    if min_p:
+        floor = logprobs.max(axis=-1, keepdims=True) + mx.log(values[2])
+        if keep_min:
+            floor = mx.minimum(floor, kth_largest(logprobs, values[3]))
+        logprobs = mx.where(logprobs < floor, -mx.inf, logprobs)
+    if top_k:
+        kept = mx.minimum(values[4], logprobs.shape[-1])
+        logprobs = mx.where(logprobs < kth_largest(logprobs, kept), -mx.inf, logprobs)
+    return logprobs
+
+
+_MIX = (mx.array(0x7FEB352D, mx.uint32), mx.array(0x846CA68B, mx.uint32))
+_GOLDEN = mx.array(0x9E3779B9, mx.uint32)
+
+
+def _mix(x: mx.array) -> mx.array:
+    """A 32-bit integer hash (lowbias32): every input bit flips about half the output bits."""
+    x = (x ^ (x >> 16)) * _MIX[0]
+    x = (x ^ (x >> 15)) * _MIX[1]
+    return x ^ (x >> 16)
+
+
+def gumbel_at(seed: mx.array, positions: mx.array, ids: mx.array) -> mx.array:
+    """Gumbel noise of token ``ids`` at sequence ``positions`` (broadcast together) for
+    ``seed``: counter-based, so the drafter and the target see the same noise for a token at a
+    position, and it is computed only for the tokens a row holds (a drafter's candidates)."""
+    stream = _mix(seed.astype(mx.uint32) ^ _mix(positions.astype(mx.uint32) * _GOLDEN))
+    return gumbel_from_bits(_mix(stream ^ _mix(ids.astype(mx.uint32) + _GOLDEN)))
+
+
+def gumbel_from_bits(bits: mx.array) -> mx.array:
+    """Gumbel noise from uniform 32-bit integers: 23 of their bits make a float32 strictly
+    inside (0, 1) (with 24, the largest rounds to 1.0, whose noise is infinite, and a token the
+    filters excluded would get -inf + inf)."""
+    uniform = ((bits >> 9).astype(mx.float32) + 0.5) * (1.0 / (1 << 23))
+    return -mx.log(-mx.log(uniform))
+
+
+def coupled_choice(
+    scaled: mx.array, seed: mx.array, positions: mx.array, ids: mx.array | None = None
+) -> mx.array:
+    """The Gumbel-max draw from rows of ``scaled`` logits ``[L, N]`` (filtered, divided by the
+    temperature) at sequence ``positions`` ``[L]``: over token ``ids`` ``[L, N]`` (None: the
+    whole vocabulary in order). Ties go to the lowest token id, as ``mx.argmax``'s do."""
+    if ids is None:
+        ids = mx.arange(scaled.shape[-1], dtype=mx.uint32)[None]
+    noisy = scaled.astype(mx.float32) + gumbel_at(seed, positions[:, None], ids)
+    return candidate_argmax(mx.broadcast_to(ids, noisy.shape).astype(mx.int32), noisy)
 
 
 def process_rows(
@@ -84,10 +158,12 @@ def process_rows(
 
 
 def penalize_repeats(
-    logits: mx.array, ids: mx.array, history: mx.array, penalty: float
+    logits: mx.array, ids: mx.array | None, history: mx.array, penalty: mx.array
 ) -> mx.array:
-    """mlx-lm's repetition penalty on candidate logits ``[1, C]`` of token ``ids`` ``[1, C]``:
-    the candidates that occur in ``history`` are penalised (the others are not in the row)."""
+    """mlx-lm's repetition penalty on logits ``[1, C]`` of token ``ids`` ``[1, C]`` (None: the
+    whole vocabulary in order): the tokens that occur in ``history`` are penalised."""
+    if ids is None:
+        ids = mx.arange(logits.shape[-1])[None]
     seen = (ids.reshape(-1, 1) == history.reshape(1, -1)).any(axis=1)[None]
     return mx.where(seen, mx.where(logits < 0, logits * penalty, logits / penalty), logits)
 
@@ -98,51 +174,9 @@ def match_accept(drafts: mx.array, target_tokens: mx.array) -> mx.array:
     return mx.cumprod(same).sum()
 
 
-def speculative_accept(
-    drafts: mx.array,
-    draft_logq: mx.array,
-    q_row: Callable[[mx.array], mx.array],
-    target_logprobs: mx.array,
-    key: mx.array | None = None,
-) -> tuple[mx.array, mx.array]:
-    """Speculative sampling for ``k >= 1`` drafts drawn with log-probabilities ``draft_logq``
-    ``[k]``, against ``exp(target_logprobs)`` ``[k+1, V]`` (float32). ``q_row(i)`` gives the
-    drafter's probability row ``[V]`` of draft ``i`` (a lazy index); ``key``: the random key
-    (None: MLX's global random state). Returns ``(n, tokens)``: ``n`` drafts are accepted and
-    ``tokens[:n+1]`` are the emitted tokens."""
-    k = drafts.shape[0]
-    accept_key, draw_key = (None, None) if key is None else mx.random.split(key)
-    p_draft = mx.exp(mx.take_along_axis(target_logprobs[:k], drafts[:, None], axis=-1)[:, 0])
-    accept = mx.random.uniform(shape=(k,), key=accept_key) * mx.exp(draft_logq) < p_draft
-    n = mx.cumprod(accept.astype(mx.int32)).sum()
-    # One row is drawn from: the residual at the first rejection, or p itself (the bonus token);
-    # building only that row keeps the per-row work of a round to the target's distribution.
-    p = mx.exp(mx.take(target_logprobs, n, axis=0))
-    residual = mx.maximum(p - q_row(mx.minimum(n, k - 1)) * (n < k), 0.0)
-    # p == q up to rounding: rejection is (nearly) impossible there, but keep the row valid.
-    residual = mx.where(residual.sum() > 0, residual, p)
-    token_at_n = mx.random.categorical(mx.log(residual), key=draw_key)
-    tokens = mx.where(mx.arange(k + 1) < n, mx.concatenate([drafts, drafts[:1]]), token_at_n)
-    return n, tokens
-
-
-def draft_probability_row(draft_dists: list, vocab_size: int) -> Callable[[mx.array], mx.array]:
-    """``i -> q_i`` ``[V]``: the drafter's distribution at draft ``i`` as a vocabulary row,
-    scattered from its candidates only here, for the one row the acceptance rule draws from."""
-    logq = mx.concatenate([d["logq"] for d in draft_dists])
-    if "ids" not in draft_dists[0]:
-        return lambda i: mx.exp(mx.take(logq, i, axis=0))
-    ids = mx.concatenate([d["ids"] for d in draft_dists])
-
-    def row(i: mx.array) -> mx.array:
-        q = mx.exp(mx.take(logq, i, axis=0))
-        return mx.zeros((vocab_size,), q.dtype).at[mx.take(ids, i, axis=0)].add(q)
-
-    return row
-
-
 class TokenPolicy:
-    """How tokens are picked from target and drafter logits, and how drafts are accepted.
+    """How tokens are picked from target and drafter logits (drafts are accepted while they
+    equal the target's picks).
 
     ``history_window``: how much of the token history the logits processors read. ``0``: none
     (no processors); ``W``: the last ``W`` tokens (mlx-lm's repetition penalty), which the engine
@@ -159,74 +193,72 @@ class TokenPolicy:
     ):
         if sampler is not None and params is not None and not params.greedy:
             raise ValueError("pass either a sampler or sampling parameters, not both")
-        if params is not None and not params.greedy:
-            self.params, self.sampler = params, params.make_sampler()
-        else:
-            self.params, self.sampler = None, sampler or greedy_sampler
+        self.params = params if params is not None and not params.greedy else None
+        self.sampler = sampler or greedy_sampler
         self.processors = list(logits_processors or [])
         self.history_window = history_window if self.processors else 0
         self.repetition_penalty = repetition_penalty
         self.custom_sampler = sampler is not None
+        self.values = mx.array(0.0) if self.params is None else self.params.values()
+        if repetition_penalty is not None:
+            self.values = mx.concatenate([self.values.reshape(-1), mx.array([repetition_penalty])])
 
     @property
-    def speculative(self) -> bool:
-        """True: speculative sampling; False: drafts must match the target's sampled tokens."""
+    def coupled(self) -> bool:
+        """True: Gumbel-max sampling with the output position's noise (see the module)."""
         return self.params is not None
 
     @property
-    def draft_signature(self) -> tuple:
-        """What the draft step computes besides the models: policies alike draft alike."""
-        return self.params, self.history_window, self.repetition_penalty, len(self.processors)
+    def acceptance_rule(self) -> str:
+        return "coupled" if self.coupled else "match"
 
     @property
-    def acceptance_rule(self) -> str:
-        return "speculative" if self.speculative else "match"
+    def kind(self) -> tuple:
+        """What a draft step computes besides the models and ``values``: policies of one kind
+        share a compiled step, whatever their temperatures, top-p or penalties."""
+        filters = self.params.filters if self.coupled else None
+        penalty = self.repetition_penalty is not None
+        return self.acceptance_rule, filters, self.history_window, penalty, len(self.processors)
 
     def target_logprobs(self, logits: mx.array, history: mx.array, drafts: list) -> mx.array:
         if self.processors:
             logits = process_rows(logits, history, drafts, self.processors)
         return log_softmax(logits)
 
-    def draft(self, logits: mx.array, ids: mx.array | None, history, key) -> dict:
-        """The drafted ``token`` ``[1]`` from draft ``logits`` ``[1, N]`` over token ``ids``
-        ``[1, N]`` (None: the whole vocabulary, in order) and, when speculative, the drafter's
-        distribution: ``logq`` over the same ``ids`` and ``logq_token``, the drawn token's."""
-        if self.processors:
-            if ids is None:
-                logits = process_rows(logits, history, [], self.processors)
-            else:  # only the repetition penalty comes with a candidate row (see history_window)
-                logits = penalize_repeats(logits, ids, history, self.repetition_penalty)
-        if not self.speculative:
-            token = mx.argmax(logits, axis=-1) if ids is None else candidate_argmax(ids, logits)
-            return {"token": token.astype(mx.int32)}
-        logq = self.params.distribution(log_softmax(logits))
-        index = mx.random.categorical(logq, key=key)[:, None]
-        token = index if ids is None else mx.take_along_axis(ids, index, axis=-1)
-        draft = {
-            "token": token[:, 0].astype(mx.int32),
-            "logq": logq,
-            "logq_token": mx.take_along_axis(logq, index, axis=-1)[:, 0],
-        }
-        if ids is not None:
-            draft["ids"] = ids
-        return draft
+    def scaled(self, logprobs: mx.array, values: mx.array) -> mx.array:
+        """Filtered log-probabilities divided by the temperature (float32)."""
+        filtered = filter_rows(logprobs, self.params.filters, values)
+        return filtered.astype(mx.float32) * values[0]
 
-    def accept(self, drafts: list, draft_dists: list, logprobs: mx.array, key=None):
-        """``(n, tokens)`` for drafts ``[k]`` and target log-probabilities ``[k+1, V]``. Without
-        drafts and ``key`` this is mlx-lm's sampler itself, so plain decoding draws exactly as
-        mlx-lm does. With a ``key`` nothing draws from MLX's global random state, except a custom
-        sampler (it takes no key)."""
+    def draft(
+        self, logits: mx.array, ids: mx.array | None, history, noise: mx.array, values: mx.array
+    ) -> mx.array:
+        """The drafted token ``[1]`` from draft ``logits`` ``[1, N]`` over token ``ids`` ``[1, N]``
+        (None: the whole vocabulary, in order); ``noise``: ``[seed, position]`` of the draft;
+        ``values``: ``self.values``, an array input of the compiled step."""
+        if self.processors:
+            if self.history_window is None:  # custom processors read whole rows
+                logits = process_rows(logits, history, [], self.processors)
+            else:  # only mlx-lm's repetition penalty reads a window
+                logits = penalize_repeats(logits, ids, history, values[-1])
+        if not self.coupled:
+            token = mx.argmax(logits, axis=-1) if ids is None else candidate_argmax(ids, logits)
+            return token.astype(mx.int32)
+        scaled = self.scaled(log_softmax(logits), values)
+        return coupled_choice(scaled, noise[0], noise[1:2], ids)
+
+    def choose(self, logprobs: mx.array, seed: mx.array, first_position: int) -> mx.array:
+        """The target's tokens for rows ``[L, V]`` predicting sequence positions
+        ``first_position ..``: what plain decoding would pick at each of them."""
+        if not self.coupled:
+            return self.sampler(logprobs)
+        positions = mx.arange(first_position, first_position + logprobs.shape[0])
+        return coupled_choice(self.scaled(logprobs, self.values), seed, positions)
+
+    def accept(self, drafts: list, logprobs: mx.array, seed: mx.array, first_position: int):
+        """``(n, tokens)`` for drafts ``[k]`` and target log-probabilities ``[k+1, V]`` whose
+        first row predicts ``first_position``: ``n`` drafts equal the target's picks."""
+        tokens = self.choose(logprobs, seed, first_position)
         if not drafts:
-            if key is None or self.params is None:
-                return mx.array(0), self.sampler(logprobs)
-            # The same work as mlx-lm's sampler, from the key.
-            scaled = self.params.filter(logprobs) * (1.0 / self.params.temp)
-            return mx.array(0), mx.random.categorical(scaled, key=key)
-        drafts = mx.concatenate(drafts)
-        if self.speculative:
-            q_row = draft_probability_row(draft_dists, logprobs.shape[-1])
-            draft_logq = mx.concatenate([d["logq_token"] for d in draft_dists])
-            target = self.params.distribution(logprobs)
-            return speculative_accept(drafts, draft_logq, q_row, target, key)
-        tokens = self.sampler(logprobs)
-        return match_accept(drafts, tokens), tokens
+            return mx.array(0), tokens
+        return match_accept(mx.concatenate(drafts), tokens), tokens

@@ -231,14 +231,7 @@ def usage(prompt_tokens: int, cached: int, response) -> dict:
         "completion_tokens": generated,
         "total_tokens": prompt_tokens + generated,
         "prompt_tokens_details": {"cached_tokens": cached},
-        "mtp": {
-            "mode": response.mode,
-            "drafted": response.drafted,
-            "accepted": response.accepted,
-            "acceptance_rate": response.acceptance_rate,
-            "target_forwards": response.target_forwards,
-            "tokens_per_target_forward": response.tokens_per_target_forward,
-        },
+        "mtp": response.mtp_stats(),
     }
 
 

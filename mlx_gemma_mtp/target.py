@@ -4,6 +4,7 @@ One forward returns the logits and the final hidden state the drafter consumes; 
 drafter reads are the target's own cache entries of its last non-shared layer of each type.
 """
 
+import weakref
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -19,11 +20,11 @@ class TargetOutput(NamedTuple):
 
 
 class Target:
-    """Wraps an mlx-lm ``gemma4`` or ``gemma4_text`` model."""
+    """Wraps an mlx-lm ``gemma4`` or ``gemma4_text`` model. ``hold=False``: the wrapper does not
+    keep the model alive (the package's wrapper of a caller's mlx-lm model)."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.language_model = getattr(model, "language_model", model)
+    def __init__(self, model: nn.Module, hold: bool = True):
+        self._held, self._model = (model if hold else None), weakref.ref(model)
         self.backbone = self.language_model.model
         self.args = self.language_model.args
         args = self.args
@@ -33,6 +34,15 @@ class Target:
             layer_type: max(i for i in range(num_cached) if args.layer_types[i] == layer_type)
             for layer_type in set(args.layer_types[:num_cached])
         }
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model()
+
+    @property
+    def language_model(self) -> nn.Module:
+        model = self.model
+        return getattr(model, "language_model", model)
 
     @property
     def hidden_size(self) -> int:

@@ -53,9 +53,9 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate  # noqa: E
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from mlx_gemma_mtp import load  # noqa: E402
-from mlx_gemma_mtp.costs import Costs, cache_dir, describe_places, ideal_speedup  # noqa: E402
+from mlx_gemma_mtp.costs import Costs, cache_dir, ideal_speedup  # noqa: E402
 from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
-from mlx_gemma_mtp.generation import make_policy, stream_generate  # noqa: E402
+from mlx_gemma_mtp.generation import COUNTERS, make_policy, stream_generate  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
 
@@ -137,8 +137,7 @@ def timed_stream(responses) -> dict:
     record = {"tokens": tokens, "t_total": last - start, "t_first": first - start}
     record["t_gen"] = last - first
     if response is not None:
-        for key in ("drafted", "accepted", "rounds", "target_forwards", "k_histogram"):
-            record[key] = getattr(response, key, None)
+        record.update(dict.fromkeys(COUNTERS), **getattr(response, "mtp_stats", dict)())
     return record
 
 
@@ -553,7 +552,6 @@ def report(result: dict) -> str:
             f"temp {temp}: t_target(L) "
             + ", ".join(f"L={i + 1}: {1e3 * t:.2f}" for i, t in enumerate(c["verify"]))
             + f", draft step {1e3 * c['draft']:.2f}"
-            + sampled_where(c)
             for temp, c in micro["queued"].items()
         )
         + f". One synchronous call each (built, run, waited for; median [min-max] of "
@@ -739,12 +737,6 @@ def prefilled_cache(target, prompt: list[int], slack: int) -> list:
     cache = target.make_cache(draft_slack=slack)
     mx.eval(target.backbone(mx.array(prompt)[None], cache=cache))
     return cache
-
-
-def sampled_where(costs: dict) -> str:
-    """Where a sampled policy's rows were filtered and drawn, if not only on the device."""
-    places = costs.get("sampling_on") or []
-    return f" (sampled on the {describe_places(places)})" if "host" in places else ""
 
 
 def engine_costs(target, drafter, prompt: list[int], args) -> dict:

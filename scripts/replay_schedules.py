@@ -37,7 +37,6 @@ from mlx_gemma_mtp.engine import (  # noqa: E402
     AutoSchedule,
     DraftSchedule,
     SpeculativeGenerator,
-    auto_schedule,
     fresh_followed,
 )
 from mlx_gemma_mtp.loading import load  # noqa: E402
@@ -126,7 +125,7 @@ def auto_factory(calibration: Costs, k_max: int) -> Callable[[], AutoSchedule]:
     """``auto`` as the engine runs it greedily: round times and acceptance carried from one
     generation of the pair to the next."""
     followed = fresh_followed(calibration, k_max)
-    return lambda: auto_schedule(calibration, k_max, "match", **followed)
+    return lambda: AutoSchedule(calibration, k_max, **followed)
 
 
 def compare(

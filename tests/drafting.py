@@ -5,5 +5,5 @@ whatever this machine's BLAS (the schedule's own choices are tested in test_cost
 from mlx_gemma_mtp.costs import Costs
 
 ALWAYS_DRAFT = Costs([0.01] * 34, 1e-4, fixed=True)
-# The same, with speculative sampling's rows filtered and drawn on the host (numpy).
-ON_HOST = Costs([0.01] * 34, 1e-4, fixed=True, sampling_on=["host"] * 34)
+# Drafting never pays: ``auto`` parks speculation (plain steps) from the first round.
+NEVER_DRAFT = Costs([0.01] + [1.0] * 33, 1.0, fixed=True)

@@ -19,6 +19,7 @@ from mlx_gemma_mtp import (
 from mlx_gemma_mtp.cache import SlidingWindowCache
 from mlx_gemma_mtp.engine import SpeculativeGenerator
 from mlx_gemma_mtp.generation import as_target
+from mlx_gemma_mtp.pairs import pair_state
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
@@ -184,10 +185,11 @@ def test_prompt_cache_checks(pair):
 
 def test_compiled_draft_step_is_built_once_per_pair(pair):
     target, drafter, _ = pair
+    state = pair_state(target.backbone, drafter)
     list(stream_generate(target, None, [2, 3, 4], 6, drafter))
-    steps = dict(target._draft_steps)
+    steps = dict(state.steps.entries)
     list(stream_generate(target, None, [2, 3, 5], 6, drafter))
-    assert target._draft_steps == steps and len(steps) == 1
+    assert dict(state.steps.entries) == steps and len(steps) == 1
 
 
 def test_an_engine_generates_once(pair):

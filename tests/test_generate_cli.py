@@ -23,7 +23,6 @@ STATS_KEYS = {
     "draft_schedule",
     "acceptance_rule",
     "draft_path",
-    "sampling_on",
     "k_histogram",
     "parked_seconds",
     "drafted",
@@ -91,17 +90,17 @@ def test_cli_streams_text_and_writes_stats(pair, tmp_path):
         assert line in result.stderr
 
 
-def test_cli_samples_on_the_host_when_told_and_a_seed_reproduces_it(pair, tmp_path):
-    target, drafter, tokenizer = pair
+def test_cli_samples_coupled_and_a_seed_reproduces_it(pair, tmp_path):
     args = ["--model", TARGET, "--draft-model", ASSISTANT, "--prompt", PROMPT, "--max-tokens"]
-    args += ["24", "--temp", "0.8", "--top-p", "0.9", "--seed", "5", "--sampling-on", "host"]
+    args += ["24", "--temp", "0.8", "--top-p", "0.9", "--seed", "5"]
     result, stats = invoke(*args, tmp_path=tmp_path)
     assert result.exit_code == 0, result.output
-    assert stats["sampling_on"] == "host" and stats["acceptance_rule"] == "speculative"
+    assert stats["acceptance_rule"] == "coupled"
     assert stats["draft_path"] == "compiled, pipelined, centroid-masked"
-    assert "speculative rule, sampled on the host" in result.stderr
-    again = invoke(*args, tmp_path=tmp_path)[1]
-    assert again["tokens"] == stats["tokens"]
+    assert "coupled rule" in result.stderr
+    again = invoke(*args, "--num-draft-tokens", "2", "--draft-schedule", "constant",
+                   tmp_path=tmp_path)[1]  # fmt: skip
+    assert again["tokens"] == stats["tokens"] and again["k_histogram"] != stats["k_histogram"]
 
 
 def test_cli_reads_the_prompt_from_stdin(pair, tmp_path):

@@ -1,32 +1,29 @@
-"""Acceptance rules, and the statistical proof that speculative sampling changes nothing."""
+"""Token choice and acceptance, and the proofs that coupled sampling changes nothing: drafting
+leaves a seeded output as plain decoding gives it, and its distribution is the target's."""
 
 import itertools
-import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from drafting import ALWAYS_DRAFT, ON_HOST
-from mlx_lm.generate import generate_step
+from drafting import ALWAYS_DRAFT, NEVER_DRAFT
 from mlx_lm.models import gemma4_text
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_gemma_mtp import load
 from mlx_gemma_mtp.engine import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy, stream_generate
 from mlx_gemma_mtp.models import gemma4_assistant
 from mlx_gemma_mtp.sampling import (
     SamplingParams,
-    draft_probability_row,
+    coupled_choice,
+    gumbel_at,
+    gumbel_from_bits,
     match_accept,
-    speculative_accept,
 )
 from mlx_gemma_mtp.target import Target
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 S, F = "sliding_attention", "full_attention"
 VOCAB = 8
 # Every chi-square test here runs with fixed seeds (deterministic); it fails below this p-value.
@@ -79,44 +76,6 @@ def test_match_accept_counts_the_leading_matches():
     assert match_accept(mx.zeros((0,), mx.int32), target[:1]).item() == 0
 
 
-def rows(q: mx.array):
-    """``q_row`` for ``speculative_accept`` from probability rows ``[k, V]``."""
-    return lambda i: mx.take(q, i, axis=0)
-
-
-def test_speculative_accept_takes_drafts_the_target_agrees_with():
-    logprobs = mx.log(mx.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]))
-    drafts = mx.array([1, 0])
-    # q == p: every draft is accepted, the bonus comes from the last row.
-    q_token = mx.take_along_axis(logprobs[:2], drafts[:, None], axis=-1)[:, 0]
-    n, tokens = speculative_accept(drafts, q_token, rows(mx.exp(logprobs[:2])), logprobs)
-    assert n.item() == 2 and tokens[:2].tolist() == [1, 0]
-    # q puts all its mass on a token p never gives: always rejected, resampled from p.
-    never = mx.log(mx.array([[0.0, 0.0, 1.0]])) + mx.zeros((1, 3))
-    zero_p = mx.log(mx.array([[0.5, 0.5, 0.0], [0.3, 0.3, 0.4]]))
-    for _ in range(20):
-        n, tokens = speculative_accept(mx.array([2]), never[:, 2], rows(mx.exp(never)), zero_p)
-        assert n.item() == 0 and tokens[0].item() in (0, 1)
-
-
-def test_first_token_distribution_for_fixed_rows():
-    """One position: emitted ~ p whatever q is, including q = 0 on some of p's tokens."""
-    mx.random.seed(0)
-    p = np.array([0.05, 0.3, 0.4, 0.05, 0.2])
-    q = np.array([0.5, 0.0, 0.3, 0.2, 0.0])  # a centroid-masked drafter: q = 0 off its candidates
-    draws = 4000
-    counts = np.zeros(len(p))
-    target_logprobs = mx.log(mx.array(np.stack([p, p])))
-    draft_logprobs = mx.log(mx.array(q[None]))
-    for _ in range(draws):
-        draft = mx.random.categorical(draft_logprobs)
-        q_token = draft_logprobs[0, draft]
-        q_row = rows(mx.exp(draft_logprobs))
-        n, tokens = speculative_accept(draft, q_token, q_row, target_logprobs)
-        counts[tokens[0].item()] += 1
-    assert chi_square_p_value(counts, p) > SIGNIFICANCE
-
-
 @pytest.mark.parametrize(
     "params",
     [
@@ -124,16 +83,20 @@ def test_first_token_distribution_for_fixed_rows():
         SamplingParams(temp=0.7, top_p=0.8),
         SamplingParams(temp=1.3, top_k=3),
         SamplingParams(temp=1.0, min_p=0.1),
+        SamplingParams(temp=1.0, min_p=0.3, min_tokens_to_keep=4),
     ],
-    ids=["temp", "top_p", "top_k", "min_p"],
+    ids=["temp", "top_p", "top_k", "min_p", "min_p_keep"],
 )
 def test_distribution_is_what_mlx_lm_samples(params):
-    """``SamplingParams.distribution`` against draws of mlx-lm's own sampler."""
+    """``SamplingParams.distribution`` (our filters, values as arrays) against draws of mlx-lm's
+    own sampler."""
     mx.random.seed(1)
     logits = mx.random.normal((1, VOCAB)) * 2
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     draws = 20_000
-    sampler = make_sampler(params.temp, params.top_p, params.min_p, top_k=params.top_k)
+    sampler = make_sampler(
+        params.temp, params.top_p, params.min_p, params.min_tokens_to_keep, top_k=params.top_k
+    )
     tokens = sampler(mx.broadcast_to(logprobs, (draws, VOCAB)))
     counts = np.bincount(np.array(tokens), minlength=VOCAB)
     expected = np.exp(np.array(params.distribution(logprobs)[0]))
@@ -141,7 +104,107 @@ def test_distribution_is_what_mlx_lm_samples(params):
     assert chi_square_p_value(counts, expected) > SIGNIFICANCE
 
 
-# -- whole generations with a tiny model: MTP sampling == plain sampling ------------------------
+def test_coupled_draws_follow_the_distribution_over_seeds_and_positions():
+    """The Gumbel-max draw with hashed noise, over 4,000 seeds x 5 positions, is distributed as
+    the filtered, tempered row, at every position."""
+    params = SamplingParams(temp=0.8, top_p=0.9)
+    logprobs = mx.log(mx.array([[0.3, 0.25, 0.2, 0.1, 0.08, 0.04, 0.02, 0.01]]))
+    scaled = filter_scaled(params, logprobs)
+    seeds, positions = mx.arange(4000, dtype=mx.uint32), mx.arange(100, 105)
+    noise = gumbel_at(seeds[:, None, None], positions[None, :, None], mx.arange(VOCAB)[None, None])
+    draws = mx.argmax(scaled + noise, axis=-1)  # [seeds, positions]
+    assert mx.array_equal(draws[9], coupled_choice(mx.repeat(scaled, 5, 0), seeds[9], positions))
+    expected = np.exp(np.array(params.distribution(logprobs)[0]))
+    for position in range(positions.size):
+        counts = np.bincount(np.array(draws[:, position]), minlength=VOCAB)
+        assert chi_square_p_value(counts, expected) > SIGNIFICANCE
+    assert (np.array(draws[:, 0]) != np.array(draws[:, 1])).mean() > 0.5  # positions differ
+
+
+def filter_scaled(params: SamplingParams, logprobs: mx.array) -> mx.array:
+    return make_policy(**vars(params)).scaled(logprobs, params.values())
+
+
+def test_the_drafter_sees_the_targets_noise_at_its_candidates():
+    """Noise is hashed per (seed, position, token): a candidate row gets exactly the values the
+    full row has at those tokens, so a drafter that agrees with the target draws its token."""
+    seed, position = mx.array(7, mx.uint32), mx.array([42])
+    ids = mx.array([[5, 1, 30000, 7]])
+    full = gumbel_at(seed, position[:, None], mx.arange(32768)[None])
+    assert mx.array_equal(gumbel_at(seed, position[:, None], ids), full[:, ids[0]])
+    logits = mx.random.normal((1, 32768))
+    token = coupled_choice(logits, seed, position).item()
+    candidates = mx.array([[token, 3, 9, 11]])
+    assert coupled_choice(logits[:, candidates[0]], seed, position, candidates).item() == token
+    other_seed = coupled_choice(logits, mx.array(8, mx.uint32), position).item()
+    other_position = coupled_choice(logits, seed, mx.array([43])).item()
+    assert token != other_seed or token != other_position
+
+
+def test_noise_is_finite_at_the_extreme_bits():
+    """The largest and smallest hashes give finite noise: an infinite one plus a filtered
+    token's -inf made a NaN row whose argmax was no token at all."""
+    noise = gumbel_from_bits(mx.array([0, 2**9, 2**31, 2**32 - 1], mx.uint32))
+    assert mx.isfinite(noise).all().item()
+    assert noise[0].item() < noise[1].item() < noise[2].item() < noise[3].item()
+
+
+# -- the contract on the fixture pair ---------------------------------------------------------
+
+
+SCHEDULES = {
+    "plain": dict(num_draft_tokens=0),
+    "constant k=2": dict(draft_schedule="constant", num_draft_tokens=2),
+    "constant k=6": dict(draft_schedule="constant", num_draft_tokens=6),
+    "heuristic": dict(draft_schedule="heuristic", num_draft_tokens=4),
+    "auto, drafting": dict(costs=ALWAYS_DRAFT),
+    "auto, parked": dict(costs=NEVER_DRAFT),
+    "auto, measured": dict(),
+}
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        dict(temp=1.0),
+        pytest.param(dict(temp=0.7, top_p=0.95), marks=pytest.mark.slow),
+        pytest.param(dict(temp=1.3, top_k=20, min_p=0.05), marks=pytest.mark.slow),
+    ],
+    ids=["temp1.0", "temp0.7-top_p", "temp1.3-top_k-min_p"],
+)
+def test_seeded_mtp_output_is_seeded_plain_output(fixture_pair, sampling):
+    """With a seed, every draft schedule and cost table gives plain decoding's tokens."""
+    target, drafter, tokenizer = fixture_pair
+    prompt = tokenizer.encode("import os\nimport sys\n\n\ndef main(")
+    outputs, drafted = {}, 0
+    for name, options in SCHEDULES.items():
+        mx.random.seed(11)
+        responses = list(
+            stream_generate(
+                target, tokenizer, prompt, 32, draft_model=drafter, **sampling, **options
+            )  # fmt: skip
+        )
+        outputs[name] = [r.token for r in responses]
+        drafted += responses[-1].drafted
+        assert responses[-1].acceptance_rule == "coupled"
+    assert all(tokens == outputs["plain"] for tokens in outputs.values()), outputs
+    assert drafted > 20  # the drafting schedules drafted
+
+
+def test_a_seed_reproduces_and_another_seed_differs(fixture_pair):
+    target, drafter, tokenizer = fixture_pair
+
+    def run(seed: int) -> list[int]:
+        mx.random.seed(seed)
+        responses = stream_generate(target, tokenizer, "def main(", 24, draft_model=drafter,
+                                    temp=1.0)  # fmt: skip
+        return [r.token for r in responses]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+# -- whole generations with a tiny model: the distribution is plain sampling's ----------------
 
 
 def tiny_pair(seed: int = 0):
@@ -229,17 +292,18 @@ def exact_sequence_probs(
         dict(temp=1.0, top_p=0.85, full_vocab_draft=True),
         dict(temp=0.9, top_k=3),
         dict(temp=1.0, repetition_penalty=1.8, repetition_context_size=3),
-        dict(temp=1.0, top_p=0.85, repetition_penalty=1.8, repetition_context_size=3, host=1),
+        dict(temp=1.0, top_p=0.85, plain=True),
     ],
-    ids=["temp", "top_p", "top_k", "repetition_penalty", "top_p_penalty_on_the_host"],
+    ids=["temp", "top_p", "top_k", "repetition_penalty", "plain"],
 )
 def test_mtp_sampling_distribution_equals_plain(options):
-    """Chi-square goodness of fit of 3000 MTP generations (4 tokens each, vocab 8: cells are
-    (t1, t2, t3), 512 of them) to the exact plain-sampling distribution of the target."""
+    """Chi-square goodness of fit of 3000 generations (4 tokens each, vocab 8: cells are
+    (t1, t2, t3), 512 of them) to the exact plain-sampling distribution of the target, through
+    the default loop (``auto`` drafting every round), and without a drafter."""
     target, drafter = tiny_pair()
     options = dict(options)
     full_vocab = options.pop("full_vocab_draft", False)
-    costs = ON_HOST if options.pop("host", False) else ALWAYS_DRAFT
+    plain = options.pop("plain", False)
     policy = make_policy(**options)
     penalty = options.get("repetition_penalty")
     window = options.get("repetition_context_size", 0)
@@ -250,8 +314,8 @@ def test_mtp_sampling_distribution_equals_plain(options):
     draws = 3000
     for _ in range(draws):
         engine = SpeculativeGenerator(
-            target, drafter, policy, num_draft_tokens=2, full_vocab_draft=full_vocab,
-            costs=costs,
+            target, None if plain else drafter, policy, num_draft_tokens=2,
+            full_vocab_draft=full_vocab, costs=ALWAYS_DRAFT,
         )  # fmt: skip
         tokens = [
             t for block in engine.generate(mx.array(PROMPT), NEW_TOKENS) for t in block.tokens
@@ -261,33 +325,18 @@ def test_mtp_sampling_distribution_equals_plain(options):
     observed = np.zeros(VOCAB ** (NEW_TOKENS - 1))
     for (a, b, c), count in counts.items():
         observed[(a * VOCAB + b) * VOCAB + c] = count
-    assert 0.1 < accepted / drafted < 0.9  # both acceptance and rejection paths are exercised
-    head = "full-vocabulary" if full_vocab else "centroid-masked"
-    assert engine.stats.draft_path == f"compiled, pipelined, {head}"  # the default loop
-    on_host = "host for k in [1, 2], device for the others"  # plain steps: on the device
-    assert engine.stats.sampling_on == (on_host if costs is ON_HOST else "device")
+    if not plain:
+        assert 0.1 < accepted / drafted < 0.9  # both acceptance and rejection paths are exercised
+        head = "full-vocabulary" if full_vocab else "centroid-masked"
+        assert engine.stats.draft_path == f"compiled, pipelined, {head}"  # the default loop
     assert chi_square_p_value(observed, expected) > SIGNIFICANCE
 
 
-def test_plain_sampling_is_mlx_lm_sampling():
-    """drafter=None: the same random draws as mlx-lm's generate_step with the same seed."""
-    target, _, _ = load(str(FIXTURE / "target"), dtype="float32")
-    prompt = json.loads((FIXTURE / "held_out_prompts.jsonl").read_text().splitlines()[0])
-    prompt = prompt["input_ids"]
-    mx.random.seed(3)
-    sampler = make_sampler(0.9, top_p=0.95)
-    steps = generate_step(mx.array(prompt), target.model, max_tokens=20, sampler=sampler)
-    reference = [token for token, _ in steps]
-    mx.random.seed(3)
-    responses = stream_generate(target, None, prompt, 20, temp=0.9, top_p=0.95)
-    assert [r.token for r in responses] == reference
-
-
 def test_policy_options():
-    assert make_policy().speculative is False
-    assert make_policy(temp=0.5).speculative is True
+    assert make_policy().coupled is False
+    assert make_policy(temp=0.5).coupled is True
     custom = make_policy(sampler=make_sampler(0.5))
-    assert custom.speculative is False  # any sampler: lossless by matching its draws
+    assert custom.coupled is False  # any sampler: lossless by matching its draws
     # mlx-lm's repetition penalty reads a window: it stays on the pipelined, compiled path.
     assert make_policy(repetition_penalty=1.2, repetition_context_size=9).history_window == 9
     assert make_policy().history_window == 0
@@ -295,14 +344,6 @@ def test_policy_options():
     assert make_policy(logits_processors=[lambda tokens, logits: logits]).history_window is None
     with pytest.raises(ValueError, match="either a sampler"):
         make_policy(sampler=make_sampler(0.5), temp=0.5)
-
-
-def test_draft_probability_row_scatters_the_candidates_of_one_draft():
-    logq = mx.log(mx.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]))
-    ids = mx.array([[4, 1, 0], [2, 3, 5]])
-    dists = [{"logq": logq[i : i + 1], "ids": ids[i : i + 1]} for i in range(2)]
-    row = draft_probability_row(dists, 6)
-    assert np.allclose(np.array(row(mx.array(1))), [0, 0, 0.2, 0.3, 0, 0.5])
-    assert np.allclose(np.array(row(mx.array(0))), [0, 0.5, 0, 0, 0.5, 0])
-    full = draft_probability_row([{"logq": logq[i : i + 1]} for i in range(2)], 3)
-    assert np.allclose(np.array(full(mx.array(1))), [0.2, 0.3, 0.5])
+    # One kind for every value of the same options: one compiled draft step serves them all.
+    assert make_policy(temp=0.5, top_p=0.9).kind == make_policy(temp=1.2, top_p=0.3).kind
+    assert make_policy(temp=0.5, top_p=0.9).kind != make_policy(temp=0.5).kind
