@@ -115,6 +115,20 @@ def truncated_weights(tmp_path):
     return folder, "model.safetensors: truncated safetensors file"
 
 
+def header_longer_than_the_file(tmp_path):
+    folder = copy_model(ASSISTANT, tmp_path / "model")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(len(data).to_bytes(8, "little") + data[8:])
+    return folder, "model.safetensors: truncated safetensors file"
+
+
+def corrupt_header(tmp_path):
+    folder = copy_model(ASSISTANT, tmp_path / "model")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:8] + b"[" + data[9:])  # not a JSON object
+    return folder, "model.safetensors: not a valid safetensors file"
+
+
 def missing_token_ordering(tmp_path):
     folder = copy_model(ASSISTANT, tmp_path / "model")
     weights = mx.load(str(folder / "model.safetensors"))
@@ -135,6 +149,8 @@ BAD_INPUTS = [
     missing_config,
     unknown_model_type,
     truncated_weights,
+    header_longer_than_the_file,
+    corrupt_header,
     missing_token_ordering,
     broken_token_ordering,
 ]
