@@ -3,8 +3,10 @@
 python -m mlx_gemma_mtp.convert --hf-path SRC --mlx-path DST [-q --q-bits 4 --q-group-size 64]
 """
 
+import ctypes
 import errno
 import json
+import os
 import re
 import shutil
 import sys
@@ -42,6 +44,9 @@ MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 OUTPUT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", *EXTRA_FILES)
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 EXPECTED_DESTINATION = "expected a new or empty folder, or a converted model (with --force)"
+# Atomic exchange of two paths: Linux renameat2 (glibc 2.28+), macOS renamex_np.
+AT_FDCWD, RENAME_EXCHANGE, RENAME_SWAP = -100, 2, 0x2
+NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}  # kernel or file system
 Q_BITS = (4, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 
@@ -76,8 +81,9 @@ def convert(
     try:
         write_model(staging, model, config, source, progress)
         put_in_place(staging, destination, force)
-    finally:
-        remove_output(staging)  # gone already once moved into place
+    except BaseException:
+        remove_output(staging)  # the new model, or once exchanged the old one
+        raise
     return destination
 
 
@@ -163,21 +169,53 @@ def make_staging(destination: Path) -> Path:
 
 
 def put_in_place(staging: Path, destination: Path, force: bool) -> None:
-    """Move the finished ``staging`` to ``destination``. A previous model is renamed aside, the
-    new one renamed into place, then the old one's converter files deleted: stopped anywhere,
-    one whole model is left (between the two renames, the old one under its aside name)."""
+    """Move the finished ``staging`` to ``destination``. A previous model is exchanged with the
+    new one in one atomic step, then its converter files deleted from ``staging``: stopped
+    anywhere, ``destination`` holds a whole model, the old or the new one. Where the OS has no
+    exchange, the fallback renames the old model aside, the new one into place, then deletes the
+    old one's converter files (stopped between the two renames, the old model is left only under
+    its aside name)."""
     # Checked again: files may have appeared while converting.
     if not check_destination(destination, force):
         move_into_empty(staging, destination)
+        return
+    if exchange(staging, destination):
+        remove_output(staging)
         return
     aside = destination.parent / f".{destination.name}-old-{uuid.uuid4().hex[:12]}"
     destination.rename(aside)
     try:
         staging.rename(destination)
     except BaseException:
-        aside.rename(destination)
+        try:
+            aside.rename(destination)
+        except OSError as e:
+            message = f"the previous model is left in {aside} ({e.strerror} moving it back)"
+            print(f"{destination}: {message}", file=sys.stderr)
         raise
     remove_output(aside)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one atomic step: True once swapped, False (nothing
+    changed) where the OS has no exchange (no such call in the C library, a kernel or file system
+    without it). Any other failure raises OSError."""
+    path_a, path_b = os.fsencode(a), os.fsencode(b)
+    if sys.platform == "linux":
+        name, args = "renameat2", (AT_FDCWD, path_a, AT_FDCWD, path_b, RENAME_EXCHANGE)
+    elif sys.platform == "darwin":
+        name, args = "renamex_np", (path_a, path_b, RENAME_SWAP)
+    else:
+        return False
+    call = getattr(ctypes.CDLL(None, use_errno=True), name, None)
+    if call is None:
+        return False
+    if call(*args) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def move_into_empty(staging: Path, destination: Path) -> None:

@@ -1,7 +1,9 @@
 """Converter and loader: round trip, quantization, one-line errors for bad input, and a
 converter that never deletes what it did not write."""
 
+import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -12,9 +14,10 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
+import mlx_gemma_mtp.convert as converter
 from mlx_gemma_mtp import ConfigError, load
 from mlx_gemma_mtp.config import read_config
-from mlx_gemma_mtp.convert import convert, main
+from mlx_gemma_mtp.convert import convert, exchange, main
 from mlx_gemma_mtp.loading import load_drafter_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
@@ -285,9 +288,7 @@ def test_plain_file_as_destination_is_a_one_line_error(tmp_path, force):
 def write_then_drop_a_file(monkeypatch, folder: Path, after: str) -> None:
     """Someone else writes ``folder/notes.txt`` once the converter has called ``after`` (for
     ``check_destination``: its second call, the check just before the move)."""
-    import mlx_gemma_mtp.convert as module
-
-    real, calls = getattr(module, after), []
+    real, calls = getattr(converter, after), []
 
     def then_drop(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -297,7 +298,7 @@ def write_then_drop_a_file(monkeypatch, folder: Path, after: str) -> None:
             (folder / "notes.txt").write_text("mine")
         return result
 
-    monkeypatch.setattr(module, after, then_drop)
+    monkeypatch.setattr(converter, after, then_drop)
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -348,19 +349,32 @@ def fail_on_call(real, call: int):
     return failing
 
 
-STOPS = {  # where a conversion stops, what it patches, and which model the folder holds then
+STOPS = {  # where a conversion stops, what it patches, at which call, the model the folder holds
     "writing a shard": (mx, "save_safetensors", 1, mx.float16),
     "copying the tokenizer": (shutil, "copy", 2, mx.float16),
+    "exchanging the two folders": (converter, "exchange", 1, mx.float16),
+    "deleting the old model": (Path, "unlink", 3, mx.float32),
+}
+FALLBACK_STOPS = {  # the same where the OS has no exchange (two renames)
     "moving the old model aside": (Path, "rename", 1, mx.float16),
     "moving the new model into place": (Path, "rename", 2, mx.float16),
     "deleting the old model": (Path, "unlink", 3, mx.float32),
 }
 
 
-@pytest.mark.parametrize("stop", STOPS)
-def test_conversion_stopped_anywhere_leaves_a_usable_model(tmp_path, monkeypatch, stop):
+def no_exchange(a: Path, b: Path) -> bool:
+    return False
+
+
+@pytest.mark.parametrize(
+    "stop, fallback",
+    [(stop, False) for stop in STOPS] + [(stop, True) for stop in FALLBACK_STOPS],
+)
+def test_conversion_stopped_anywhere_leaves_a_usable_model(tmp_path, monkeypatch, stop, fallback):
     out = previous_model(tmp_path)
-    owner, name, call, held = STOPS[stop]
+    owner, name, call, held = (FALLBACK_STOPS if fallback else STOPS)[stop]
+    if fallback:
+        monkeypatch.setattr(converter, "exchange", no_exchange)
     monkeypatch.setattr(owner, name, fail_on_call(getattr(owner, name), call))
     with pytest.raises(OSError, match="stopped here"):
         convert(str(ASSISTANT), str(out), dtype="float32", force=True)
@@ -368,6 +382,100 @@ def test_conversion_stopped_anywhere_leaves_a_usable_model(tmp_path, monkeypatch
     assert drafter_dtype(out) == held
     if held == mx.float16:  # nothing left beside it
         assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.fixture
+def atomic_exchange(tmp_path):
+    """Skips the test where this OS or file system has no atomic exchange (tried on two
+    folders, removed again)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    swapped = exchange(a, b)
+    a.rmdir()
+    b.rmdir()
+    if not swapped:
+        pytest.skip("no atomic exchange of folders here")
+
+
+def test_exchange_swaps_two_folders(tmp_path, atomic_exchange):
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "inner").mkdir(parents=True)
+    (a / "inner" / "x").write_text("from a")
+    b.mkdir()
+    (b / "y").write_text("from b")
+    assert exchange(a, b)
+    assert [p.name for p in a.iterdir()] == ["y"] and (a / "y").read_text() == "from b"
+    assert [p.name for p in b.iterdir()] == ["inner"] and (
+        b / "inner" / "x"
+    ).read_text() == "from a"
+    with pytest.raises(FileNotFoundError):  # a real failure raises, it is no fallback
+        exchange(a, tmp_path / "missing")
+    assert (a / "y").exists()
+
+
+def test_force_replaces_the_model_in_one_exchange_without_renames(
+    tmp_path, monkeypatch, atomic_exchange
+):
+    out = previous_model(tmp_path)
+    swaps = []
+
+    def recorded(a: Path, b: Path) -> bool:
+        swaps.append((a, b))
+        return exchange(a, b)
+
+    def no_rename(*args, **kwargs):
+        raise AssertionError(f"renamed {args}")
+
+    monkeypatch.setattr(converter, "exchange", recorded)
+    monkeypatch.setattr(os, "rename", no_rename)  # what Path.rename calls
+    convert(str(ASSISTANT), str(out), dtype="float32", force=True)
+    monkeypatch.undo()
+    [(staging, destination)] = swaps
+    assert destination == out and staging.parent == tmp_path and not staging.exists()
+    assert drafter_dtype(out) == mx.float32
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the old model deleted
+
+
+def test_force_without_an_exchange_renames_twice(tmp_path, monkeypatch):
+    out = previous_model(tmp_path)
+    real, renames = os.rename, []
+
+    def recorded(a, b):
+        renames.append((Path(a), Path(b)))
+        real(a, b)
+
+    monkeypatch.setattr(converter, "exchange", no_exchange)
+    monkeypatch.setattr(os, "rename", recorded)
+    convert(str(ASSISTANT), str(out), dtype="float32", force=True)
+    monkeypatch.undo()
+    [(old, aside), (staging, new)] = renames
+    assert old == new == out and aside.name.startswith(".out-old-") and staging != aside
+    assert drafter_dtype(out) == mx.float32
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_fallback_names_the_aside_folder_when_the_old_model_cannot_move_back(
+    tmp_path, monkeypatch, capsys
+):
+    out = previous_model(tmp_path)
+    real, renames = os.rename, []
+
+    def failing_after_the_first(a, b):
+        renames.append(a)
+        if len(renames) > 1:
+            raise OSError(errno.EIO, "stopped here")
+        real(a, b)
+
+    monkeypatch.setattr(converter, "exchange", no_exchange)
+    monkeypatch.setattr(os, "rename", failing_after_the_first)
+    with pytest.raises(OSError, match="stopped here"):
+        convert(str(ASSISTANT), str(out), dtype="float32", force=True)
+    monkeypatch.undo()
+    [aside] = tmp_path.iterdir()  # the new model removed, the old one only aside
+    assert aside.name.startswith(".out-old-") and drafter_dtype(aside) == mx.float16
+    message = f"{out}: the previous model is left in {aside} (stopped here moving it back)\n"
+    assert capsys.readouterr().err == message
 
 
 def test_offline_hub_id_says_what_to_download(monkeypatch):
