@@ -12,7 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step
 
-# Two bf16 ulps of a logit in the softcap range [16, 32).
+# Log-probability gap (nats) within which bf16 may decide a tie either way: the verification
+# (k + 1 tokens at once) and plain decoding (one token) round differently. Two bf16 ulps of a
+# logit in the softcap range [16, 32).
 NEAR_TIE = 0.25
 
 

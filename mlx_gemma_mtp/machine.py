@@ -5,11 +5,15 @@ be preloaded)."""
 import os
 import platform
 import subprocess
+from functools import cache
 from pathlib import Path
 
 import mlx.core as mx
 
 
+# The probes are cached: the hardware does not change within a process, and speed_identity is
+# asked at every generation (on macOS cpu_model runs a sysctl subprocess).
+@cache
 def cpu_model() -> str:
     if platform.system() == "Darwin":
         try:
@@ -30,6 +34,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@cache
 def gpu_name() -> str | None:
     """The Metal device's name on a Mac (None elsewhere)."""
     try:
@@ -40,6 +45,7 @@ def gpu_name() -> str | None:
     return None
 
 
+@cache
 def blas_library() -> str:
     """Which BLAS MLX's CPU float32 matmuls use: the MLX Linux wheel bundles the reference
     (netlib) BLAS in ``mlx_cpu.libs``; an optimized one can be preloaded (scripts/README.md)."""

@@ -1,6 +1,10 @@
-"""Converter and loader: round trip, quantization, and one-line errors for bad input."""
+"""Converter and loader: round trip, quantization, one-line errors for bad input, and a
+converter that never deletes what it did not write."""
 
+import errno
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -10,8 +14,11 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
+import mlx_gemma_mtp.convert as converter
 from mlx_gemma_mtp import ConfigError, load
-from mlx_gemma_mtp.convert import convert, main
+from mlx_gemma_mtp.config import read_config
+from mlx_gemma_mtp.convert import convert, exchange, main
+from mlx_gemma_mtp.loading import load_drafter_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = FIXTURE / "target", FIXTURE / "assistant"
@@ -111,6 +118,20 @@ def truncated_weights(tmp_path):
     return folder, "model.safetensors: truncated safetensors file"
 
 
+def header_longer_than_the_file(tmp_path):
+    folder = copy_model(ASSISTANT, tmp_path / "model")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(len(data).to_bytes(8, "little") + data[8:])
+    return folder, "model.safetensors: truncated safetensors file"
+
+
+def corrupt_header(tmp_path):
+    folder = copy_model(ASSISTANT, tmp_path / "model")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:8] + b"[" + data[9:])  # not a JSON object
+    return folder, "model.safetensors: not a valid safetensors file"
+
+
 def missing_token_ordering(tmp_path):
     folder = copy_model(ASSISTANT, tmp_path / "model")
     weights = mx.load(str(folder / "model.safetensors"))
@@ -131,6 +152,8 @@ BAD_INPUTS = [
     missing_config,
     unknown_model_type,
     truncated_weights,
+    header_longer_than_the_file,
+    corrupt_header,
     missing_token_ordering,
     broken_token_ordering,
 ]
@@ -184,16 +207,275 @@ def test_cli_error_is_one_line_with_exit_code(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_refuses_to_overwrite_without_force(tmp_path):
+def tree_contents(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+
+
+def drafter_dtype(folder: Path) -> mx.Dtype:
+    """The dtype of a converted assistant's weights, once loaded (so the folder is usable)."""
+    return load_drafter_model(folder, read_config(folder)).model.embed_tokens.weight.dtype
+
+
+def previous_model(tmp_path: Path) -> Path:
+    """A converted assistant (float16) to be replaced by a float32 conversion."""
+    return convert(str(ASSISTANT), str(tmp_path / "out"), dtype="float16")
+
+
+def test_force_replaces_a_converted_model_and_only_it(tmp_path):
+    split_checkpoint(ASSISTANT, tmp_path / "split", 3)
+    out = convert(str(tmp_path / "split"), str(tmp_path / "out"), dtype="float32")
+    fresh = convert(str(ASSISTANT), str(tmp_path / "fresh"), dtype="float16")
+    names = {p.name for p in fresh.iterdir()}
+    assert {p.name for p in out.iterdir()} - names  # shards the new model does not have
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        convert(str(ASSISTANT), str(out), dtype="float16")
+    convert(str(ASSISTANT), str(out), dtype="float16", force=True)
+    assert drafter_dtype(out) == mx.float16
+    assert {p.name for p in out.iterdir()} == names  # replaced, not written over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out", "split"]
+
+
+@pytest.mark.parametrize("relation", ["source", "parent", "inside"])
+def test_destination_overlapping_the_source_is_refused(tmp_path, relation):
+    source = copy_model(ASSISTANT, tmp_path / "work" / "source")
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    before = tree_contents(tmp_path)
+    destination = {"source": source, "parent": source.parent, "inside": source / "mlx"}[relation]
+    message = {"source": "is the source", "parent": "contains", "inside": "is inside"}[relation]
+    with pytest.raises(ConfigError, match=re.escape(f"--mlx-path {destination}: {message}")):
+        convert(str(source), str(destination), force=True)
+    assert tree_contents(tmp_path) == before
+
+
+def test_cli_refuses_the_parent_of_the_source_in_one_line(tmp_path):
+    source = copy_model(ASSISTANT, tmp_path / "source")
+    before = tree_contents(tmp_path)
+    result = CliRunner().invoke(
+        main, ["--hf-path", str(source), "--mlx-path", str(tmp_path), "--force"]
+    )
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output == f"Error: --mlx-path {tmp_path}: contains the source folder " + (
+        f"{source}; expected a folder apart from it\n"
+    )
+    assert tree_contents(tmp_path) == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_destination_with_a_foreign_file_is_refused(tmp_path, force):
+    out = previous_model(tmp_path)
+    (out / "notes.txt").write_text("mine")
+    (out / "shards").mkdir()
+    before = tree_contents(tmp_path)
+    with pytest.raises(ConfigError, match="holds notes.txt, shards, not written by the converter"):
+        convert(str(ASSISTANT), str(out), dtype="float32", force=force)
+    assert tree_contents(tmp_path) == before and drafter_dtype(out) == mx.float16
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_plain_file_as_destination_is_a_one_line_error(tmp_path, force):
+    (tmp_path / "out").write_text("mine")
+    args = ["--hf-path", str(ASSISTANT), "--mlx-path", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args + ["--force"] * force)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # no traceback
+    assert result.output == (
+        f"Error: --mlx-path {tmp_path / 'out'}: a file; expected a new or empty folder, "
+        "or a converted model (with --force)\n"
+    )
+    assert (tmp_path / "out").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def write_then_drop_a_file(monkeypatch, folder: Path, after: str) -> None:
+    """Someone else writes ``folder/notes.txt`` once the converter has called ``after`` (for
+    ``check_destination``: its second call, the check just before the move)."""
+    real, calls = getattr(converter, after), []
+
+    def then_drop(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(args)
+        if after == "write_model" or len(calls) == 2:
+            folder.mkdir(exist_ok=True)
+            (folder / "notes.txt").write_text("mine")
+        return result
+
+    monkeypatch.setattr(converter, after, then_drop)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_file_written_during_conversion_is_kept_and_nothing_replaced(tmp_path, monkeypatch, force):
+    out = previous_model(tmp_path) if force else tmp_path / "out"
+    write_then_drop_a_file(monkeypatch, out, after="write_model")
+    with pytest.raises(ConfigError, match="holds notes.txt, not written by the converter"):
+        convert(str(ASSISTANT), str(out), dtype="float32", force=force)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the new model removed
+    if force:
+        assert drafter_dtype(out) == mx.float16
+
+
+def test_file_written_into_an_empty_destination_just_before_the_move_is_kept(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="already exists and is not empty"):
+    write_then_drop_a_file(monkeypatch, out, after="check_destination")
+    with pytest.raises(ConfigError, match="filled by something else during the conversion"):
         convert(str(ASSISTANT), str(out))
-    assert (out / "keep.txt").read_text() == "mine"
-    convert(str(ASSISTANT), str(out), force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_file_written_into_the_old_model_just_before_the_move_is_kept(
+    tmp_path, monkeypatch, capsys
+):
+    out = previous_model(tmp_path)
+    write_then_drop_a_file(monkeypatch, out, after="check_destination")
+    convert(str(ASSISTANT), str(out), dtype="float32", force=True)
+    assert drafter_dtype(out) == mx.float32
+    [aside] = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert [p.name for p in aside.iterdir()] == ["notes.txt"]  # the old model's files deleted
+    assert (aside / "notes.txt").read_text() == "mine"
+    assert f"{aside}: kept, it holds files the converter did not write" in capsys.readouterr().err
+
+
+def fail_on_call(real, call: int):
+    """``real``, raising instead on its ``call``-th call (a conversion stopped there)."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == call:
+            raise OSError("stopped here")
+        return real(*args, **kwargs)
+
+    return failing
+
+
+STOPS = {  # where a conversion stops, what it patches, at which call, the model the folder holds
+    "writing a shard": (mx, "save_safetensors", 1, mx.float16),
+    "copying the tokenizer": (shutil, "copy", 2, mx.float16),
+    "exchanging the two folders": (converter, "exchange", 1, mx.float16),
+    "deleting the old model": (Path, "unlink", 3, mx.float32),
+}
+FALLBACK_STOPS = {  # the same where the OS has no exchange (two renames)
+    "moving the old model aside": (Path, "rename", 1, mx.float16),
+    "moving the new model into place": (Path, "rename", 2, mx.float16),
+    "deleting the old model": (Path, "unlink", 3, mx.float32),
+}
+
+
+def no_exchange(a: Path, b: Path) -> bool:
+    return False
+
+
+@pytest.mark.parametrize(
+    "stop, fallback",
+    [(stop, False) for stop in STOPS] + [(stop, True) for stop in FALLBACK_STOPS],
+)
+def test_conversion_stopped_anywhere_leaves_a_usable_model(tmp_path, monkeypatch, stop, fallback):
+    out = previous_model(tmp_path)
+    owner, name, call, held = (FALLBACK_STOPS if fallback else STOPS)[stop]
+    if fallback:
+        monkeypatch.setattr(converter, "exchange", no_exchange)
+    monkeypatch.setattr(owner, name, fail_on_call(getattr(owner, name), call))
+    with pytest.raises(OSError, match="stopped here"):
+        convert(str(ASSISTANT), str(out), dtype="float32", force=True)
+    monkeypatch.undo()
+    assert drafter_dtype(out) == held
+    if held == mx.float16:  # nothing left beside it
+        assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.fixture
+def atomic_exchange(tmp_path):
+    """Skips the test where this OS or file system has no atomic exchange (tried on two
+    folders, removed again)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    swapped = exchange(a, b)
+    a.rmdir()
+    b.rmdir()
+    if not swapped:
+        pytest.skip("no atomic exchange of folders here")
+
+
+def test_exchange_swaps_two_folders(tmp_path, atomic_exchange):
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "inner").mkdir(parents=True)
+    (a / "inner" / "x").write_text("from a")
+    b.mkdir()
+    (b / "y").write_text("from b")
+    assert exchange(a, b)
+    assert [p.name for p in a.iterdir()] == ["y"] and (a / "y").read_text() == "from b"
+    assert [p.name for p in b.iterdir()] == ["inner"] and (
+        b / "inner" / "x"
+    ).read_text() == "from a"
+    with pytest.raises(FileNotFoundError):  # a real failure raises, it is no fallback
+        exchange(a, tmp_path / "missing")
+    assert (a / "y").exists()
+
+
+def test_force_replaces_the_model_in_one_exchange_without_renames(
+    tmp_path, monkeypatch, atomic_exchange
+):
+    out = previous_model(tmp_path)
+    swaps = []
+
+    def recorded(a: Path, b: Path) -> bool:
+        swaps.append((a, b))
+        return exchange(a, b)
+
+    def no_rename(*args, **kwargs):
+        raise AssertionError(f"renamed {args}")
+
+    monkeypatch.setattr(converter, "exchange", recorded)
+    monkeypatch.setattr(os, "rename", no_rename)  # what Path.rename calls
+    convert(str(ASSISTANT), str(out), dtype="float32", force=True)
+    monkeypatch.undo()
+    [(staging, destination)] = swaps
+    assert destination == out and staging.parent == tmp_path and not staging.exists()
+    assert drafter_dtype(out) == mx.float32
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the old model deleted
+
+
+def test_force_without_an_exchange_renames_twice(tmp_path, monkeypatch):
+    out = previous_model(tmp_path)
+    real, renames = os.rename, []
+
+    def recorded(a, b):
+        renames.append((Path(a), Path(b)))
+        real(a, b)
+
+    monkeypatch.setattr(converter, "exchange", no_exchange)
+    monkeypatch.setattr(os, "rename", recorded)
+    convert(str(ASSISTANT), str(out), dtype="float32", force=True)
+    monkeypatch.undo()
+    [(old, aside), (staging, new)] = renames
+    assert old == new == out and aside.name.startswith(".out-old-") and staging != aside
+    assert drafter_dtype(out) == mx.float32
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_fallback_names_the_aside_folder_when_the_old_model_cannot_move_back(
+    tmp_path, monkeypatch, capsys
+):
+    out = previous_model(tmp_path)
+    real, renames = os.rename, []
+
+    def failing_after_the_first(a, b):
+        renames.append(a)
+        if len(renames) > 1:
+            raise OSError(errno.EIO, "stopped here")
+        real(a, b)
+
+    monkeypatch.setattr(converter, "exchange", no_exchange)
+    monkeypatch.setattr(os, "rename", failing_after_the_first)
+    with pytest.raises(OSError, match="stopped here"):
+        convert(str(ASSISTANT), str(out), dtype="float32", force=True)
+    monkeypatch.undo()
+    [aside] = tmp_path.iterdir()  # the new model removed, the old one only aside
+    assert aside.name.startswith(".out-old-") and drafter_dtype(aside) == mx.float16
+    message = f"{out}: the previous model is left in {aside} (stopped here moving it back)\n"
+    assert capsys.readouterr().err == message
 
 
 def test_offline_hub_id_says_what_to_download(monkeypatch):
