@@ -251,10 +251,10 @@ def measure_pair(
         engine = SpeculativeGenerator(target, drafter, full_vocab_draft=full_vocab)
         calls = {
             "": lambda e=engine: e._draft_step(
-                token, hidden, ordered, None, position, NO_HISTORY, NO_KEY
+                token, hidden, ordered, None, position, NO_HISTORY, NO_KEY, NO_KEY
             ),
             "_compiled": lambda e=engine: e._compiled_step(
-                token, hidden, buffers, masks, mx.array(position), NO_HISTORY, NO_KEY
+                token, hidden, buffers, masks, mx.array(position), NO_HISTORY, NO_KEY, NO_KEY
             ),
         }
         for suffix, call in calls.items():

@@ -1,0 +1,24 @@
+"""OpenAI-compatible server: ``python -m mlx_gemma_mtp.server --model T --draft-model D``.
+
+``protocol`` (request bodies, responses, errors), ``worker`` (the generation thread and the
+conversation caches), ``app`` (the FastAPI app and the command line).
+
+FastAPI parses and validates requests (pydantic) and streams server-sent events; uvicorn serves
+them. Generation runs on one thread, one request at a time in arrival order; each request takes
+the cached conversation sharing its longest prefix from a small LRU (bounded in entries and bytes),
+so a conversation's next turn only feeds its new tokens.
+"""
+
+try:
+    import fastapi  # noqa: F401
+    import uvicorn  # noqa: F401
+except ImportError as e:  # an optional extra
+    raise ImportError(
+        f"the server needs FastAPI and uvicorn ({e.name} is missing): "
+        "pip install 'mlx-gemma-mtp[server]'"
+    ) from None
+
+from .app import create_app, main
+from .worker import PromptCacheLRU, Worker
+
+__all__ = ["PromptCacheLRU", "Worker", "create_app", "main"]
