@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.generate import main
-from mlx_gemma_mtp.generation import StopStrings, generate, stream_generate
+from mlx_gemma_mtp.generation import generate, stream_generate
+from mlx_gemma_mtp.text import StopStrings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
