@@ -3,22 +3,17 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-import mlx.core as mx
-from mlx_lm.generate import generate_step
+from conftest import FIXTURE, plain_greedy
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.generation import encode_chat
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
 
 
 def plain_reply(target, tokenizer, messages: list, max_tokens: int) -> str:
-    prompt = mx.array(encode_chat(tokenizer, messages))
-    tokens = [t for t, _ in generate_step(prompt, target.model, max_tokens=max_tokens)]
-    return tokenizer.decode(tokens)
+    return tokenizer.decode(plain_greedy(target, encode_chat(tokenizer, messages), max_tokens))
 
 
 def test_chat_keeps_the_conversation_and_matches_plain_decoding():

@@ -6,12 +6,10 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
-import mlx.core as mx
 import pytest
-from mlx_lm.generate import generate_step
+from conftest import FIXTURE, plain_greedy
 
 openai = pytest.importorskip("openai")
 
@@ -19,7 +17,6 @@ from mlx_gemma_mtp import generate, load  # noqa: E402
 from mlx_gemma_mtp.generation import encode_chat  # noqa: E402
 from mlx_gemma_mtp.prompt_cache import common_prefix_length  # noqa: E402
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
 CACHE_BUDGET = 4 << 20  # bytes of prompt caches the server may keep
 QUESTION = "import json\n\n\ndef load_config(path):\n"
@@ -67,10 +64,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def pair():
     return load(TARGET, ASSISTANT, dtype="float32")
-
-
-def plain_greedy(target, prompt: list, max_tokens: int) -> list:
-    return [t for t, _ in generate_step(mx.array(prompt), target.model, max_tokens=max_tokens)]
 
 
 def chat(client, messages, **kwargs):
