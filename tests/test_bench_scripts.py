@@ -7,12 +7,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import FIXTURE
 from drafting import ALWAYS_DRAFT
 from mlx_lm.models import gemma4_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_apps  # noqa: E402

@@ -8,12 +8,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURE
 from mlx.utils import tree_flatten
 
 from mlx_gemma_mtp import ConfigError, load
 from mlx_gemma_mtp.convert import convert, main
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = FIXTURE / "target", FIXTURE / "assistant"
 PROMPT = mx.array([[2, 608, 2103, 204, 608, 5900, 204, 608, 733]])
 

@@ -3,16 +3,15 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURE
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.generate import main
 from mlx_gemma_mtp.generation import StopStrings, generate, stream_generate
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
 STATS_KEYS = {
     "prompt_tokens",

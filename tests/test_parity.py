@@ -13,11 +13,11 @@ and must equal transformers' greedy generation token for token.
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import FIXTURE
 from drafting import ALWAYS_DRAFT
 from hf_reference import SLIDING_WINDOW, VOCAB, DraftStep, Reference, reference_outputs
 
@@ -25,7 +25,6 @@ from mlx_gemma_mtp import load
 from mlx_gemma_mtp.convert import convert
 from mlx_gemma_mtp.generation import stream_generate
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 NUM_STEPS = 4
 PROMPT_LEN = 21
 RTOL = 1e-4

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import FIXTURE
 from drafting import ALWAYS_DRAFT
 from mlx.utils import tree_flatten
 from mlx_lm.convert import convert as mlx_lm_convert
@@ -24,7 +25,6 @@ from mlx_gemma_mtp.convert import convert
 from mlx_gemma_mtp.generation import stream_generate
 from mlx_gemma_mtp.loading import load_drafter_model
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 PROMPT = json.loads((FIXTURE / "held_out_prompts.jsonl").read_text().splitlines()[3])["input_ids"]
 MAX_TOKENS = 16
 PRECISIONS = ["bf16", "8bit", "4bit"]

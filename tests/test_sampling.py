@@ -4,11 +4,11 @@ import itertools
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import FIXTURE
 from drafting import ALWAYS_DRAFT, ON_HOST
 from mlx_lm.generate import generate_step
 from mlx_lm.models import gemma4_text
@@ -26,7 +26,6 @@ from mlx_gemma_mtp.sampling import (
 )
 from mlx_gemma_mtp.target import Target
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 S, F = "sliding_attention", "full_attention"
 VOCAB = 8
 # Every chi-square test here runs with fixed seeds (deterministic); it fails below this p-value.
