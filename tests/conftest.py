@@ -15,6 +15,15 @@ def fixture_pair():
     return load(str(FIXTURE / "target"), str(FIXTURE / "assistant"), dtype="float32")
 
 
+def plain_greedy(target, prompt: list, max_tokens: int) -> list:
+    """The reference tokens: mlx-lm's own greedy loop, fresh cache, whole token list as the
+    prompt."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step  # loads transformers: only where it is used
+
+    return [t for t, _ in generate_step(mx.array(prompt), target.model, max_tokens=max_tokens)]
+
+
 @pytest.fixture(scope="session")
 def hf_pair(tmp_path_factory):
     """``hf_pair(kind, target_class="causal", **options)``: a tiny random transformers

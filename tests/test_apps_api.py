@@ -1,12 +1,11 @@
 """What apps call: mlx-lm's call shapes, prompt caches kept between turns, token-id checks."""
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
 import pytest
-from mlx_lm.generate import generate_step
+from conftest import FIXTURE, plain_greedy
 
 from mlx_gemma_mtp import (
     PromptCache,
@@ -21,7 +20,6 @@ from mlx_gemma_mtp.engine import SpeculativeGenerator
 from mlx_gemma_mtp.generation import as_target
 from mlx_gemma_mtp.pairs import pair_state
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
 VOCAB = 32768
 
@@ -34,11 +32,6 @@ def pair():
 def held_out(i: int) -> list:
     lines = (FIXTURE / "held_out_prompts.jsonl").read_text().splitlines()
     return json.loads(lines[i])["input_ids"]
-
-
-def plain_greedy(target, prompt: list, max_tokens: int) -> list:
-    """The reference: mlx-lm's own loop, fresh cache, whole token list as the prompt."""
-    return [t for t, _ in generate_step(mx.array(prompt), target.model, max_tokens=max_tokens)]
 
 
 def tokens_of(responses) -> list:

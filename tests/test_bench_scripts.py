@@ -7,11 +7,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import FIXTURE
+from drafting import ALWAYS_DRAFT
 from mlx_lm.models import gemma4_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_apps  # noqa: E402
@@ -22,6 +23,7 @@ import bench_quant  # noqa: E402
 import replay_schedules  # noqa: E402
 
 from mlx_gemma_mtp.config import normalize_text_config  # noqa: E402
+from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
 from mlx_gemma_mtp.loading import validate_pair  # noqa: E402
 from mlx_gemma_mtp.models import gemma4_assistant  # noqa: E402
 from mlx_gemma_mtp.target import Target  # noqa: E402
@@ -236,7 +238,17 @@ def test_bench_mtp_with_transformers(tmp_path):
     assert arms["hf-assisted k=2"]["tokens_per_target_forward"] > 1.0
 
 
-def test_bench_quant_runs(tmp_path):
+@pytest.mark.parametrize(
+    "calibrated",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["given-costs", "measured"],
+)
+def test_bench_quant_runs(tmp_path, monkeypatch, calibrated):
+    """By default each pair's costs are given: calibrating the 4 sampled cells took 40 of the
+    test's 55 s here, and the measurement is tested in test_costs.py and test_host_sampling.py."""
+    monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path / "costs"))
+    if not calibrated:
+        monkeypatch.setattr(SpeculativeGenerator, "measure_costs", lambda *_, **__: ALWAYS_DRAFT)
     result = bench_quant.main(
         ["--num-prompts", "1", "--max-tokens", "8", "--targets", "float32,4bit"]
         + ["--drafters", "bf16,4bit", "--temps", "0,0.7", "--out", str(tmp_path)]

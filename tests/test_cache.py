@@ -8,6 +8,7 @@ from mlx_lm.models import gemma4_text
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from mlx_gemma_mtp.cache import SlidingWindowCache, make_target_cache
+from mlx_gemma_mtp.check import tiny_text_config
 from mlx_gemma_mtp.target import Target
 
 WINDOW = 8
@@ -94,24 +95,22 @@ def test_masks_are_what_mlx_lm_attention_needs():
     assert [i for i, v in enumerate(mask[1].tolist()) if v] == list(range(14, 22))
 
 
-def tiny_target_args(**overrides):
-    config = dict(
+def tiny_target_args():
+    """The self-check's tiny random target, cut to 4 layers (the last one shares K/V) and a
+    50-token vocabulary."""
+    sliding, full = "sliding_attention", "full_attention"
+    config = tiny_text_config(
         hidden_size=32,
         num_hidden_layers=4,
         intermediate_size=64,
-        num_attention_heads=2,
         head_dim=16,
         global_head_dim=16,
-        num_key_value_heads=1,
         num_kv_shared_layers=1,
-        hidden_size_per_layer_input=0,
         vocab_size=50,
         vocab_size_per_layer_input=50,
         sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        final_logit_softcapping=30.0,
+        layer_types=[sliding, full, sliding, full],
     )
-    config.update(overrides)
     return gemma4_text.ModelArgs.from_dict(config)
 
 

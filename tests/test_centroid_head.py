@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import FIXTURE
 from metal_shim.heads import (
     HeadCase,
     assert_matches_reference,
@@ -193,12 +194,11 @@ def test_each_head_keeps_its_own_state():
 
 
 def test_drafter_honours_full_vocab():
-    from pathlib import Path
 
     from mlx_gemma_mtp.config import read_config
     from mlx_gemma_mtp.loading import load_drafter_model
 
-    path = Path(__file__).parent / "fixtures" / "gemma4-tiny" / "assistant"
+    path = FIXTURE / "assistant"
     drafter = load_drafter_model(path, read_config(path))
     hidden = mx.random.normal((1, 1, drafter.args.text_args.hidden_size), key=mx.random.key(8))
     hidden = hidden.astype(drafter.pre_projection.weight.dtype)

@@ -1,35 +1,31 @@
-"""``python -m mlx_gemma_mtp.chat`` driven through stdin: replies equal plain decoding."""
+"""The chat's ``main`` driven through stdin, in-process: replies equal plain decoding. (The real
+``python -m mlx_gemma_mtp.chat`` process runs in test_readme.py, on the README's command.)"""
 
+import io
 import re
-import subprocess
 import sys
-from pathlib import Path
 
-import mlx.core as mx
-from mlx_lm.generate import generate_step
+from conftest import FIXTURE, plain_greedy
 
-from mlx_gemma_mtp import load
+from mlx_gemma_mtp import chat, load
 from mlx_gemma_mtp.generation import encode_chat
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
 
 
 def plain_reply(target, tokenizer, messages: list, max_tokens: int) -> str:
-    prompt = mx.array(encode_chat(tokenizer, messages))
-    tokens = [t for t, _ in generate_step(prompt, target.model, max_tokens=max_tokens)]
-    return tokenizer.decode(tokens)
+    return tokenizer.decode(plain_greedy(target, encode_chat(tokenizer, messages), max_tokens))
 
 
-def test_chat_keeps_the_conversation_and_matches_plain_decoding():
+def test_chat_keeps_the_conversation_and_matches_plain_decoding(monkeypatch, capsys):
     turns = ["def f():", "class A:", "import os"]
-    command = [
-        sys.executable, "-m", "mlx_gemma_mtp.chat", "--model", TARGET, "--draft-model",
-        ASSISTANT, "--max-tokens", "12", "--dtype", "float32",
+    args = [
+        "--model", TARGET, "--draft-model", ASSISTANT, "--max-tokens", "12", "--dtype", "float32",
     ]  # fmt: skip
     stdin = "\n".join([turns[0], "h", *turns[1:], "q"]) + "\n"
-    result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    chat.main(args)
+    result = capsys.readouterr()
 
     target, _, tokenizer = load(TARGET, dtype="float32")
     messages, expected = [], ""
@@ -38,8 +34,8 @@ def test_chat_keeps_the_conversation_and_matches_plain_decoding():
         reply = plain_reply(target, tokenizer, messages, 12)
         messages.append({"role": "assistant", "content": reply})
         expected += ">> " + reply + "\n" + (">> " if i == 0 else "")  # "h" prints help only
-    assert result.stdout == expected + ">> "
-    stats = [line for line in result.stderr.splitlines() if "tokens/s" in line]
+    assert result.out == expected + ">> "
+    stats = [line for line in result.err.splitlines() if "tokens/s" in line]
     assert len(stats) == 3 and all("acceptance" in line for line in stats)
     # Turns after the first feed only what the template adds after the cached conversation.
     counts = [tuple(map(int, re.search(r"prompt: (\d+) new of (\d+)", s).groups())) for s in stats]

@@ -7,6 +7,7 @@ import sys
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURE
 
 from mlx_gemma_mtp import centroid_head as ch
 from mlx_gemma_mtp import check
@@ -85,14 +86,11 @@ def test_model_needs_a_draft_model():
 
 
 def test_the_cost_table_is_reported_once_measured(tmp_path, monkeypatch):
-    from pathlib import Path
-
     from mlx_gemma_mtp import load
     from mlx_gemma_mtp.engine import SpeculativeGenerator
 
     monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path))
-    fixture = Path(__file__).parent / "fixtures" / "gemma4-tiny"
-    target, drafter, _ = load(str(fixture / "target"), str(fixture / "assistant"))
+    target, drafter, _ = load(str(FIXTURE / "target"), str(FIXTURE / "assistant"))
     assert "none cached yet" in check.cost_table(target, drafter).detail
     list(SpeculativeGenerator(target, drafter).generate(mx.array(list(range(2, 40))), 4))
     table = check.cost_table(target, drafter)

@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURE
 from mlx.utils import tree_flatten
 
 import mlx_gemma_mtp.convert as converter
@@ -20,7 +21,6 @@ from mlx_gemma_mtp.config import read_config
 from mlx_gemma_mtp.convert import convert, exchange, main
 from mlx_gemma_mtp.loading import load_drafter_model
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = FIXTURE / "target", FIXTURE / "assistant"
 PROMPT = mx.array([[2, 608, 2103, 204, 608, 5900, 204, 608, 733]])
 

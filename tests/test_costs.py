@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURE
 
 from mlx_gemma_mtp import engine as engine_module
 from mlx_gemma_mtp import load
@@ -27,7 +28,6 @@ from mlx_gemma_mtp.costs import (
 from mlx_gemma_mtp.engine import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_common  # noqa: E402
 

@@ -5,11 +5,11 @@ import itertools
 import json
 import random
 import weakref
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from conftest import FIXTURE
 from drafting import ALWAYS_DRAFT
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
@@ -26,7 +26,6 @@ from mlx_gemma_mtp.generation import make_policy, stream_generate
 from mlx_gemma_mtp.models.gemma4_assistant import DraftOutput
 from mlx_gemma_mtp.pairs import BoundedTable, pair_state
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 # transformers 5.23.0 assisted generation on the fixture, float32, k=4, 20 prompts x 128 tokens
 # (TRAINING.md): mean acceptance over prompts, mean new tokens per target forward.
 HF_ACCEPTANCE, HF_TOKENS_PER_FORWARD = 0.797, 4.04

@@ -3,17 +3,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import FIXTURE
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.generate import main
 from mlx_gemma_mtp.generation import generate, stream_generate
 from mlx_gemma_mtp.text import StopStrings
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
 STATS_KEYS = {
     "prompt_tokens",
@@ -170,8 +169,11 @@ def test_cli_needs_exactly_one_prompt():
     assert result.exit_code != 0
 
 
+@pytest.mark.slow
 def test_module_runs_as_a_new_user_would(tmp_path):
-    """The real entry point, prompt from stdin."""
+    """The real entry point, prompt from stdin. By default the real entry point runs in
+    test_readme.py (the README's first command), stdin in test_cli_reads_the_prompt_from_stdin.
+    """
     stats = tmp_path / "stats.json"
     command = [
         sys.executable,

@@ -15,12 +15,12 @@ import subprocess
 import sys
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 from unittest import mock
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import FIXTURE
 from metal_shim import harness
 from metal_shim.heads import (
     HeadCase,
@@ -170,12 +170,11 @@ def test_emulated_greedy_tie_goes_to_lowest_token_id(emulator):
 
 def test_emulated_drafter_step_matches_portable(emulator):
     """The tiny real drafter (fixture), through ``Model.__call__``: same candidates and token."""
-    from pathlib import Path
 
     from mlx_gemma_mtp.config import read_config
     from mlx_gemma_mtp.loading import load_drafter_model
 
-    path = Path(__file__).parent / "fixtures" / "gemma4-tiny" / "assistant"
+    path = FIXTURE / "assistant"
     drafter = load_drafter_model(path, read_config(path))
     inputs, shared_kv = random_drafter_inputs(drafter, positions=9)
     with kernel_runner(emulator.run), drafter_kernels(drafter, True):
@@ -265,7 +264,6 @@ def test_emulation_reports_misuse(emulator, heads, kernel, old, new, message):
 # -- the probe: each kernel once on the real weights before it is trusted ------------------------
 
 no_metal = pytest.mark.skipif(mx.metal.is_available(), reason="proves the fallback without Metal")
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 
 
 def head_inputs(head) -> ch.HeadInputs:
@@ -506,12 +504,11 @@ def test_clang_check_knows_bfloat16_is_a_16_bit_float():
 
 
 def test_export_records_drafter_with_kernel_path(tmp_path):
-    from pathlib import Path
 
     from mlx_gemma_mtp.config import read_config
     from mlx_gemma_mtp.loading import load_drafter_model
 
-    path = Path(__file__).parent / "fixtures" / "gemma4-tiny" / "assistant"
+    path = FIXTURE / "assistant"
     drafter = load_drafter_model(path, read_config(path))
     inputs, shared_kv = random_drafter_inputs(drafter, positions=9)
     hidden = mx.zeros(

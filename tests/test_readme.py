@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import FIXTURE as FIXTURE_PATH
+
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
-FIXTURE = "tests/fixtures/gemma4-tiny"
+FIXTURE = FIXTURE_PATH.relative_to(ROOT).as_posix()  # as the README writes it
 
 
 def code_blocks(language: str) -> list[str]:

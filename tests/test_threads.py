@@ -1,12 +1,12 @@
 """Two target/drafter pairs generating at once on two threads do not interfere."""
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+
+from conftest import FIXTURE
 
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.generation import stream_generate
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
 PROMPTS = [[2, 10, 20, 30, 40], [2, 7, 7, 99, 512, 1000, 3]]
 MAX_TOKENS = 32
 
