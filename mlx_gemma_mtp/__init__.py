@@ -1,9 +1,9 @@
 """Gemma 4 multi-token-prediction speculative decoding in MLX."""
 
 from .config import ConfigError
+from .engine.prompt_cache import PromptCache, trim_to_common_prefix
 from .generation import GenerationResponse, generate, make_prompt_cache, stream_generate
 from .loading import load
-from .prompt_cache import PromptCache, trim_to_common_prefix
 
 __version__ = "0.1.0"
 __all__ = [

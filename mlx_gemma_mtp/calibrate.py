@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from .config import ConfigError
 from .costs import AcceptanceModel, Costs, expected_tokens
-from .engine import DEFAULT_NUM_DRAFT_TOKENS, AutoSchedule, SpeculativeGenerator
+from .engine.loop import DEFAULT_NUM_DRAFT_TOKENS, AutoSchedule, SpeculativeGenerator
 from .generation import make_policy
 from .machine import speed_identity
 

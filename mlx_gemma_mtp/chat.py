@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from .config import ConfigError
+from .engine.prompt_cache import trim_to_common_prefix
 from .generation import DEFAULT_NUM_DRAFT_TOKENS, encode_chat, make_prompt_cache, stream_generate
 from .loading import load
-from .prompt_cache import trim_to_common_prefix
 
 HELP = "[INFO] Type a message. 'q' quits, 'r' starts a new conversation, 'h' shows this."
 

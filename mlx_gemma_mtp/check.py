@@ -19,15 +19,15 @@ from pathlib import Path
 import click
 import mlx.core as mx
 
-from . import centroid_head as ch
 from .calibrate import choices
 from .config import ConfigError, normalize_target_config
 from .contract import NEAR_TIE
 from .costs import load_costs
-from .engine import SpeculativeGenerator
+from .engine.loop import SpeculativeGenerator
 from .generation import stream_generate
 from .loading import all_arrays, load, validate_pair
-from .target import Target
+from .models import centroid_head as ch
+from .models.target import Target
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "gemma4-tiny"
 GREEDY_TOKENS = 48

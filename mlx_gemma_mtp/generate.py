@@ -8,7 +8,7 @@ import click
 import mlx.core as mx
 
 from .config import ConfigError
-from .engine import SCHEDULES
+from .engine.loop import SCHEDULES
 from .generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
     GenerationResponse,

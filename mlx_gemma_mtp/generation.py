@@ -20,18 +20,18 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .config import TARGET_TYPES
 from .costs import Costs
-from .engine import DEFAULT_NUM_DRAFT_TOKENS, SpeculativeGenerator, Stats
-from .loading import validate_pair
-from .models.gemma4_assistant import Model as Drafter
-from .pairs import kept_for
-from .prompt_cache import (
+from .engine.loop import DEFAULT_NUM_DRAFT_TOKENS, SpeculativeGenerator, Stats
+from .engine.prompt_cache import (
     DEFAULT_MAX_DRAFT_TOKENS,
     PromptCache,
     check_prompt_cache,
     make_cache_for,
 )
-from .sampling import SamplingParams, TokenPolicy
-from .target import Target
+from .engine.sampling import SamplingParams, TokenPolicy
+from .loading import validate_pair
+from .models.gemma4_assistant import Model as Drafter
+from .models.target import Target
+from .state import kept_for
 from .text import TextStream
 
 CLEAR_CACHE_EVERY = 256  # generated tokens between mx.clear_cache() calls, as mlx-lm

@@ -11,7 +11,6 @@ import mlx.nn as nn
 from mlx_lm.utils import load_model, load_tokenizer
 from safetensors import SafetensorError, safe_open
 
-from .centroid_head import check_permutation
 from .config import (
     ASSISTANT_TYPES,
     ConfigError,
@@ -20,7 +19,8 @@ from .config import (
     read_config,
 )
 from .models import gemma4_assistant
-from .target import Target
+from .models.centroid_head import check_permutation
+from .models.target import Target
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 DTYPES = ("float16", "bfloat16", "float32")

@@ -54,7 +54,7 @@ from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 from mlx_gemma_mtp import load  # noqa: E402
 from mlx_gemma_mtp.costs import Costs, cache_dir, ideal_speedup  # noqa: E402
-from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
+from mlx_gemma_mtp.engine.loop import SpeculativeGenerator  # noqa: E402
 from mlx_gemma_mtp.generation import COUNTERS, make_policy, stream_generate  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"

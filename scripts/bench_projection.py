@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_common as bc  # noqa: E402
 
 from mlx_gemma_mtp.config import normalize_text_config  # noqa: E402
-from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
+from mlx_gemma_mtp.engine.loop import SpeculativeGenerator  # noqa: E402
 from mlx_gemma_mtp.models import gemma4_assistant  # noqa: E402
-from mlx_gemma_mtp.target import Target  # noqa: E402
+from mlx_gemma_mtp.models.target import Target  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "real_configs"
 MODELS = {"e2b": "gemma-4-E2B-it", "e4b": "gemma-4-E4B-it", "12b": "gemma-4-12B-it"}

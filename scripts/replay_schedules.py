@@ -33,7 +33,7 @@ import bench_common as bc  # noqa: E402
 from bench_mtp import FIXTURE, long_prompts, read_prompts  # noqa: E402
 
 from mlx_gemma_mtp.costs import Costs  # noqa: E402
-from mlx_gemma_mtp.engine import (  # noqa: E402
+from mlx_gemma_mtp.engine.loop import (  # noqa: E402
     AutoSchedule,
     DraftSchedule,
     SpeculativeGenerator,

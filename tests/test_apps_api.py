@@ -15,10 +15,10 @@ from mlx_gemma_mtp import (
     stream_generate,
     trim_to_common_prefix,
 )
-from mlx_gemma_mtp.cache import SlidingWindowCache
-from mlx_gemma_mtp.engine import SpeculativeGenerator
+from mlx_gemma_mtp.engine.cache import SlidingWindowCache
+from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
 from mlx_gemma_mtp.generation import as_target
-from mlx_gemma_mtp.pairs import pair_state
+from mlx_gemma_mtp.state import pair_state
 
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
 VOCAB = 32768

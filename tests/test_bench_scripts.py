@@ -23,10 +23,10 @@ import bench_quant  # noqa: E402
 import replay_schedules  # noqa: E402
 
 from mlx_gemma_mtp.config import normalize_text_config  # noqa: E402
-from mlx_gemma_mtp.engine import SpeculativeGenerator  # noqa: E402
+from mlx_gemma_mtp.engine.loop import SpeculativeGenerator  # noqa: E402
 from mlx_gemma_mtp.loading import validate_pair  # noqa: E402
 from mlx_gemma_mtp.models import gemma4_assistant  # noqa: E402
-from mlx_gemma_mtp.target import Target  # noqa: E402
+from mlx_gemma_mtp.models.target import Target  # noqa: E402
 
 
 def test_acceptance_model():
@@ -245,7 +245,7 @@ def test_bench_mtp_with_transformers(tmp_path):
 )
 def test_bench_quant_runs(tmp_path, monkeypatch, calibrated):
     """By default each pair's costs are given: calibrating the 4 sampled cells took 40 of the
-    test's 55 s here, and the measurement is tested in test_costs.py and test_host_sampling.py."""
+    test's 55 s here, and the measurement is tested in test_costs.py."""
     monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path / "costs"))
     if not calibrated:
         monkeypatch.setattr(SpeculativeGenerator, "measure_costs", lambda *_, **__: ALWAYS_DRAFT)

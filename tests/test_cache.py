@@ -7,9 +7,9 @@ import pytest
 from mlx_lm.models import gemma4_text
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from mlx_gemma_mtp.cache import SlidingWindowCache, make_target_cache
 from mlx_gemma_mtp.check import tiny_text_config
-from mlx_gemma_mtp.target import Target
+from mlx_gemma_mtp.engine.cache import SlidingWindowCache, make_target_cache
+from mlx_gemma_mtp.models.target import Target
 
 WINDOW = 8
 

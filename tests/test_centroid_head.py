@@ -14,7 +14,7 @@ from metal_shim.heads import (
     make_head,
 )
 
-from mlx_gemma_mtp import centroid_head as ch
+from mlx_gemma_mtp.models import centroid_head as ch
 
 E2B = {"num_centroids": 2048, "per_centroid": 128, "top_k": 32}
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXTURE
 
-from mlx_gemma_mtp import centroid_head as ch
+from mlx_gemma_mtp.models import centroid_head as ch
 from mlx_gemma_mtp import check
 
 CHECKS = [
@@ -87,7 +87,7 @@ def test_model_needs_a_draft_model():
 
 def test_the_cost_table_is_reported_once_measured(tmp_path, monkeypatch):
     from mlx_gemma_mtp import load
-    from mlx_gemma_mtp.engine import SpeculativeGenerator
+    from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
 
     monkeypatch.setenv("MLX_GEMMA_MTP_CACHE_DIR", str(tmp_path))
     target, drafter, _ = load(str(FIXTURE / "target"), str(FIXTURE / "assistant"))

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXTURE
 
-from mlx_gemma_mtp import engine as engine_module
+from mlx_gemma_mtp.engine import loop as engine_module
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.calibrate import main as calibrate_main
 from mlx_gemma_mtp.costs import (
@@ -25,7 +25,7 @@ from mlx_gemma_mtp.costs import (
     save_costs,
     tokens_per_round,
 )
-from mlx_gemma_mtp.engine import SpeculativeGenerator
+from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

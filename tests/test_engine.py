@@ -17,14 +17,14 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import make_logits_processors
 
 from mlx_gemma_mtp import load
-from mlx_gemma_mtp.cache import SlidingWindowCache
 from mlx_gemma_mtp.contract import check_greedy_contract
 from mlx_gemma_mtp.contract import plain_greedy as contract_plain_greedy
 from mlx_gemma_mtp.costs import Costs
-from mlx_gemma_mtp.engine import DraftSchedule, SpeculativeGenerator
+from mlx_gemma_mtp.engine.cache import SlidingWindowCache
+from mlx_gemma_mtp.engine.loop import DraftSchedule, SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy, stream_generate
 from mlx_gemma_mtp.models.gemma4_assistant import DraftOutput
-from mlx_gemma_mtp.pairs import BoundedTable, pair_state
+from mlx_gemma_mtp.state import BoundedTable, pair_state
 
 # transformers 5.23.0 assisted generation on the fixture, float32, k=4, 20 prompts x 128 tokens
 # (TRAINING.md): mean acceptance over prompts, mean new tokens per target forward.

@@ -30,7 +30,7 @@ from metal_shim.heads import (
     reference,
 )
 
-from mlx_gemma_mtp import centroid_head as ch
+from mlx_gemma_mtp.models import centroid_head as ch
 from mlx_gemma_mtp import kernels as metal_kernels
 
 E2B = {"num_centroids": 2048, "per_centroid": 128, "top_k": 32}
@@ -332,7 +332,7 @@ def test_forced_kernels_fall_back_with_one_warning(monkeypatch, heads):
 @no_metal
 def test_the_engine_probes_before_compiling_the_draft_step(monkeypatch):
     from mlx_gemma_mtp import load
-    from mlx_gemma_mtp.engine import SpeculativeGenerator
+    from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
 
     target, drafter, _ = load(str(FIXTURE / "target"), str(FIXTURE / "assistant"))
     monkeypatch.setenv(ch.METAL_SETTING, "1")

@@ -9,9 +9,9 @@ from drafting import ALWAYS_DRAFT
 from test_sampling import tiny_pair
 
 from mlx_gemma_mtp.costs import Costs, costs_path, load_costs, save_costs
-from mlx_gemma_mtp.engine import SpeculativeGenerator
+from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy, stream_generate
-from mlx_gemma_mtp.pairs import MAX_KINDS, live_states, pair_state
+from mlx_gemma_mtp.state import MAX_KINDS, live_states, pair_state
 
 
 def attributes(*models) -> dict:

@@ -12,17 +12,17 @@ from drafting import ALWAYS_DRAFT, NEVER_DRAFT
 from mlx_lm.models import gemma4_text
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_gemma_mtp.engine import SpeculativeGenerator
-from mlx_gemma_mtp.generation import make_policy, stream_generate
-from mlx_gemma_mtp.models import gemma4_assistant
-from mlx_gemma_mtp.sampling import (
+from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
+from mlx_gemma_mtp.engine.sampling import (
     SamplingParams,
     coupled_choice,
     gumbel_at,
     gumbel_from_bits,
     match_accept,
 )
-from mlx_gemma_mtp.target import Target
+from mlx_gemma_mtp.generation import make_policy, stream_generate
+from mlx_gemma_mtp.models import gemma4_assistant
+from mlx_gemma_mtp.models.target import Target
 
 S, F = "sliding_attention", "full_attention"
 VOCAB = 8

@@ -14,8 +14,8 @@ from conftest import FIXTURE, plain_greedy
 openai = pytest.importorskip("openai")
 
 from mlx_gemma_mtp import generate, load  # noqa: E402
+from mlx_gemma_mtp.engine.prompt_cache import common_prefix_length  # noqa: E402
 from mlx_gemma_mtp.generation import encode_chat  # noqa: E402
-from mlx_gemma_mtp.prompt_cache import common_prefix_length  # noqa: E402
 
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
 CACHE_BUDGET = 4 << 20  # bytes of prompt caches the server may keep
@@ -247,7 +247,7 @@ def test_load_clients_x_requests(client, server, clients, requests):
 
 def test_prompt_cache_lru_takes_the_longest_prefix_and_keeps_its_budget(pair):
     from mlx_gemma_mtp import stream_generate
-    from mlx_gemma_mtp.prompt_cache import PromptCache
+    from mlx_gemma_mtp.engine.prompt_cache import PromptCache
     from mlx_gemma_mtp.server import PromptCacheLRU
 
     target = pair[0]

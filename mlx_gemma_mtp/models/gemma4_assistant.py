@@ -12,14 +12,14 @@ import mlx.nn as nn
 from mlx_lm.models import gemma4_text
 from mlx_lm.models.base import BaseModelArgs
 
-from ..centroid_head import (
+from ..config import normalize_text_config
+from .centroid_head import (
     candidate_argmax,
     centroid_candidates,
     full_vocab_lm_head,
     order_by_centroid,
     scatter_full_vocab,
 )
-from ..config import normalize_text_config
 
 
 @dataclass

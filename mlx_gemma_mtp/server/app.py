@@ -15,16 +15,16 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..config import ConfigError
-from ..engine import SCHEDULES
+from ..engine.loop import SCHEDULES
+from ..engine.prompt_cache import (
+    DEFAULT_MAX_DRAFT_TOKENS,
+)
 from ..generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
     encode_chat,
     encode_prompt,
 )
 from ..loading import load
-from ..prompt_cache import (
-    DEFAULT_MAX_DRAFT_TOKENS,
-)
 from .protocol import (
     BadRequest,
     ChatRequest,

@@ -7,7 +7,7 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..prompt_cache import (
+from ..engine.prompt_cache import (
     DEFAULT_MAX_DRAFT_TOKENS,
 )
 

@@ -11,16 +11,16 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..generation import (
-    stream_generate,
-)
-from ..prompt_cache import (
+from ..engine.prompt_cache import (
     PromptCache,
     common_prefix_length,
     make_cache_for,
     trim_to_common_prefix,
 )
-from ..target import Target
+from ..generation import (
+    stream_generate,
+)
+from ..models.target import Target
 from .protocol import usage
 
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_gemma_mtp import kernels as metal_kernels
-from mlx_gemma_mtp.centroid_head import Launch
+from mlx_gemma_mtp.models.centroid_head import Launch
 
 SHIM_DIR = Path(__file__).parent
 

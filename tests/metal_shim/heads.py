@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_gemma_mtp.centroid_head import candidate_argmax, order_by_centroid, row_matrix
+from mlx_gemma_mtp.models.centroid_head import candidate_argmax, order_by_centroid, row_matrix
 
 
 class HeadCase(NamedTuple):

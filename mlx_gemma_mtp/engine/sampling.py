@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.sample_utils import greedy_sampler
 
-from .centroid_head import candidate_argmax
+from ..models.centroid_head import candidate_argmax
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]

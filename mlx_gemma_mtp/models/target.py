@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.gemma4_text import logit_softcap
 
-from .cache import make_target_cache
+from ..engine.cache import make_target_cache
 
 
 class TargetOutput(NamedTuple):

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from mlx_lm.models.cache import KVCache
 
+from ..models.target import Target
 from .cache import SlidingWindowCache
-from .engine import draft_slack
-from .target import Target
+from .loop import draft_slack
 
 DEFAULT_MAX_DRAFT_TOKENS = 16
 

@@ -37,8 +37,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import kernels as metal
-from .pairs import kept_for
+from .. import kernels as metal
+from ..state import kept_for
 
 ROWS_PER_SIMDGROUP = 4  # rows per simdgroup in centroid_scores / candidate_logits
 SIMDGROUPS = 2  # simdgroups per threadgroup there (64 threads, like MLX's qmv kernels)

@@ -33,8 +33,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .centroid_head import prepare_head
-from .costs import (
+from ..costs import (
     AcceptanceModel,
     Costs,
     DraftController,
@@ -45,7 +44,8 @@ from .costs import (
     measure_costs,
     save_costs,
 )
-from .pairs import pair_state
+from ..models.centroid_head import prepare_head
+from ..state import pair_state
 from .sampling import TokenPolicy
 
 SCHEDULES = ("auto", "constant", "heuristic")
