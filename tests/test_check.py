@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXTURE
 
-from mlx_gemma_mtp.models import centroid_head as ch
 from mlx_gemma_mtp import check
+from mlx_gemma_mtp.models import centroid_head as ch
 
 CHECKS = [
     "versions",

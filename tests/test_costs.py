@@ -9,7 +9,6 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXTURE
 
-from mlx_gemma_mtp.engine import loop as engine_module
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.calibrate import main as calibrate_main
 from mlx_gemma_mtp.costs import (
@@ -25,6 +24,7 @@ from mlx_gemma_mtp.costs import (
     save_costs,
     tokens_per_round,
 )
+from mlx_gemma_mtp.engine import loop as engine_module
 from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy
 

@@ -30,8 +30,8 @@ from metal_shim.heads import (
     reference,
 )
 
-from mlx_gemma_mtp.models import centroid_head as ch
 from mlx_gemma_mtp import kernels as metal_kernels
+from mlx_gemma_mtp.models import centroid_head as ch
 
 E2B = {"num_centroids": 2048, "per_centroid": 128, "top_k": 32}
 
