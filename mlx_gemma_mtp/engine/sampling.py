@@ -136,8 +136,10 @@ def coupled_choice(
     """The Gumbel-max draw from rows of ``scaled`` logits ``[L, N]`` (filtered, divided by the
     temperature) at sequence ``positions`` ``[L]``: over token ``ids`` ``[L, N]`` (None: the
     whole vocabulary in order). Ties go to the lowest token id, as ``mx.argmax``'s do."""
-    if ids is None:
-        ids = mx.arange(scaled.shape[-1], dtype=mx.uint32)[None]
+    if ids is None:  # the whole row: the first maximum is the lowest id
+        vocabulary = mx.arange(scaled.shape[-1], dtype=mx.uint32)[None]
+        noisy = scaled.astype(mx.float32) + gumbel_at(seed, positions[:, None], vocabulary)
+        return mx.argmax(noisy, axis=-1).astype(mx.int32)
     noisy = scaled.astype(mx.float32) + gumbel_at(seed, positions[:, None], ids)
     return candidate_argmax(mx.broadcast_to(ids, noisy.shape).astype(mx.int32), noisy)
 
