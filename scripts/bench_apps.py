@@ -17,15 +17,11 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_common as bc  # noqa: E402
-from bench_mtp import long_prompts, read_prompts  # noqa: E402
-
+from mlx_gemma_mtp import benchmarks as bc  # noqa: E402
 from mlx_gemma_mtp import generate, load, make_prompt_cache, stream_generate  # noqa: E402
+from mlx_gemma_mtp.benchmarks import FIXTURE, long_prompts, read_prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,7 +24,7 @@ from unittest import mock
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_gemma_mtp import centroid_head as ch
+from mlx_gemma_mtp.models import centroid_head as ch
 from mlx_gemma_mtp.models import gemma4_assistant
 
 # google/gemma-4-E2B-it-assistant's config.json, as transcribed (with its source) in real_configs/

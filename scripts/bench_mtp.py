@@ -44,43 +44,17 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
 
-import bench_common as bc  # noqa: E402
 from bench_projection import linear_fit, measure_pair  # noqa: E402
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
+from mlx_gemma_mtp import benchmarks as bc  # noqa: E402
 from mlx_gemma_mtp import load  # noqa: E402
+from mlx_gemma_mtp.benchmarks import FIXTURE, long_prompts, read_prompts  # noqa: E402
 from mlx_gemma_mtp.costs import Costs, cache_dir, ideal_speedup  # noqa: E402
 from mlx_gemma_mtp.engine.loop import SpeculativeGenerator  # noqa: E402
 from mlx_gemma_mtp.generation import COUNTERS, make_policy, stream_generate  # noqa: E402
-
-FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
-
-
-# -- prompts ----------------------------------------------------------------------------------
-
-
-def read_prompts(path: Path, num_prompts: int | None) -> list[list[int]]:
-    prompts = [json.loads(line)["input_ids"] for line in path.read_text().splitlines() if line]
-    return prompts[:num_prompts] if num_prompts else prompts
-
-
-def long_prompts(prompts: list[list[int]], count: int, length: int) -> list[list[int]]:
-    """``count`` prompts of ``length`` tokens: concatenations of the prompts (each later one
-    without its first token, the BOS), starting from a different prompt each time."""
-    result = []
-    for start in range(count):
-        ids = list(prompts[start % len(prompts)])
-        i = start + 1
-        while len(ids) < length:
-            ids += prompts[i % len(prompts)][1:]
-            i += 1
-        result.append(ids[:length])
-    return result
-
 
 # -- arms -------------------------------------------------------------------------------------
 

@@ -33,11 +33,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import gemma4_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import bench_common as bc  # noqa: E402
-
+from mlx_gemma_mtp import benchmarks as bc  # noqa: E402
 from mlx_gemma_mtp.config import normalize_text_config  # noqa: E402
 from mlx_gemma_mtp.engine.loop import SpeculativeGenerator  # noqa: E402
 from mlx_gemma_mtp.models import gemma4_assistant  # noqa: E402

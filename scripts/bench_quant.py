@@ -34,12 +34,10 @@ import mlx.core as mx
 from mlx_lm.utils import quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
 
-import bench_common as bc  # noqa: E402
-
+from mlx_gemma_mtp import benchmarks as bc  # noqa: E402
 from mlx_gemma_mtp import load  # noqa: E402
+from mlx_gemma_mtp.benchmarks import FIXTURE  # noqa: E402
 from mlx_gemma_mtp.contract import (  # noqa: E402
     check_greedy_contract,
     full_forward_prefers,
@@ -47,7 +45,6 @@ from mlx_gemma_mtp.contract import (  # noqa: E402
 )
 from mlx_gemma_mtp.generation import stream_generate  # noqa: E402
 
-FIXTURE = ROOT / "tests" / "fixtures" / "gemma4-tiny"
 TARGET_PRECISIONS = ("float32", "bf16", "8bit", "4bit")
 DRAFTER_PRECISIONS = ("bf16", "8bit", "4bit")
 

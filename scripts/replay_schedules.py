@@ -26,12 +26,9 @@ from pathlib import Path
 import mlx.core as mx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import bench_common as bc  # noqa: E402
-from bench_mtp import FIXTURE, long_prompts, read_prompts  # noqa: E402
-
+from mlx_gemma_mtp import benchmarks as bc  # noqa: E402
+from mlx_gemma_mtp.benchmarks import FIXTURE, long_prompts, read_prompts  # noqa: E402
 from mlx_gemma_mtp.costs import Costs  # noqa: E402
 from mlx_gemma_mtp.engine.loop import (  # noqa: E402
     AutoSchedule,

@@ -16,12 +16,12 @@ SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_apps  # noqa: E402
-import bench_common as bc  # noqa: E402
 import bench_mtp  # noqa: E402
 import bench_projection  # noqa: E402
 import bench_quant  # noqa: E402
 import replay_schedules  # noqa: E402
 
+from mlx_gemma_mtp import benchmarks as bc  # noqa: E402
 from mlx_gemma_mtp.config import normalize_text_config  # noqa: E402
 from mlx_gemma_mtp.engine.loop import SpeculativeGenerator  # noqa: E402
 from mlx_gemma_mtp.loading import validate_pair  # noqa: E402
@@ -172,7 +172,7 @@ def test_replay_schedules_runs_and_matches_the_engine(tmp_path, monkeypatch, fix
     target, drafter, _ = bench_mtp.load(
         str(FIXTURE / "target"), str(FIXTURE / "assistant"), "float32"
     )
-    prompt = bench_mtp.read_prompts(FIXTURE / "held_out_prompts.jsonl", 1)[0]
+    prompt = bc.read_prompts(FIXTURE / "held_out_prompts.jsonl", 1)[0]
     engine = replay_schedules.SpeculativeGenerator(
         target, drafter, num_draft_tokens=2, draft_schedule="constant"
     )

@@ -1,14 +1,13 @@
 """The ``auto`` schedule's models: costs, acceptance, the controller's choices, the cost cache."""
 
 import json
-import sys
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 from conftest import FIXTURE
 
+from mlx_gemma_mtp import benchmarks as bench_common
 from mlx_gemma_mtp import load
 from mlx_gemma_mtp.calibrate import main as calibrate_main
 from mlx_gemma_mtp.costs import (
@@ -27,9 +26,6 @@ from mlx_gemma_mtp.costs import (
 from mlx_gemma_mtp.engine import loop as engine_module
 from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench_common  # noqa: E402
 
 # The default Linux wheel (reference BLAS): a forward over L tokens costs about L forwards.
 LINEAR = Costs([0.014 * L for L in range(1, 10)], 0.0015)

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing statistics, the ideal-speedup model, tables."""
+"""What the benchmark scripts (``scripts/``) share: the fixture and its prompts, timing
+summaries, the machine and code a run was made on, and how results are written."""
 
 import datetime
 import hashlib
@@ -176,3 +177,28 @@ def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
     (out / f"{name}.md").write_text(markdown.rstrip("\n") + "\n")
     print(markdown)
+
+
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gemma4-tiny"
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+def read_prompts(path: Path, num_prompts: int | None) -> list[list[int]]:
+    prompts = [json.loads(line)["input_ids"] for line in path.read_text().splitlines() if line]
+    return prompts[:num_prompts] if num_prompts else prompts
+
+
+def long_prompts(prompts: list[list[int]], count: int, length: int) -> list[list[int]]:
+    """``count`` prompts of ``length`` tokens: concatenations of the prompts (each later one
+    without its first token, the BOS), starting from a different prompt each time."""
+    result = []
+    for start in range(count):
+        ids = list(prompts[start % len(prompts)])
+        i = start + 1
+        while len(ids) < length:
+            ids += prompts[i % len(prompts)][1:]
+            i += 1
+        result.append(ids[:length])
+    return result
