@@ -84,32 +84,31 @@ class Variant:
 NEVER = 10**9
 
 
+class NoExploring(AutoSchedule):
+    """``auto`` without exploring rounds (no extra draft, no plain step measured while drafting)."""
+
+    def explore(self, best: int, limit: int) -> int:
+        return best
+
+
 VARIANTS = {
     "default": Variant(),
-    "prior 0.7 -> 0.9": Variant(acceptance={"prior": 0.9}),
-    "margin 0.05 -> 0": Variant(controller={"margin": 0.0}),
-    "probe_every 8 -> 4": Variant(controller={"probe_every": 4}),
-    "probe_every 8 -> 16": Variant(controller={"probe_every": 16}),
-    "max_probe_every 512 -> 8 (no back-off)": Variant(controller={"max_probe_every": 8}),
-    "max_probe_every 512 -> none (no cap)": Variant(controller={"max_probe_every": NEVER}),
-    "explore_every 8 -> never": Variant(controller={"explore_every": NEVER}),
-    "explore_every 8 -> 4": Variant(controller={"explore_every": 4}),
-    "explore_every 8 -> 16": Variant(controller={"explore_every": 16}),
-    "explore_within 0.1 -> 0": Variant(controller={"explore_within": 0.0}),
-    "explore_within 0.1 -> 1 (any k)": Variant(controller={"explore_within": 1.0}),
-    "seed_rounds 3 -> 0": Variant(controller={"seed_rounds": 0}),
-    "seed_acceptance 0.9 -> 0.7 (= prior)": Variant(controller={"seed_acceptance": 0.7}),
-    "seed_acceptance 0.9 -> 1.0": Variant(controller={"seed_acceptance": 1.0}),
-    "plain_within 0.3 -> 0 (plain once)": Variant(controller={"plain_within": 0.0}),
-    "plain_within 0.3 -> always": Variant(controller={"plain_within": float(NEVER)}),
-    "weight 0.1 -> 0 (no fade)": Variant(acceptance={"weight": 0.0}),
-    "weight 0.1 -> 0.05": Variant(acceptance={"weight": 0.05}),
-    "weight 0.1 -> 0.2": Variant(acceptance={"weight": 0.2}),
-    "pull 2 -> 0": Variant(acceptance={"pull": 1e-9}),  # 0 divides by 0 where none reached
-    "window 15 -> all": Variant(times={"window": NEVER}),
+    "hope 0.9 -> 1.0": Variant(controller={"hope": 1.0}),
+    "hope 0.9 -> 0.7": Variant(controller={"hope": 0.7}),
+    "prior 0.9 -> 0.7 (hope kept)": Variant(acceptance={"prior": 0.7}),
+    "fade 0.1 -> 0": Variant(acceptance={"fade": 0.0}),
+    "fade 0.1 -> 0.05": Variant(acceptance={"fade": 0.05}),
+    "fade 0.1 -> 0.2": Variant(acceptance={"fade": 0.2}),
     "max_age 64 -> none": Variant(times={"max_age": NEVER}),
-    "widths {1,2,k+1} -> {1,k+1}": Variant(widths=lambda k_max: [1, k_max + 1]),
-    "widths -> every width": Variant(widths=lambda k_max: list(range(1, k_max + 2))),
+    "max_age 64 -> 32": Variant(times={"max_age": 32}),
+    "max_age 64 -> 128": Variant(times={"max_age": 128}),
+    "margin 0.05 -> 0": Variant(controller={"margin": 0.0}),
+    "margin 0.05 -> 0.1": Variant(controller={"margin": 0.1}),
+    "every 8 -> 4": Variant(controller={"every": 4}),
+    "every 8 -> 16": Variant(controller={"every": 16}),
+    "no exploring rounds": Variant(schedule=NoExploring),
+    "widths: every one -> {1,2,k+1}": Variant(widths=lambda k_max: [1, 2, k_max + 1]),
+    "widths: every one -> {1,k+1}": Variant(widths=lambda k_max: [1, k_max + 1]),
     "k_max 6 -> 4": Variant(k_max=4),
     "k_max 6 -> 5": Variant(k_max=5),
 }
