@@ -121,8 +121,8 @@ def queued_seconds(step: Callable[[], mx.array], calls: int, warm: bool = True) 
 
 def calibration_widths(k_max: int) -> list[int]:
     """Forward widths measured on first use: every one. A width interpolated between measured
-    ones can be off by more than drafting gains (with OpenBLAS here 4 tokens cost less than 3),
-    and measuring only 1, 2 and the widest cost up to 4.1% in replays (docs/controller.md)."""
+    ones can be off by more than drafting gains (with OpenBLAS here 4 tokens cost less than 3):
+    measuring 1, 2 and the widest cost up to 1.7% in replays (docs/controller.md)."""
     return list(range(1, k_max + 2))
 
 
