@@ -120,9 +120,10 @@ def queued_seconds(step: Callable[[], mx.array], calls: int, warm: bool = True) 
 
 
 def calibration_widths(k_max: int) -> list[int]:
-    """Forward widths measured on first use: one token, two and the widest; the others are
-    interpolated, then followed online from the measured round times."""
-    return sorted({1, 2, k_max + 1})
+    """Forward widths measured on first use: every one. A width interpolated between measured
+    ones can be off by more than drafting gains (with OpenBLAS here 4 tokens cost less than 3):
+    measuring 1, 2 and the widest cost up to 1.7% in replays (docs/controller.md)."""
+    return list(range(1, k_max + 2))
 
 
 def measure_costs(
@@ -139,7 +140,8 @@ def measure_costs(
     ``k + 1`` in ``widths`` (default ``calibration_widths``), and one draft step
     (``draft_chain``). ``verify[k]`` is a round's time less its drafting, interpolated to every
     width up to ``k_max + 1``. Each is measured ``blocks`` times round-robin and the fastest
-    block kept, so a burst of load from elsewhere spoils one sample, not the table."""
+    block kept, so a burst of load from elsewhere spoils one sample, not the table (the
+    replays take the calibration as given: docs/controller.md)."""
     widths = sorted(widths or calibration_widths(k_max))
     chains = {w: round_chain(w - 1) for w in widths}
     chains["draft"] = draft_chain
@@ -238,20 +240,24 @@ def save_costs(identity: dict, costs: Costs) -> Path | None:
 
 # -- online models ----------------------------------------------------------------------------
 
+# The controller's constants, each kept because its replays earned it (docs/controller.md has
+# every measurement: scripts/ablate_controller.py, tokens/s with and without it in 16 regimes).
+HOPED_ACCEPTANCE = 0.9  # 1.0 cost up to 3.2%, 0.7 up to 5.6% (OpenBLAS, sampled)
+FADE = 0.1  # not fading cost up to 2.8% (OpenBLAS, temperature 1.0, spells)
+MAX_AGE = 64  # bounds each round's host work and a slow spell's reach; none: -1.9% to +2.9%
+MARGIN = 0.05  # none cost up to 2.8% (reference BLAS, spells)
+EVERY = 8  # 4 cost up to 2.0%, 16 up to 1.7%; no exploring rounds at all, up to 3.2%
+
 
 class AcceptanceModel:
     """Per draft position, the chance it is accepted when the drafts before it were: drafts
-    accepted over drafts reached, in counts that fade by ``1 - weight`` every step (speculative
-    round or plain step), so a change in the text is followed, and the longer speculation was
-    parked, the more a probe weighs. Position 0 starts from ``prior``, worth one round.
-    Every later position is drawn toward the one before it by ``pull`` rounds' worth of counts:
-    a position reached rarely or long ago is taken to be about as good as the one before it.
-    Without the pull, one rejection at a position reached once kept its estimate low while the
-    earlier positions rose, so it was not drafted again to correct it (measured: half the rounds
-    at k = 1-3 where k = 4-6 paid more)."""
+    accepted over drafts reached, in counts that fade by ``fade`` every step (speculative round
+    or plain step), so a change in the text is followed, and the longer speculation was parked,
+    the more a probe weighs. Position 0 starts from ``prior``, worth one round; a position never
+    reached is taken to be as good as the one before it."""
 
-    def __init__(self, k_max: int, prior: float = 0.7, weight: float = 0.1, pull: float = 2.0):
-        self.keep, self.pull = 1.0 - weight, pull
+    def __init__(self, k_max: int, prior: float = HOPED_ACCEPTANCE, fade: float = FADE):
+        self.prior, self.keep = prior, 1.0 - fade
         self.accepted = [prior] + [0.0] * (k_max - 1)
         self.reached = [1.0] + [0.0] * (k_max - 1)
 
@@ -268,30 +274,28 @@ class AcceptanceModel:
         self.reached = [count * self.keep for count in self.reached]
 
     def estimates(self) -> list[float]:
-        rates = [self.accepted[0] / self.reached[0]]
-        for accepted, reached in zip(self.accepted[1:], self.reached[1:], strict=True):
-            rates.append((accepted + self.pull * rates[-1]) / (reached + self.pull))
-        return rates
+        rates = [self.prior]
+        for accepted, reached in zip(self.accepted, self.reached, strict=True):
+            rates.append(accepted / reached if reached else rates[-1])
+        return rates[1:]
 
     def expected_tokens(self, k: int) -> float:
         return expected_tokens(self.estimates(), k)
 
 
 class RoundTimes:
-    """Seconds per round of ``k`` drafts: for the ``k`` that ran lately, the median of their last
-    ``window`` measured times (with the calibrated cost as one more until the window is full);
-    for the others, the calibrated costs scaled by how far the measured rounds drifted from
-    them (a busy machine, a longer context). A median, not a mean: one hiccup (a page fault, a
-    retrace, the consumer's work between tokens) must not make plain steps look slow. A time
-    measured more than ``max_age`` rounds ago no longer counts: a ``k`` measured in a slow spell
-    or a long context and not chosen since would otherwise keep looking slow, and never be
-    chosen again to correct it (measured: k = 5, the fastest, kept out for whole prompts)."""
+    """Seconds per round of ``k`` drafts: for the ``k`` that ran lately, the median of their
+    times measured in the last ``max_age`` rounds and the calibrated cost; for the others, the
+    calibrated costs scaled by how far the measured rounds drifted from them (a busy machine, a
+    longer context). A median, not a mean: one hiccup (a page fault, a retrace, the consumer's
+    work between tokens) must not make plain steps look slow. An older time no longer counts: a
+    ``k`` measured in a slow spell or a long context and not chosen since would otherwise keep
+    looking slow, and never be chosen again to correct it."""
 
-    def __init__(self, costs: Costs, window: int = 15, max_age: int = 64):
-        self.costs = costs
-        self.samples: dict[int, deque] = {}  # k -> (round, seconds) of its last rounds
+    def __init__(self, costs: Costs, max_age: int = MAX_AGE):
+        self.costs, self.max_age = costs, max_age
+        self.samples: dict[int, deque] = {}  # k -> (round, seconds) of its recent rounds
         self.counts: dict[int, int] = {}  # rounds ever measured per k
-        self.window, self.max_age = window, max_age
         self.rounds = 0
         self._predicted: dict[int, float] = {}  # until the next observation
 
@@ -311,11 +315,7 @@ class RoundTimes:
 
     def measured(self, k: int) -> float | None:
         values = self.recent(k)
-        if not values:
-            return None
-        if len(values) < self.window:
-            values.append(self.costs.round_seconds(k))
-        return statistics.median(values)
+        return statistics.median([*values, self.costs.round_seconds(k)]) if values else None
 
     def drift(self, k: int) -> float:
         """How far the measured rounds are from the calibrated costs: plain steps and
@@ -331,61 +331,50 @@ class RoundTimes:
         if self.costs.fixed:
             return
         self.rounds += 1
-        self.samples.setdefault(k, deque(maxlen=self.window)).append((self.rounds, seconds))
+        samples = self.samples.setdefault(k, deque())
+        samples.append((self.rounds, seconds))
+        while samples[0][0] <= self.rounds - self.max_age:
+            samples.popleft()
         self.counts[k] = self.counts.get(k, 0) + 1
         self._predicted.clear()
 
 
 class DraftController:
     """``auto``: every round, the ``k`` in ``0..k_max`` that maximises expected tokens per
-    second. The first ``seed_rounds`` draft as many as would pay at high acceptance, so every
-    position's acceptance is seen early. Every ``explore_every`` rounds another ``k`` is tried:
-    of those whose expected speed is within ``explore_within`` of the best's, the one with the
-    fewest round times measured lately (a forward's cost need not grow smoothly with its
-    width), else one more draft than the best (to learn the next position's acceptance). When
-    round times are followed (``timed``), a plain step is among them while drafting is expected
-    to beat it by less than ``plain_within``: the calibration may come from a busier or quieter
-    spell of the machine, in which a plain step cost another fraction of a round, and only a
-    plain step measured now says whether drafting still pays. ``k = 0`` parks speculation
-    (plain steps). While parked, a speculative round probes the acceptance after
-    ``probe_every`` plain tokens, an interval that doubles after each probe that did not pay (up
-    to ``max_probe_every``); no probe when no ``k`` would pay even with drafts accepted
-    ``seed_acceptance`` of the time (the probe would cost more than it could find).
-    Drafting must beat a plain step by ``margin`` (a fraction) to be chosen: near break-even the
-    estimates' errors (the acceptance seen so far, a round's host work the calibration hides)
-    decide, and parked decoding is never slower."""
+    second. Every ``every`` rounds one more
+    draft than the best is tried (to learn the next position's acceptance); when round times are
+    followed (``timed``) and no plain step was ever measured, a pair of plain steps instead: the
+    calibration may come from a busier or quieter spell of the machine, in which a plain step
+    cost another fraction of a round. ``k = 0`` parks speculation (plain steps). While parked, a
+    round of the hoped-for ``k`` probes the acceptance after ``every`` plain tokens, an interval
+    that doubles after each probe that did not pay; no probe when no ``k`` would pay even at
+    ``hope`` (the probe would cost more than it could find). Drafting must beat a plain step by
+    ``margin`` (a fraction) to be chosen: near break-even the estimates' errors (the acceptance
+    seen so far, a round's host work the calibration hides) decide, and parked decoding is never
+    slower."""
 
     def __init__(
         self,
         costs: Costs,
         k_max: int,
-        prior: float = 0.7,
-        margin: float = 0.05,
-        probe_every: int = 8,
-        max_probe_every: int = 512,
-        explore_every: int = 8,
-        explore_within: float = 0.1,
-        seed_rounds: int = 3,
-        seed_acceptance: float = 0.9,
-        plain_within: float = 0.3,
+        margin: float = MARGIN,
+        every: int = EVERY,
+        hope: float = HOPED_ACCEPTANCE,
         times: "RoundTimes | None" = None,
         acceptance: AcceptanceModel | None = None,
     ):
         """``times``, ``acceptance``: followed in earlier generations of this pair, to go on
         from."""
-        self.k_max, self.margin = k_max, margin
-        self.acceptance = acceptance or AcceptanceModel(k_max, prior)
+        self.k_max, self.margin, self.every = k_max, margin, every
+        self.hope = hope
+        self.acceptance = acceptance or AcceptanceModel(k_max)
         self.times = times or RoundTimes(costs)
-        self.timed, self.plain_within = not costs.fixed, plain_within
-        self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
-        self.probe_every, self.explore_every = probe_every, explore_every
-        self.explore_within = explore_within
-        self.seed_rounds, self.seed_acceptance = seed_rounds, seed_acceptance
+        self.timed = not costs.fixed
+        self.probe_every = every
         self.parked_tokens = 0  # plain tokens since the last speculative round
         self.rounds = 0
         self.explored = 0  # 1 + the round count of the last exploring round
         self.plain_left = 0  # plain steps still to take in an exploring pair
-        self.probes = 0
         self.probing = False
 
     def speeds(self, rates: Sequence[float], limit: int) -> list[float]:
@@ -398,25 +387,16 @@ class DraftController:
         return k if speeds[k] > speeds[0] * (1 + self.margin) else 0
 
     def hopeful(self, limit: int) -> int:
-        """The ``k`` that would be best were drafts accepted ``seed_acceptance`` of the time:
-        the first rounds draft it to learn every position the costs could make worth drafting
-        (a round at k = 1 would teach nothing about the second draft), and so do probes."""
-        return self.best([self.seed_acceptance] * limit, limit)
+        """The ``k`` that would be best were drafts accepted ``hope`` of the time: probes draft
+        it to learn every position the costs could make worth drafting (a round at k = 1 would
+        teach nothing about the second draft)."""
+        return self.best([self.hope] * limit, limit)
 
     def explore(self, best: int, limit: int) -> int:
         """The ``k`` to try instead of ``best`` in an exploring round."""
-        speeds = self.speeds(self.acceptance.estimates(), limit)
-        close = [
-            k
-            for k in range(1, limit + 1)
-            if k != best and speeds[k] >= (1 - self.explore_within) * speeds[best]
-        ]
-        plain_close = speeds[0] * (1 + self.plain_within) >= speeds[best]
-        if self.timed and (plain_close or not self.times.counts.get(0)):
-            close.append(0)
-        if not close:
-            return min(best + 1, limit)
-        return min(close, key=lambda k: (len(self.times.recent(k)), -k))
+        if self.timed and not self.times.counts.get(0):
+            return 0
+        return min(best + 1, limit)
 
     def choose(self, limit: int) -> int:
         """``k`` for the next round, drafting at most ``limit`` tokens."""
@@ -426,28 +406,25 @@ class DraftController:
         if self.plain_left:
             self.plain_left -= 1
             return 0
-        if self.rounds + self.probes < self.seed_rounds:
-            k = self.hopeful(limit)
-            if k:
-                return k
         k = self.best(self.acceptance.estimates(), limit)
         if k == 0:
-            if self.parked_tokens < self.probe_every:
-                return 0
-            k = self.hopeful(limit)
-            if k == 0:
-                return 0
-            self.parked_tokens = 0
-            self.probes += 1
-            self.probing = True
-            return k
-        due = self.rounds % self.explore_every == self.explore_every - 1
+            return self.probe(limit)
+        due = self.rounds % self.every == self.every - 1
         if due and self.explored != self.rounds + 1:
             self.explored = self.rounds + 1  # once: plain steps tried do not count a round
             k = self.explore(k, limit)
             # Two plain steps: only the second is queued behind another, as parked steps are,
             # and timed like them (see ``SpeculativeGenerator._generate``).
             self.plain_left = int(k == 0)
+        return k
+
+    def probe(self, limit: int) -> int:
+        """Parked: a plain step, or a probing round once ``probe_every`` plain tokens passed."""
+        if self.parked_tokens < self.probe_every:
+            return 0
+        k = self.hopeful(limit)
+        if k:
+            self.parked_tokens, self.probing = 0, True
         return k
 
     def observe(self, k: int, accepted: int, seconds: float | None) -> None:
@@ -458,9 +435,9 @@ class DraftController:
             # probe as often as at first the next time speculation parks.
             parked = self.best(self.acceptance.estimates(), self.k_max) == 0
             if not parked:
-                self.probe_every = self.base_probe_every
+                self.probe_every = self.every
             elif self.probing:
-                self.probe_every = min(2 * self.probe_every, self.max_probe_every)
+                self.probe_every *= 2
             self.probing = False
         else:
             self.parked_tokens += 1

@@ -49,7 +49,7 @@ from ..state import pair_state
 from .sampling import TokenPolicy
 
 SCHEDULES = ("auto", "constant", "heuristic")
-DEFAULT_NUM_DRAFT_TOKENS = 6
+DEFAULT_NUM_DRAFT_TOKENS = 6  # 4 cost up to 4.2% in replays, 5 up to 1.0% (docs/controller.md)
 
 
 @dataclass
