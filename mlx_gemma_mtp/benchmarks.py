@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -202,3 +203,68 @@ def long_prompts(prompts: list[list[int]], count: int, length: int) -> list[list
             i += 1
         result.append(ids[:length])
     return result
+
+
+# -- replaying draft schedules offline (scripts/replay_schedules.py, ablate_controller.py) ----
+
+
+def replay(
+    accepted: Sequence[Sequence[int]],
+    make_schedule: Callable[[], object],
+    round_seconds: Sequence[float],
+    noise: float = 0.0,
+    seed: int = 0,
+    spells: float = 0.0,
+) -> dict:
+    """Tokens and seconds of one schedule over every prompt's ``accepted`` list (one generation
+    each), a round of ``k`` drafts costing ``round_seconds[k]`` times a log-normal jitter of
+    sigma ``noise``, and times the factor of the machine's spell (log-normal, sigma ``spells``,
+    one per ``SPELL_TOKENS`` tokens of the replay: every schedule meets the same spell at the
+    same token, whatever its rounds). As the engine's pipelined loop runs it: the first token
+    comes from the prefill (not timed); the next round's ``k`` is chosen before this round is
+    read (so within the tokens left before it), then cut to the tokens left; a round emits
+    ``min(accepted, k) + 1``. Unlike the engine, every round is timed (it leaves the first plain
+    step after a round untimed)."""
+    rng = random.Random(seed)
+    spell = spell_factors(spells, seed)
+    rates, rounds, histogram, total_tokens, total_seconds = [], [], {}, 0, 0.0
+    for per_position in accepted:
+        schedule = make_schedule()
+        remaining = len(per_position)  # tokens to emit, the prefill's first one included
+        chosen = schedule.choose(remaining - 2)
+        remaining -= 1
+        position, seconds, ns = 0, 0.0, []
+        while remaining > 0:
+            k = min(chosen, remaining - 1)
+            n = min(per_position[position], k)
+            chosen = schedule.choose(remaining - 2)
+            cost = round_seconds[k] * (rng.lognormvariate(0.0, noise) if noise else 1.0)
+            cost *= spell(total_tokens + position)
+            schedule.observe(k, n, cost)
+            histogram[k] = histogram.get(k, 0) + 1
+            ns.append(n)
+            position, seconds, remaining = position + n + 1, seconds + cost, remaining - n - 1
+        rates.append(position / seconds)
+        rounds.append(ns)
+        total_tokens, total_seconds = total_tokens + position, total_seconds + seconds
+    return {
+        "tokens_per_s": total_tokens / total_seconds,
+        "per_prompt": rates,
+        "accepted": rounds,
+        "k_histogram": dict(sorted(histogram.items())),
+    }
+
+
+SPELL_TOKENS = 64  # a spell of this CPU lasts seconds: a few hundred rounds
+
+
+def spell_factors(sigma: float, seed: int) -> Callable[[int], float]:
+    """The machine's speed factor at a token of the replay (1.0 without spells)."""
+    rng, factors = random.Random(f"spells {seed}"), []
+
+    def factor(token: int) -> float:
+        while len(factors) <= token // SPELL_TOKENS:
+            factors.append(rng.lognormvariate(0.0, sigma) if sigma else 1.0)
+        return factors[token // SPELL_TOKENS]
+
+    return factor

@@ -23,12 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import bench_common as bc  # noqa: E402
-from replay_schedules import DraftSchedule, replay  # noqa: E402
-
+from mlx_gemma_mtp import benchmarks as bc  # noqa: E402
+from mlx_gemma_mtp.benchmarks import replay  # noqa: E402
 from mlx_gemma_mtp.costs import (  # noqa: E402
     AcceptanceModel,
     Costs,
@@ -36,7 +33,11 @@ from mlx_gemma_mtp.costs import (  # noqa: E402
     calibration_widths,
     interpolate,
 )
-from mlx_gemma_mtp.engine import DEFAULT_NUM_DRAFT_TOKENS, AutoSchedule  # noqa: E402
+from mlx_gemma_mtp.engine import (  # noqa: E402
+    DEFAULT_NUM_DRAFT_TOKENS,
+    AutoSchedule,
+    DraftSchedule,  # noqa: E402
+)
 
 # Greedy round times (ms, k = 0..6 drafts) of the fixture pair, float32, on this 2-core CPU.
 # flat: the constant arms of an OpenBLAS run (scripts/replay_schedules.py's example; 4 tokens

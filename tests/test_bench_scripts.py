@@ -138,14 +138,10 @@ def test_replay_counts_rounds_as_the_pipelined_loop_does():
     constant k = 2 takes three rounds of 3 tokens. k = 3 takes two, then a round cut to 2 drafts
     (3 tokens left), as the engine cuts it."""
     seconds = [1.0, 1.5, 1.8, 2.0]
-    two = replay_schedules.replay(
-        [[2] * 10], lambda: replay_schedules.DraftSchedule(2, "constant"), seconds
-    )
+    two = bc.replay([[2] * 10], lambda: replay_schedules.DraftSchedule(2, "constant"), seconds)
     assert two["accepted"] == [[2, 2, 2]] and two["k_histogram"] == {2: 3}
     assert two["tokens_per_s"] == pytest.approx(9 / (3 * 1.8))
-    three = replay_schedules.replay(
-        [[2] * 10], lambda: replay_schedules.DraftSchedule(3, "constant"), seconds
-    )
+    three = bc.replay([[2] * 10], lambda: replay_schedules.DraftSchedule(3, "constant"), seconds)
     assert three["accepted"] == [[2, 2, 2]] and three["k_histogram"] == {3: 2, 2: 1}
 
 
@@ -177,7 +173,7 @@ def test_replay_schedules_runs_and_matches_the_engine(tmp_path, monkeypatch, fix
         target, drafter, num_draft_tokens=2, draft_schedule="constant"
     )
     blocks = list(engine.generate(mx.array(prompt), 10))
-    replayed = replay_schedules.replay(
+    replayed = bc.replay(
         [lengths[0]["accepted"]],
         lambda: replay_schedules.DraftSchedule(2, "constant"),
         [1.0, 1.0, 1.0],
