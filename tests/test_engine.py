@@ -9,7 +9,7 @@ import weakref
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from conftest import FIXTURE
+from conftest import FIXTURE, plain_greedy
 from drafting import ALWAYS_DRAFT
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
@@ -34,12 +34,6 @@ HF_ACCEPTANCE, HF_TOKENS_PER_FORWARD = 0.797, 4.04
 def held_out_prompts() -> list:
     lines = (FIXTURE / "held_out_prompts.jsonl").read_text().splitlines()
     return [json.loads(line)["input_ids"] for line in lines]
-
-
-def plain_greedy(target, prompt: list, max_tokens: int) -> list:
-    """The reference: mlx-lm's own decoding loop on the same loaded model."""
-    steps = generate_step(mx.array(prompt), target.model, max_tokens=max_tokens)
-    return [token for token, _ in steps]
 
 
 def run(target, drafter, prompt: list, max_tokens: int, **kwargs):
