@@ -305,22 +305,22 @@ SCHEDULE_COSTS = [
 ]
 
 
-def test_every_k_and_schedule_on_the_fixture(fixture_pair):
+# A few k by default; test_every_k_and_schedule_with_rollbacks covers every k and schedule.
+FIXTURE_KS = [1, 4, 8]
+
+
+@pytest.mark.parametrize(
+    "k", [k if k in FIXTURE_KS else pytest.param(k, marks=pytest.mark.slow) for k in range(1, 9)]
+)
+def test_every_k_and_schedule_on_the_fixture(fixture_pair, k):
     target, drafter, _ = fixture_pair
     prompt = held_out_prompts()[3]
     reference = plain_greedy(target, prompt, 24)
-    for k in range(1, 9):
-        for schedule, costs in SCHEDULE_COSTS:
-            tokens, _ = run(
-                target,
-                drafter,
-                prompt,
-                24,
-                num_draft_tokens=k,
-                draft_schedule=schedule,
-                costs=costs,
-            )
-            assert tokens == reference, (k, schedule)
+    for schedule, costs in SCHEDULE_COSTS:
+        tokens, _ = run(
+            target, drafter, prompt, 24, num_draft_tokens=k, draft_schedule=schedule, costs=costs
+        )
+        assert tokens == reference, (k, schedule)
 
 
 def test_full_vocab_draft_and_plain_mode(fixture_pair):
