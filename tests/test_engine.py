@@ -16,7 +16,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import make_logits_processors
 
-from mlx_gemma_mtp import load
+from mlx_gemma_mtp import generation, load
 from mlx_gemma_mtp.contract import check_greedy_contract
 from mlx_gemma_mtp.contract import plain_greedy as contract_plain_greedy
 from mlx_gemma_mtp.costs import Costs
@@ -258,7 +258,24 @@ def test_drafter_sees_the_clean_mtp_inputs(fixture_pair):
     assert len({call[2] for call in spy.calls}) >= 5
 
 
-def test_stop_conditions_inside_drafted_blocks(fixture_pair):
+@pytest.fixture
+def stream_engines(monkeypatch):
+    """The engines ``stream_generate`` makes, each with the size of every block it emitted."""
+    engines = []
+
+    class Recording(SpeculativeGenerator):
+        def generate(self, prompt, max_tokens):
+            engines.append(self)
+            self.block_sizes = []
+            for block in super().generate(prompt, max_tokens):
+                self.block_sizes.append(len(block.tokens))
+                yield block
+
+    monkeypatch.setattr(generation, "SpeculativeGenerator", Recording)
+    return engines
+
+
+def test_stop_conditions_inside_drafted_blocks(fixture_pair, stream_engines):
     target, drafter, _ = fixture_pair
     prompt = held_out_prompts()[2]
     reference = plain_greedy(target, prompt, 40)
@@ -291,9 +308,8 @@ def test_stop_conditions_inside_drafted_blocks(fixture_pair):
         assert responses[-1].finish_reason == "length"
         assert responses[-1].generation_tokens == max_tokens
         # No round drafts past max_tokens: emitted so far + drafts + the target's own <= max.
-        engine = SpeculativeGenerator(target, drafter, num_draft_tokens=4, costs=SPECULATE)
-        emitted = [len(block.tokens) for block in engine.generate(mx.array(prompt), max_tokens)]
-        before_rounds = itertools.accumulate(emitted[:-1])
+        engine = stream_engines[-1]
+        before_rounds = itertools.accumulate(engine.block_sizes[:-1])
         for before, k in zip(before_rounds, engine.stats.draft_lengths, strict=True):
             assert before + k + 1 <= max_tokens
 
