@@ -12,6 +12,7 @@ from drafting import ALWAYS_DRAFT, NEVER_DRAFT
 from mlx_lm.models import gemma4_text
 from mlx_lm.sample_utils import make_sampler
 
+from mlx_gemma_mtp.check import tiny_text_config
 from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
 from mlx_gemma_mtp.engine.sampling import (
     SamplingParams,
@@ -211,40 +212,23 @@ def tiny_pair(seed: int = 0):
     """A random vocab-8 target (sharp enough to be far from uniform) and a centroid-masked drafter
     whose candidates are 4 of the 8 tokens (q = 0 on the others)."""
     mx.random.seed(seed)
-    common = dict(
-        num_attention_heads=2,
+    small = dict(
+        hidden_size=16,
+        num_hidden_layers=2,
+        intermediate_size=32,
+        layer_types=[S, F],
         head_dim=8,
         global_head_dim=8,
-        num_key_value_heads=1,
         vocab_size=VOCAB,
         sliding_window=4,
-        hidden_size_per_layer_input=0,
-        vocab_size_per_layer_input=0,
         final_logit_softcapping=None,
     )
-    target = gemma4_text.Model(
-        gemma4_text.ModelArgs.from_dict(
-            dict(
-                common,
-                hidden_size=16,
-                num_hidden_layers=2,
-                intermediate_size=32,
-                num_kv_shared_layers=0,
-                layer_types=[S, F],
-                tie_word_embeddings=False,
-            )
-        )
-    )
+    target_config = tiny_text_config(**small, num_kv_shared_layers=0, tie_word_embeddings=False)
+    target = gemma4_text.Model(gemma4_text.ModelArgs.from_dict(target_config))
     target.lm_head.weight = target.lm_head.weight * 6
     drafter = gemma4_assistant.Model(
         gemma4_assistant.ModelArgs(
-            text_config=dict(
-                common,
-                hidden_size=16,
-                num_hidden_layers=2,
-                intermediate_size=32,
-                layer_types=[S, F],
-            ),
+            text_config=tiny_text_config(**small),
             backbone_hidden_size=16,
             use_ordered_embeddings=True,
             num_centroids=2,
