@@ -396,10 +396,10 @@ def timed_drafting(totals: dict):
 
     def draft(self, *args, **kwargs):
         start = time.perf_counter()
-        drafts, dists, history = original(self, *args, **kwargs)
+        drafts, history = original(self, *args, **kwargs)
         mx.eval(drafts)
         totals["draft"] += time.perf_counter() - start
-        return drafts, dists, history
+        return drafts, history
 
     SpeculativeGenerator._draft_after = draft
     try:
