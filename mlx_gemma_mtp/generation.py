@@ -134,7 +134,7 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 def as_target(model) -> Target:
     """Our ``Target`` for what ``load`` or ``mlx_lm.load`` returned: for an mlx-lm model, one per
-    live model, kept by the package (``pairs.kept_for``), not on the model."""
+    live model, kept by the package (``state.kept_for``), not on the model."""
     if isinstance(model, Target) or (
         not isinstance(model, nn.Module) and hasattr(model, "make_cache")
     ):
@@ -145,7 +145,7 @@ def as_target(model) -> Target:
             f"model must be a Gemma 4 target from mlx_gemma_mtp.load or mlx_lm.load, "
             f"got {type(model).__name__}"
         )
-    return kept_for(model, "target", lambda: Target(model, hold=False))
+    return kept_for("target", lambda: Target(model, hold=False), model)
 
 
 def make_prompt_cache(

@@ -55,50 +55,36 @@ class PairState:
 
 
 _lock = threading.Lock()
-_states: dict[tuple[int, int], PairState] = {}
+_kept: dict[tuple, Any] = {}
 
 
-def pair_state(target_model, drafter) -> PairState:
-    """The state of the pair (made on first use)."""
-    key = (id(target_model), id(drafter))
-    with _lock:
-        state = _states.get(key)
-        if state is None:
-            state = _states[key] = PairState()
-            for model in (target_model, drafter):
-                weakref.finalize(model, _forget, key, state)
-        return state
-
-
-def _forget(key: tuple[int, int], state: PairState) -> None:
-    with _lock:
-        if _states.get(key) is state:  # not a newer pair that reuses the ids
-            del _states[key]
-
-
-_kept: dict[tuple[int, str], Any] = {}
-
-
-def kept_for(owner, kind: str, make: Callable[[], Any]) -> Any:
-    """The package's ``kind`` of state for ``owner`` (an mlx-lm model's ``Target``, a centroid
-    head's buffers), made by ``make()`` once per live owner and dropped with it. Nothing is set
-    on ``owner``; what ``make`` returns must not keep it alive (hold a weak proxy, if any)."""
-    key = (id(owner), kind)
+def kept_for(kind: str, make: Callable[[], Any], *owners) -> Any:
+    """The package's ``kind`` of state for ``owners`` (a pair's ``PairState``, an mlx-lm model's
+    ``Target``, a centroid head's buffers), made by ``make()`` once while they all live and
+    dropped when any of them goes. Nothing is set on the owners; what ``make`` returns must not
+    keep them alive (hold weak proxies, if any)."""
+    key = (kind, *map(id, owners))
     with _lock:
         value = _kept.get(key)
         if value is None:
             value = _kept[key] = make()
-            weakref.finalize(owner, _drop_kept, key, value)
+            for owner in owners:
+                weakref.finalize(owner, _drop, key, value)
         return value
 
 
-def _drop_kept(key: tuple[int, str], value: Any) -> None:
+def _drop(key: tuple, value: Any) -> None:
     with _lock:
-        if _kept.get(key) is value:
+        if _kept.get(key) is value:  # not newer state of owners that reuse the ids
             del _kept[key]
+
+
+def pair_state(target_model, drafter) -> PairState:
+    """The state of the pair (made on first use)."""
+    return kept_for("pair", PairState, target_model, drafter)
 
 
 def live_states() -> int:
     """How many pairs and owners have state (for tests)."""
     with _lock:
-        return len(_states) + len(_kept)
+        return len(_kept)

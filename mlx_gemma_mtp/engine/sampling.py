@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.sample_utils import greedy_sampler
+from mlx_lm.sample_utils import apply_top_p, greedy_sampler
 
 from ..models.centroid_head import candidate_argmax
 
@@ -71,19 +71,6 @@ def kth_largest(logprobs: mx.array, k: mx.array) -> mx.array:
     return mx.take_along_axis(mx.sort(logprobs, axis=-1), index, axis=-1)
 
 
-def top_p_rows(logprobs: mx.array, top_p: mx.array) -> mx.array:
-    """mlx-lm's ``apply_top_p``, operation for operation. Not that function itself: it is
-    compiled with MLX's random state as an input and output, which inside our compiled draft
-    step would leave a traced array as the global random state."""
-    sorted_logprobs = mx.sort(logprobs, axis=-1)
-    sorted_probs = mx.exp(sorted_logprobs.astype(mx.float32))
-    mass_above = mx.cumsum(sorted_probs, axis=-1, reverse=True, inclusive=False)
-    total_mass = mass_above[..., :1] + sorted_probs[..., :1]
-    num_dropped = (mass_above >= top_p * total_mass).sum(axis=-1, keepdims=True)
-    threshold = mx.take_along_axis(sorted_logprobs, num_dropped, axis=-1)
-    return mx.where(logprobs < threshold, -mx.inf, logprobs)
-
-
 def filter_rows(logprobs: mx.array, filters: tuple, values: mx.array) -> mx.array:
     """mlx-lm's truncations in ``make_sampler``'s order (excluded tokens get -inf), with the
     values from ``SamplingParams.values``: top-p as mlx-lm computes it; min-p relative to the
@@ -91,7 +78,7 @@ def filter_rows(logprobs: mx.array, filters: tuple, values: mx.array) -> mx.arra
     the ``k``-th."""
     top_p, min_p, keep_min, top_k = filters
     if top_p:
-        logprobs = top_p_rows(logprobs, values[1])
+        logprobs = apply_top_p(logprobs, values[1])
     if min_p:
         floor = logprobs.max(axis=-1, keepdims=True) + mx.log(values[2])
         if keep_min:

@@ -117,7 +117,7 @@ class HeadState:
 
 def head_state(centroids: nn.Module) -> HeadState:
     """The ``HeadState`` of the head whose centroid module is ``centroids``."""
-    return kept_for(centroids, "centroid head", HeadState)
+    return kept_for("centroid head", HeadState, centroids)
 
 
 def metal_supported(hidden: mx.array, centroids: RowMatrix, lm_head: RowMatrix, top_k: int) -> bool:
