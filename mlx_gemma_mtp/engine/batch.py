@@ -35,6 +35,7 @@ from .loop import (
     initial_history,
     prefill,
 )
+from .prompt_cache import DEFAULT_MAX_DRAFT_TOKENS
 from .sampling import TokenPolicy, log_softmax
 
 # -- the batch's caches -------------------------------------------------------------------------
@@ -375,8 +376,12 @@ class BatchGenerator:
         self.counters = BatchCounters()
 
     def _make_layers(self) -> list[RaggedCache]:
+        """Sliding layers keep, beyond the window, what a round writes and what a settled
+        row's cache keeps to roll back (that of ``make_prompt_cache``'s default), so a row
+        leaves with the same cache it would have had alone."""
         args = self.target.args
-        ring = args.sliding_window + 1 + self.slack + self.k_max + 1
+        slack = max(self.slack, draft_slack(DEFAULT_MAX_DRAFT_TOKENS))
+        ring = args.sliding_window + 1 + slack + self.k_max + 1
         return [
             RaggedCache(args.sliding_window if isinstance(c, SlidingWindowCache) else None, ring)
             for c in self.target.make_cache(draft_slack=self.slack)
