@@ -236,15 +236,20 @@ class TokenPolicy:
         scaled = self.scaled(log_softmax(logits), values)
         return coupled_choice(scaled, noise[0], noise[1:2], ids)
 
-    def choose(self, logprobs: mx.array, seed: mx.array, first_position: int) -> mx.array:
+    def choose(
+        self, logprobs: mx.array, seed: mx.array, first_position: int | mx.array
+    ) -> mx.array:
         """The target's tokens for rows ``[L, V]`` predicting sequence positions
-        ``first_position ..``: what plain decoding would pick at each of them."""
+        ``first_position ..`` (an int, or a lazy scalar in a batch whose rows roll back on the
+        device): what plain decoding would pick at each of them."""
         if not self.coupled:
             return self.sampler(logprobs)
-        positions = mx.arange(first_position, first_position + logprobs.shape[0])
+        positions = first_position + mx.arange(logprobs.shape[0])
         return coupled_choice(self.scaled(logprobs, self.values), seed, positions)
 
-    def accept(self, drafts: list, logprobs: mx.array, seed: mx.array, first_position: int):
+    def accept(
+        self, drafts: list, logprobs: mx.array, seed: mx.array, first_position: int | mx.array
+    ):
         """``(n, tokens)`` for drafts ``[k]`` and target log-probabilities ``[k+1, V]`` whose
         first row predicts ``first_position``: ``n`` drafts equal the target's picks."""
         tokens = self.choose(logprobs, seed, first_position)
