@@ -1,7 +1,12 @@
 """Gemma 4 multi-token-prediction speculative decoding in MLX."""
 
 from .config import ConfigError
-from .engine.prompt_cache import PromptCache, trim_to_common_prefix
+from .engine.prompt_cache import (
+    PromptCache,
+    load_prompt_cache,
+    save_prompt_cache,
+    trim_to_common_prefix,
+)
 from .generation import GenerationResponse, generate, make_prompt_cache, stream_generate
 from .loading import load
 
@@ -13,7 +18,9 @@ __all__ = [
     "__version__",
     "generate",
     "load",
+    "load_prompt_cache",
     "make_prompt_cache",
+    "save_prompt_cache",
     "stream_generate",
     "trim_to_common_prefix",
 ]
