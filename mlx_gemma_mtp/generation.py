@@ -192,7 +192,7 @@ def check_max_kv_size(max_kv_size: int | None) -> None:
             f"max_kv_size={max_kv_size} is not supported: a Gemma 4 target's sliding-attention "
             "layers keep only their window and its full-attention layers the whole context "
             "(mlx-lm ignores max_kv_size for Gemma 4 too: the model's make_cache decides). "
-            "Pass max_kv_size=None and bound the context by the prompt and max_tokens."
+            "Leave it unset: the context is bounded by the prompt and max_tokens."
         )
 
 
