@@ -96,7 +96,7 @@ def template_options(config: str | None) -> dict:
 def check_refused(args: dict) -> None:
     """mlx_lm.generate's flags that cannot apply here: a usage error that says why."""
     for name, reason in REFUSED.items():
-        if args[name] not in (None, False, ()):
+        if not (args[name] is None or args[name] is False or args[name] == ()):
             raise click.UsageError(f"--{name.replace('_', '-')}: {reason}")
     try:
         check_max_kv_size(args["max_kv_size"])
