@@ -104,11 +104,10 @@ def check_refused(args: dict) -> None:
         raise click.BadParameter(str(e), param_hint="--max-kv-size") from None
 
 
-def make_xtc_sampler(tokenizer, args: dict):
-    """mlx-lm's XTC sampler, as mlx_lm.generate makes it (honoured with the match rule: XTC's
-    coin flip has no distribution to sample coupled), or ``None`` without XTC."""
-    if not args["xtc_probability"]:
-        return None
+def make_cli_sampler(tokenizer, args: dict):
+    """The sampler mlx_lm.generate makes from these flags. Its options are taken over for
+    coupled sampling; with XTC it is honoured with the match rule (XTC's coin flip has no
+    distribution to sample coupled)."""
     specials = tokenizer.encode("\n") + list(tokenizer.eos_token_ids) if tokenizer else []
     return make_sampler(
         args["temp"],
@@ -227,14 +226,6 @@ def main(**args) -> None:
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--extra-eos-token") from None
     prompt = build_prompt(tokenizer, target.args.vocab_size, args)
-    sampler = make_xtc_sampler(tokenizer, args)
-    sampling = dict(
-        temp=args["temp"],
-        top_p=args["top_p"],
-        top_k=args["top_k"],
-        min_p=args["min_p"],
-        min_tokens_to_keep=args["min_tokens_to_keep"],
-    )
     tokens, response = [], None
     for response in stream_generate(
         target,
@@ -246,7 +237,7 @@ def main(**args) -> None:
         draft_schedule=args["draft_schedule"],
         full_vocab_draft=args["full_vocab_draft"],
         prefill_step_size=args["prefill_step_size"],
-        **({"sampler": sampler} if sampler else sampling),
+        sampler=make_cli_sampler(tokenizer, args),
     ):
         tokens.append(response.token)
         click.echo(response.text, nl=False)

@@ -85,7 +85,7 @@ def test_a_loaded_cache_is_checked_against_the_model(pair, saved, tmp_path):
     as_stored, _, _ = load(TARGET)  # the same checkpoint in its own dtype (bfloat16)
     assert "the weights differ" in refusal(load_prompt_cache(path), as_stored)
     cache = load_prompt_cache(path)
-    cache.model["sliding_window"] = 64
+    cache.made_for["sliding_window"] = 64
     assert "sliding_window is 64 in the cache but 128 in the model" in refusal(cache)
     cache = load_prompt_cache(path)
     del cache[-1]

@@ -46,15 +46,16 @@ WEIGHT_SAMPLE = 64  # leading entries of each weight array that the model's dige
 
 
 class PromptCache(list):
-    """The target's per-layer caches; ``tokens`` are the ids they hold, oldest first; ``model``
-    what ``model_record`` says of the model it was made for (``None``: not recorded)."""
+    """The target's per-layer caches; ``tokens`` are the ids they hold, oldest first;
+    ``made_for`` what ``model_record`` says of the model they were made for (``None``: not
+    recorded)."""
 
     def __init__(
-        self, caches: Sequence = (), tokens: Sequence[int] = (), model: dict | None = None
+        self, caches: Sequence = (), tokens: Sequence[int] = (), made_for: dict | None = None
     ):
         super().__init__(caches)
         self.tokens = list(tokens)
-        self.model = model
+        self.made_for = made_for
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +65,7 @@ class PromptCache(list):
 def make_cache_for(target: Target, max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS) -> PromptCache:
     """An empty cache for ``target`` that drafts of up to ``max_draft_tokens`` can roll back."""
     caches = target.make_cache(draft_slack=draft_slack(max_draft_tokens))
-    return PromptCache(caches, model=model_record(target))
+    return PromptCache(caches, made_for=model_record(target))
 
 
 def model_record(target: Target) -> dict:
@@ -114,7 +115,7 @@ def check_prompt_cache(prompt_cache: list, target: Target) -> None:
         )
     for i, (c, e) in enumerate(zip(prompt_cache, expected, strict=True)):
         check_layer_cache(i, c, e, target.backbone.layers[i].self_attn, remedy)
-    record = getattr(prompt_cache, "model", None)
+    record = getattr(prompt_cache, "made_for", None)
     differences = record_differences(record, model_record(target)) if record else []
     if differences:
         raise ValueError(
@@ -168,7 +169,7 @@ def save_prompt_cache(
     a ``.safetensors`` file of the layer caches' states, with ``metadata`` (strings) and the
     tokens and model record ``load_prompt_cache`` needs to check it against a model."""
     check_file_name(file_name)
-    if not isinstance(cache, PromptCache) or cache.model is None:
+    if not isinstance(cache, PromptCache) or cache.made_for is None:
         raise ValueError(
             "save_prompt_cache needs a cache from mlx_gemma_mtp.make_prompt_cache(model) (or "
             "load_prompt_cache): it records the tokens and the model the file is checked against"
@@ -182,7 +183,7 @@ def save_prompt_cache(
         if key in metadata:
             raise ValueError(f"metadata key {key!r} is reserved for mlx_gemma_mtp")
     metadata[TOKENS_KEY] = json.dumps(cache.tokens)
-    metadata[MODEL_KEY] = json.dumps(cache.model)
+    metadata[MODEL_KEY] = json.dumps(cache.made_for)
     mlx_cache.save_prompt_cache(str(file_name), list(cache), metadata)
 
 
@@ -201,8 +202,8 @@ def load_prompt_cache(
             f"{file_name} was not saved by mlx_gemma_mtp.save_prompt_cache: it records no "
             "tokens or model, so it cannot be checked against a model"
         )
-    tokens, model = json.loads(metadata.pop(TOKENS_KEY)), json.loads(metadata.pop(MODEL_KEY))
-    cache = PromptCache(caches, tokens, model)
+    tokens, made_for = json.loads(metadata.pop(TOKENS_KEY)), json.loads(metadata.pop(MODEL_KEY))
+    cache = PromptCache(caches, tokens, made_for)
     return (cache, metadata) if return_metadata else cache
 
 
