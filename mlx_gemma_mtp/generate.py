@@ -51,9 +51,9 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
         raise click.BadParameter(str(e), param_hint="--prompt-tokens") from None
 
 
-def build_prompt(tokenizer, vocab_size: int, args: dict) -> list:
+def build_prompt(tokenizer, vocab_size: int, args: dict, template_kwargs: dict) -> list:
     """Token ids from ``--prompt`` (chat template applied unless ignored, as mlx_lm.generate
-    applies it: system prompt, prefilled response, template options) or ``--prompt-tokens``."""
+    applies it: system prompt, prefilled response, ``template_kwargs``) or ``--prompt-tokens``."""
     prompt, prompt_tokens = args["prompt"], args["prompt_tokens"]
     if (prompt is None) == (prompt_tokens is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-tokens")
@@ -77,7 +77,7 @@ def build_prompt(tokenizer, vocab_size: int, args: dict) -> list:
         tokenize=False,
         add_generation_prompt=not prefill,
         continue_final_message=prefill,
-        **template_options(args["chat_template_config"]),
+        **template_kwargs,
     )
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -211,6 +211,7 @@ def main(**args) -> None:
     from . import load
 
     check_refused(args)
+    template_kwargs = template_options(args["chat_template_config"])
     if args["seed"] is not None:
         mx.random.seed(args["seed"])
     draft_model = None if args["no_draft"] else args["draft_model"]
@@ -225,7 +226,7 @@ def main(**args) -> None:
             tokenizer.add_eos_token(token)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--extra-eos-token") from None
-    prompt = build_prompt(tokenizer, target.args.vocab_size, args)
+    prompt = build_prompt(tokenizer, target.args.vocab_size, args, template_kwargs)
     tokens, response = [], None
     for response in stream_generate(
         target,
