@@ -65,13 +65,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def resume(path: str, model) -> tuple[list, PromptCache]:
-    """The messages and cache saved at ``path``, checked against ``model``."""
+    """The messages (none if the file has none: a cache saved from Python) and cache saved at
+    ``path``, checked against ``model``."""
     tic = time.perf_counter()
     cache, metadata = load_prompt_cache(path, return_metadata=True)
-    if "messages" not in metadata:
-        raise ValueError(f"{path} holds no chat messages: it was not saved by the chat")
     check_prompt_cache(cache, as_target(model))
-    messages = json.loads(metadata["messages"])
+    messages = json.loads(metadata.get("messages", "[]"))
     print(
         f"[INFO] Resumed {len(messages)} messages ({len(cache.tokens)} tokens) from {path} in "
         f"{time.perf_counter() - tic:.3f} s",

@@ -9,8 +9,10 @@ import click
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
+from .chat import resume
 from .config import ConfigError
 from .engine.loop import SCHEDULES
+from .engine.prompt_cache import trim_to_common_prefix
 from .generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
     GenerationResponse,
@@ -26,10 +28,6 @@ KV_QUANTIZATION = "a quantized K/V cache is not supported: the drafter reads the
 REFUSED = {
     "adapter_path": "adapters are not supported: fuse them into the model first (mlx_lm.fuse)",
     "image": "text generation only: the vision tower is not loaded",
-    "prompt_cache_file": (
-        "resume a saved conversation with python -m mlx_gemma_mtp.chat --load-cache FILE, or "
-        "mlx_gemma_mtp.load_prompt_cache in Python"
-    ),
     "quantize_activations": "activation quantization is not supported",
     "kv_bits": KV_QUANTIZATION,
     "kv_group_size": KV_QUANTIZATION,
@@ -51,9 +49,12 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
         raise click.BadParameter(str(e), param_hint="--prompt-tokens") from None
 
 
-def build_prompt(tokenizer, vocab_size: int, args: dict, template_kwargs: dict) -> list:
+def build_prompt(
+    tokenizer, vocab_size: int, args: dict, template_kwargs: dict, history: list
+) -> list:
     """Token ids from ``--prompt`` (chat template applied unless ignored, as mlx_lm.generate
-    applies it: system prompt, prefilled response, ``template_kwargs``) or ``--prompt-tokens``."""
+    applies it: system prompt, prefilled response, ``template_kwargs``, after the ``history``
+    messages of a saved conversation) or ``--prompt-tokens``."""
     prompt, prompt_tokens = args["prompt"], args["prompt_tokens"]
     if (prompt is None) == (prompt_tokens is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-tokens")
@@ -67,7 +68,7 @@ def build_prompt(tokenizer, vocab_size: int, args: dict, template_kwargs: dict) 
             raise click.UsageError("--prefill-response needs the chat template")
         return tokenizer.encode(prompt)
     system = args["system_prompt"]
-    messages = [{"role": "system", "content": system}] if system else []
+    messages = [{"role": "system", "content": system}] if system else list(history)
     messages.append({"role": "user", "content": prompt})
     prefill = args["prefill_response"] is not None
     if prefill:
@@ -194,10 +195,15 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
     is_flag=True,
     help="Accepted for mlx-lm's command lines: Gemma 4 tokenizers run no remote code.",
 )
+@click.option(
+    "--prompt-cache-file",
+    type=click.Path(dir_okay=False),
+    help="A saved conversation or prompt (save_prompt_cache, the chat's --save-cache): the "
+    "prompt follows its messages, and only what the cache does not hold is fed.",
+)
 @click.option("--max-kv-size", type=int, help="Refused: Gemma 4 caches are sized by the model.")
 @click.option("--adapter-path", hidden=True)
 @click.option("--image", multiple=True, hidden=True)
-@click.option("--prompt-cache-file", hidden=True)
 @click.option("--quantize-activations", "-qa", is_flag=True, hidden=True)
 @click.option("--kv-bits", type=int, hidden=True)
 @click.option("--kv-group-size", type=int, hidden=True)
@@ -206,8 +212,8 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
 def main(**args) -> None:
     """Generate text with a Gemma 4 model, drafted by its assistant (MTP speculative decoding).
 
-    mlx_lm.generate's flags for adapters, images, prompt cache files, quantized K/V caches and
-    activations are refused with the reason."""
+    mlx_lm.generate's flags for adapters, images, quantized K/V caches and activations are
+    refused with the reason."""
     from . import load
 
     check_refused(args)
@@ -226,7 +232,17 @@ def main(**args) -> None:
             tokenizer.add_eos_token(token)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--extra-eos-token") from None
-    prompt = build_prompt(tokenizer, target.args.vocab_size, args, template_kwargs)
+    history, cache = [], None
+    if args["prompt_cache_file"]:
+        try:
+            history, cache = resume(args["prompt_cache_file"], target)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(str(e), param_hint="--prompt-cache-file") from None
+        if history and args["system_prompt"]:
+            raise click.UsageError("--system-prompt: a saved conversation keeps its own")
+    prompt = build_prompt(tokenizer, target.args.vocab_size, args, template_kwargs, history)
+    if cache is not None:
+        prompt = trim_to_common_prefix(cache, prompt)
     tokens, response = [], None
     for response in stream_generate(
         target,
@@ -239,6 +255,7 @@ def main(**args) -> None:
         full_vocab_draft=args["full_vocab_draft"],
         prefill_step_size=args["prefill_step_size"],
         sampler=make_cli_sampler(tokenizer, args),
+        prompt_cache=cache,
     ):
         tokens.append(response.token)
         click.echo(response.text, nl=False)

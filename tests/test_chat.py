@@ -56,21 +56,24 @@ def chat_run(monkeypatch, capsys, args: list, lines: list) -> tuple[list, str]:
     return result.out.split(">> ")[1:-1], result.err
 
 
-def saved_after_turn_one(monkeypatch, capsys, path: str, turns: list) -> tuple[list, list]:
-    """The replies of the uninterrupted conversation, and of turn 1 alone, saved to ``path``."""
-    uninterrupted, _ = chat_run(monkeypatch, capsys, ARGS, turns)
-    first, _ = chat_run(monkeypatch, capsys, [*ARGS, "--save-cache", path], turns[:1])
-    return uninterrupted, first
+def saved_after_turn_one(
+    monkeypatch, capsys, path: str, turns: list, args: list = ARGS
+) -> tuple[list, list, list]:
+    """The replies of the uninterrupted conversation, of turn 1 alone (saved to ``path``), and
+    the uninterrupted turns' new prompt tokens."""
+    uninterrupted, err = chat_run(monkeypatch, capsys, args, turns)
+    first, _ = chat_run(monkeypatch, capsys, [*args, "--save-cache", path], turns[:1])
+    return uninterrupted, first, [int(n) for n in re.findall(r"prompt: (\d+) new", err)]
 
 
 def test_chat_saves_and_resumes_a_conversation(monkeypatch, capsys, tmp_path):
     path, turns = str(tmp_path / "conversation.safetensors"), ["def f():", "class A:"]
-    uninterrupted, first = saved_after_turn_one(monkeypatch, capsys, path, turns)
+    uninterrupted, first, fed = saved_after_turn_one(monkeypatch, capsys, path, turns)
     resumed, err = chat_run(monkeypatch, capsys, [*ARGS, "--load-cache", path], turns[1:])
     assert first + resumed == uninterrupted
     assert "[INFO] Resumed 2 messages" in err
     new, total = map(int, re.search(r"prompt: (\d+) new of (\d+)", err).groups())
-    assert new < total / 2  # the history came from the file
+    assert new == fed[1] < total / 2  # the history came from the file
     # Another dtype is another model; file names MLX would change are refused.
     with pytest.raises(SystemExit, match="the weights differ"):
         chat.main(["--model", TARGET, "--load-cache", path])
@@ -89,7 +92,7 @@ def test_a_conversation_resumed_in_a_new_process(monkeypatch, capsys, tmp_path):
     lines = (FIXTURE / "held_out_prompts.jsonl").read_text().splitlines()
     ids = [t for line in lines for t in json.loads(line)["input_ids"]]
     turns = [" ".join(tokenizer.decode(ids).split()), "def main():"]
-    uninterrupted, first = saved_after_turn_one(monkeypatch, capsys, path, turns)
+    uninterrupted, first, _ = saved_after_turn_one(monkeypatch, capsys, path, turns)
     command = [sys.executable, "-m", "mlx_gemma_mtp.chat", *ARGS, "--load-cache", path]
     resumed_times = []
     for _ in range(2):  # the better of two resumptions: this machine is shared
@@ -112,3 +115,22 @@ def test_a_conversation_resumed_in_a_new_process(monkeypatch, capsys, tmp_path):
     print(f"time to first token: {prefilled:.3f} s prefilling {len(history)} tokens, "
           f"{loading:.3f} + {first_token:.3f} s resumed: {ratio:.1f}x")  # fmt: skip
     assert ratio >= 5
+
+
+def test_generate_continues_a_conversation_the_chat_saved(monkeypatch, capsys, tmp_path):
+    """``python -m mlx_gemma_mtp.generate --prompt-cache-file``: the prompt follows the saved
+    messages and only what the cache does not hold is fed; the reply is the chat's."""
+    from click.testing import CliRunner
+
+    from mlx_gemma_mtp.generate import main as generate_main
+
+    path, turns = str(tmp_path / "conversation.safetensors"), ["def f():", "class A:"]
+    as_stored = ARGS[:6]  # the checkpoint's own dtype, as the generate command loads it
+    uninterrupted, _, fed = saved_after_turn_one(monkeypatch, capsys, path, turns, as_stored)
+    stats = tmp_path / "stats.json"
+    args = [*ARGS[:4], "-m", "10", "-p", turns[1], "--prompt-cache-file", path]
+    result = CliRunner().invoke(generate_main, [*args, "--stats-json", str(stats)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == uninterrupted[1].strip()
+    # Fed: what the uninterrupted chat fed in turn 2, not the whole conversation.
+    assert json.loads(stats.read_text())["prompt_tokens"] == fed[1]

@@ -350,7 +350,7 @@ def test_cli_prefill_response_extra_eos_and_xtc(pair, tmp_path):
     [
         (["--adapter-path", "adapters"], "adapters are not supported"),
         (["--image", "cat.png"], "text generation only"),
-        (["--prompt-cache-file", "c.safetensors"], "chat --load-cache"),
+        (["--prompt-cache-file", "c.safetensors"], "c.safetensors: no such prompt cache file"),
         (["-qa"], "activation quantization is not supported"),
         (["--kv-bits", "4"], "quantized K/V cache is not supported"),
         (["--kv-group-size", "64"], "quantized K/V cache is not supported"),
