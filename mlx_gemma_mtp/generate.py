@@ -4,6 +4,7 @@
 import json
 import sys
 import types
+from collections.abc import Sequence
 
 import click
 import mlx.core as mx
@@ -12,7 +13,7 @@ from mlx_lm.sample_utils import make_sampler
 from .chat import resume
 from .config import ConfigError
 from .engine.loop import SCHEDULES
-from .engine.prompt_cache import trim_to_common_prefix
+from .engine.prompt_cache import PromptCache, trim_to_common_prefix
 from .generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
     GenerationResponse,
@@ -122,6 +123,30 @@ def make_cli_sampler(tokenizer, args: dict):
     )
 
 
+def add_eos_tokens(tokenizer, tokens: Sequence[str]) -> None:
+    """``--extra-eos-token``: token strings or ids that also end generation."""
+    for token in tokens:
+        if tokenizer is None:
+            raise click.UsageError("--extra-eos-token: the model folder has no tokenizer")
+        try:
+            tokenizer.add_eos_token(token)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--extra-eos-token") from None
+
+
+def saved_conversation(target, args: dict) -> tuple[list, PromptCache | None]:
+    """``--prompt-cache-file``: the saved messages and cache, checked against ``target``."""
+    if not args["prompt_cache_file"]:
+        return [], None
+    try:
+        history, cache = resume(args["prompt_cache_file"], target)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--prompt-cache-file") from None
+    if history and args["system_prompt"]:
+        raise click.UsageError("--system-prompt: a saved conversation keeps its own")
+    return history, cache
+
+
 def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
     return {
         "prompt_tokens": response.prompt_tokens,
@@ -225,21 +250,8 @@ def main(**args) -> None:
         target, drafter, tokenizer = load(args["model"], draft_model)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    for token in args["extra_eos_token"]:
-        if tokenizer is None:
-            raise click.UsageError("--extra-eos-token: the model folder has no tokenizer")
-        try:
-            tokenizer.add_eos_token(token)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--extra-eos-token") from None
-    history, cache = [], None
-    if args["prompt_cache_file"]:
-        try:
-            history, cache = resume(args["prompt_cache_file"], target)
-        except (OSError, ValueError) as e:
-            raise click.BadParameter(str(e), param_hint="--prompt-cache-file") from None
-        if history and args["system_prompt"]:
-            raise click.UsageError("--system-prompt: a saved conversation keeps its own")
+    add_eos_tokens(tokenizer, args["extra_eos_token"])
+    history, cache = saved_conversation(target, args)
     prompt = build_prompt(tokenizer, target.args.vocab_size, args, template_kwargs, history)
     if cache is not None:
         prompt = trim_to_common_prefix(cache, prompt)
