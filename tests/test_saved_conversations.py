@@ -123,8 +123,11 @@ def test_make_prompt_cache_takes_mlx_lm_arguments(pair):
     assert make_prompt_cache(target, None, draft_model=drafter, max_draft_tokens=2)[0].retain == (
         128 + 1 + 6
     )
-    # The drafter passed second, as this package's first releases took it, is still the drafter.
+    # A model passed second, as this package's first releases took the drafter, is the drafter
+    # (checked as one), not a max_kv_size.
     assert len(make_prompt_cache(target, drafter)) == 5
+    with pytest.raises(TypeError, match="got a gemma4_text model"):
+        make_prompt_cache(target, target.model)
     # A classic draft model (here a Gemma 4 text model) is refused with what to pass.
     for call in (
         lambda: make_prompt_cache(target, draft_model=target.model),
