@@ -195,7 +195,8 @@ class RaggedCache(_BaseCache):
             keys = mx.contiguous(self.keys[row : row + 1, :, slots])
             values = mx.contiguous(self.values[row : row + 1, :, slots])
             cache = SlidingWindowCache(like.window, like.retain - like.window - 1)
-            cache.state = (keys, values, length) if kept else (None, None, length)
+            held = (keys, values) if kept else (None, None)
+            cache.state = (*held, length, like.window, like.retain)
             return cache
         cache = KVCache()
         if length:

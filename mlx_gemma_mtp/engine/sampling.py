@@ -63,6 +63,27 @@ class SamplingParams:
         return log_softmax(scaled * (1.0 / self.temp))
 
 
+def make_sampler_params(sampler: Sampler) -> SamplingParams | None:
+    """The options of a sampler made by mlx-lm's ``make_sampler``, read from its closure (the
+    names of its parameters), so that it can sample coupled; ``None`` for any other sampler and
+    for XTC, whose coin flip has no distribution."""
+    if sampler is greedy_sampler:
+        return SamplingParams()
+    made_by = (getattr(sampler, "__module__", None), getattr(sampler, "__qualname__", None))
+    if made_by != ("mlx_lm.sample_utils", "make_sampler.<locals>.sampler"):
+        return None
+    options = closure_values(sampler)
+    for method in options.pop("sampling_methods", ()):
+        options.update(closure_values(method))
+    names = {"temp", "top_p", "min_p", "min_tokens_to_keep", "top_k"}
+    return SamplingParams(**options) if set(options) <= names else None
+
+
+def closure_values(function) -> dict:
+    names, cells = function.__code__.co_freevars, function.__closure__ or ()
+    return {name: cell.cell_contents for name, cell in zip(names, cells, strict=True)}
+
+
 def kth_largest(logprobs: mx.array, k: mx.array) -> mx.array:
     """Per row, the ``k``-th largest entry (``k`` >= 1, an array), as ``[..., 1]``."""
     size = logprobs.shape[-1]
