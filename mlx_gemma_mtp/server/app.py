@@ -66,6 +66,7 @@ def create_app(
     app = FastAPI(title="mlx-gemma-mtp")
     vocab_size = target.args.vocab_size
     limits = (limits or Limits()).with_context(context_length(target.args))
+    defaults = {**defaults, "max_tokens": min(defaults["max_tokens"], limits.max_tokens)}
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     # One thread: the event loop stays free, and the tokenizer is never used by two at once.
     tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
