@@ -4,6 +4,7 @@ tokens per request, connections; and a shutdown that does not wait for generatio
 import asyncio
 import logging
 import resource
+import socket
 from dataclasses import dataclass
 
 import uvicorn
@@ -15,6 +16,7 @@ logger = logging.getLogger(__name__)
 # A new connection that has not sent a whole request head within this many seconds is closed
 # (uvicorn's keep-alive timeout covers only the time between requests).
 REQUEST_HEAD_TIMEOUT = 30.0
+SEND_BUFFER = 64 << 10  # bytes a connection's socket and transport each hold unsent
 SHUTDOWN_GRACE = 3.0  # seconds uvicorn waits for responses to end once their jobs are cancelled
 
 
@@ -83,10 +85,17 @@ def cache_namespace(body) -> str:
 
 
 class GuardedH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, closing a connection that sends no request head in time."""
+    """uvicorn's HTTP/1.1 protocol, closing a connection that sends no request head in time,
+    with bounded send buffers: a stream its client does not read stops being consumed after
+    about ``SEND_BUFFER`` bytes (the kernel's own would hold megabytes of tokens), so its job
+    pauses (``Job.max_unread``) and is dropped."""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        transport.set_write_buffer_limits(high=SEND_BUFFER)
         self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._close_if_idle)
 
     def _close_if_idle(self) -> None:
