@@ -98,6 +98,16 @@ def cached_tokens(reply: dict) -> int:
     return reply["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
+def test_every_flag_is_in_the_readme_table():
+    from mlx_gemma_mtp.server.app import parse_args
+
+    readme = (FIXTURE.parents[2] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `--")]
+    for name in vars(parse_args(["--model", "m"])):
+        flag = "--" + name.replace("_", "-")
+        assert any(f"`{flag}`" in row.split("|")[1] for row in rows), flag
+
+
 # -- conversation caches ------------------------------------------------------------------------
 
 
