@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import FIXTURE
+from conftest import FIXTURE, plain_greedy
 
 pytest.importorskip("fastapi")
 
@@ -161,8 +161,16 @@ def test_lru_takes_prefixes_copies_what_it_can_roll_back_and_keeps_its_budget(wo
     fresh = lru.take(long_prompt[:20] + [3, 3])
     assert fresh.tokens == [] and fresh is not held
     assert lru.entries[-1][1] is held and len(held.tokens) == 302
+    branch = lru.take([*held.tokens[:-1], 9, 9])  # within the slack: a rolled-back copy
+    assert branch is not held and branch.tokens == held.tokens[:-1]
+    assert all(c.offset == 302 for c in held) and lru.entries[-1][1] is held
+    reply = stream_generate(target, tokenizer, [9, 9], 3, prompt_cache=branch)
+    assert [r.token for r in reply] == plain_greedy(target, [*held.tokens[:-1], 9, 9], 3)
     near = lru.take([*held.tokens, 4])  # held is a prefix: taken, nothing copied
     assert near is held and len(near.tokens) == 302
+    history = list(near.tokens)
+    reply = stream_generate(target, tokenizer, [4], 3, prompt_cache=near)  # held is intact
+    assert [r.token for r in reply] == plain_greedy(target, [*history, 4], 3)
 
     lru.max_bytes = held.nbytes
     lru.put(held)

@@ -17,7 +17,10 @@ logger = logging.getLogger(__name__)
 # (uvicorn's keep-alive timeout covers only the time between requests).
 REQUEST_HEAD_TIMEOUT = 30.0
 SEND_BUFFER = 64 << 10  # bytes a connection's socket and transport each hold unsent
-SHUTDOWN_GRACE = 3.0  # seconds uvicorn waits for responses to end once their jobs are cancelled
+# Seconds uvicorn waits for responses to end once their jobs are cancelled, then for the
+# generation thread to finish its round: a signal stops the server within about 5 s.
+SHUTDOWN_GRACE = 2.5
+WORKER_GRACE = 1.5
 
 
 @dataclass
@@ -114,7 +117,7 @@ class Server(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         self.worker.stop()
         await super().shutdown(sockets)
-        await asyncio.to_thread(self.worker.join, SHUTDOWN_GRACE)
+        await asyncio.to_thread(self.worker.join, WORKER_GRACE)
 
 
 def raise_open_files_limit(wanted: int) -> int:
