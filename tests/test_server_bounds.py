@@ -185,13 +185,13 @@ def test_lru_takes_prefixes_copies_what_it_can_roll_back_and_keeps_its_budget(wo
 def test_full_queue_answers_503_with_retry_after_and_loses_nothing(worker, base):
     prompts = [f"def job_{i}(y):\n" for i in range(32)]
     expected = {}
-    for p in prompts[:4]:  # one-at-a-time references
-        reply = post(base, "completions", {"prompt": p, "max_tokens": 16})
+    for p in prompts[:2]:  # one-at-a-time references
+        reply = post(base, "completions", {"prompt": p, "max_tokens": 12})
         expected[p] = reply.json()["choices"][0]["text"]
     with serving(worker, Limits(max_queue=8)) as url:
 
         def ask(prompt: str) -> httpx.Response:
-            return post(url, "completions", {"prompt": prompt, "max_tokens": 16})
+            return post(url, "completions", {"prompt": prompt, "max_tokens": 12})
 
         with ThreadPoolExecutor(32) as pool:
             replies = list(pool.map(ask, prompts))
@@ -202,7 +202,7 @@ def test_full_queue_answers_503_with_retry_after_and_loses_nothing(worker, base)
                 assert reply.headers["Retry-After"] == "1"
                 assert "waiting" in reply.json()["error"]["message"]
             else:
-                assert reply.json()["usage"]["completion_tokens"] == 16
+                assert reply.json()["usage"]["completion_tokens"] == 12
                 if prompt in expected:
                     assert reply.json()["choices"][0]["text"] == expected[prompt]
         assert ask(prompts[0]).status_code == 200
@@ -422,7 +422,11 @@ def test_a_failure_in_the_cache_bookkeeping_leaves_the_thread_serving(base, monk
 # -- shutdown -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],  # same path, 2nd process
+    ids=["SIGINT", "SIGTERM"],
+)
 def test_a_signal_stops_a_generating_server_within_5_s(sig):
     port = free_port()
     command = [
