@@ -35,7 +35,6 @@ from .limits import (
     Limits,
     Server,
     cache_namespace,
-    context_length,
     raise_open_files_limit,
 )
 from .protocol import (
@@ -65,7 +64,7 @@ def create_app(
     target, drafter, tokenizer, lru = worker.target, worker.drafter, worker.tokenizer, worker.lru
     app = FastAPI(title="mlx-gemma-mtp")
     vocab_size = target.args.vocab_size
-    limits = (limits or Limits()).with_context(context_length(target.args))
+    limits = (limits or Limits()).with_context(target.args.max_position_embeddings)
     defaults = {**defaults, "max_tokens": min(defaults["max_tokens"], limits.max_tokens)}
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     # One thread: the event loop stays free, and the tokenizer is never used by two at once.

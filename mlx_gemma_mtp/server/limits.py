@@ -5,7 +5,7 @@ import asyncio
 import logging
 import resource
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import uvicorn
 from starlette.exceptions import HTTPException
@@ -36,19 +36,11 @@ class Limits:
 
     def with_context(self, context: int) -> "Limits":
         """These limits, the unset ceilings filled with ``context``."""
-        return Limits(
-            self.max_queue,
-            self.max_tokens or context,
-            self.max_prompt_tokens or context,
-            self.max_body_bytes,
-            self.max_unread,
-            self.stall_timeout,
+        return replace(
+            self,
+            max_tokens=self.max_tokens or context,
+            max_prompt_tokens=self.max_prompt_tokens or context,
         )
-
-
-def context_length(args) -> int:
-    """The target's context (``max_position_embeddings``), from its mlx-lm ``ModelArgs``."""
-    return getattr(args, "max_position_embeddings", None) or 131072
 
 
 class BodyLimit:
