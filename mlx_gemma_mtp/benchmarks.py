@@ -132,7 +132,7 @@ def machine_info() -> dict:
 
     memory = total_memory_bytes()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "memory_gib": round(memory / 2**30, 1) if memory else None,

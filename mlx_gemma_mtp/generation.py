@@ -30,6 +30,7 @@ from .engine.prompt_cache import (
     DEFAULT_MAX_DRAFT_TOKENS,
     PromptCache,
     check_prompt_cache,
+    empty_prompt_cache,
     make_cache_for,
 )
 from .engine.sampling import SamplingParams, TokenPolicy, make_sampler_params
@@ -256,9 +257,10 @@ def stream_generate(
     ``logits_processors``, ``prompt_cache`` (from ``make_prompt_cache`` or ``load_prompt_cache``:
     afterwards it stands for the prompt and every emitted token, also when the caller stops
     early), ``max_kv_size`` (``None`` only: see ``check_max_kv_size``), ``prefill_step_size``,
-    ``prompt_progress_callback(processed, total)``. Ours: ``temp``/``top_p``/``min_p``/
-    ``min_tokens_to_keep``/``top_k`` (coupled sampling: a seed fixes the output, whatever the
-    drafting), ``repetition_penalty``/
+    ``prompt_progress_callback(processed, total)`` (an exception it raises stops the prompt fill
+    between chunks and propagates; after any exception ``prompt_cache`` is left empty). Ours:
+    ``temp``/``top_p``/``min_p``/``min_tokens_to_keep``/``top_k`` (coupled sampling: a seed fixes
+    the output, whatever the drafting), ``repetition_penalty``/
     ``repetition_context_size``, ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
     ``eos_token_ids`` (default: all of the tokenizer's), ``costs`` (``mlx_gemma_mtp.costs.Costs``
     for the ``auto`` schedule instead of the measured ones). Closing the generator cancels.
@@ -308,6 +310,7 @@ def stream_generate(
         progress(0, len(ids))
         blocks = engine.generate(mx.array(ids, mx.int32), limit)
         prompt_tps = 0.0
+        failed = False
         try:
             for block in blocks:
                 if count == 0:
@@ -336,9 +339,16 @@ def stream_generate(
                         return
                     if count % CLEAR_CACHE_EVERY == 0:
                         mx.clear_cache()
+        except Exception:
+            failed = True
+            raise
         finally:
             blocks.close()
-            if prompt_cache is not None:
+            if prompt_cache is not None and failed:
+                # Settling could mean filling the rest of an abandoned prompt (a callback that
+                # raises cancels it): the half-filled cache is emptied instead.
+                empty_prompt_cache(prompt_cache)
+            elif prompt_cache is not None:
                 engine.settle(count)
                 if isinstance(prompt_cache, PromptCache):
                     prompt_cache.tokens += ids + engine.emitted[:count]

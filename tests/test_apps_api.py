@@ -212,6 +212,30 @@ def test_prompt_progress_callback(pair):
     assert calls == [(0, n), (16, n), (32, n), (48, n), (n - 1, n), (n, n)]
 
 
+def test_a_raising_progress_callback_stops_the_fill_and_empties_the_cache(pair):
+    """How a server cancels a prompt fill: the rest of the prompt is not fed (as settling a
+    cancelled generation would), and the half-filled cache is left empty, usable again."""
+    target, drafter, _ = pair
+    cache = make_prompt_cache(target, drafter)
+    list(stream_generate(target, None, [2, 5, 6], 2, None, prompt_cache=cache))
+    fed = []
+
+    def stop_after_two_chunks(done, total):
+        fed.append(done)
+        if done >= 32:
+            raise KeyError("cancelled")
+
+    with pytest.raises(KeyError, match="cancelled"):
+        list(
+            stream_generate(target, None, held_out(9), 2, None, prompt_cache=cache,
+                            prefill_step_size=16, prompt_progress_callback=stop_after_two_chunks)
+        )  # fmt: skip
+    assert fed == [0, 16, 32]
+    assert cache.tokens == [] and all(c.offset == 0 and c.nbytes == 0 for c in cache)
+    again = stream_generate(target, None, [2, 5, 6], 2, None, prompt_cache=cache)
+    assert [r.token for r in again] == plain_greedy(target, [2, 5, 6], 2)
+
+
 @pytest.mark.parametrize(
     "prompt, bad",
     [

@@ -243,35 +243,3 @@ def test_load_clients_x_requests(client, server, clients, requests):
     after = httpx.get(f"{server}/health").json()["memory"]
     assert after["prompt_cache_bytes"] <= CACHE_BUDGET
     assert after["active_bytes"] <= before["active_bytes"] + CACHE_BUDGET + (1 << 20)
-
-
-def test_prompt_cache_lru_takes_the_longest_prefix_and_keeps_its_budget(pair):
-    from mlx_gemma_mtp import stream_generate
-    from mlx_gemma_mtp.engine.prompt_cache import PromptCache
-    from mlx_gemma_mtp.server import PromptCacheLRU
-
-    target = pair[0]
-    lru = PromptCacheLRU(target, max_entries=2, max_bytes=1 << 30)
-    a, b, c = (
-        PromptCache(tokens=[1, 2, 3]),
-        PromptCache(tokens=[1, 2, 9, 9]),
-        PromptCache(tokens=[7]),
-    )
-    for cache in (a, b, c):
-        lru.put(cache)
-
-    def held():
-        return [id(e) for e in lru.entries]
-
-    assert held() == [id(b), id(c)]  # the least recently used went first
-    assert lru.take([1, 2, 9, 5]) is b and held() == [id(c)]
-    fresh = lru.take([4, 4])
-    assert fresh is not c and fresh.tokens == [] and len(fresh) == len(target.make_cache())
-    list(stream_generate(target, None, [4, 4, 5], 2, prompt_cache=fresh))
-    assert fresh.nbytes > 0
-    lru.max_bytes = fresh.nbytes
-    lru.put(fresh)
-    assert held() == [id(c), id(fresh)]
-    lru.max_bytes = fresh.nbytes - 1  # over budget: the oldest go until it fits
-    lru.put(PromptCache(tokens=[8]))
-    assert len(held()) == 1 and lru.nbytes <= lru.max_bytes

@@ -484,8 +484,8 @@ class BatchGenerator:
 
     def remove(self, uid: int, num_emitted: int | None = None) -> list | None:
         """Cancel row ``uid`` (waiting, prefilling or decoding); returns its cache settled to
-        its prompt and its first ``num_emitted`` tokens (default: all it emitted), or None if
-        it was inserted without one."""
+        its prompt and its first ``num_emitted`` tokens (default: all it emitted; a row still
+        filling its prompt: the part fed), or None if it was inserted without one."""
         for queue in (self.waiting, self.filling):
             for row in queue:
                 if row.uid == uid:
@@ -516,17 +516,21 @@ class BatchGenerator:
 
     def _settle(self, row: Row, index: int | None) -> list:
         """``row``'s cache standing for what it held, its prompt and every emitted token
-        (mlx-lm's prompt-cache meaning): taken from the batch (row ``index``; its K/V up to
-        what the last round read holds, entries a queued round wrote after them dropped) or from
-        its own cache (``index`` None: it never joined), the tokens not fed yet fed now."""
+        (mlx-lm's prompt-cache meaning), taken from the batch (row ``index``; its K/V up to
+        what the last round read holds, entries a queued round wrote after them dropped), the
+        tokens not fed yet fed now. A row that never joined (``index`` None) leaves its own
+        cache standing for the part of its prompt fed so far."""
+        if index is None:  # what was fed of the prompt: an abandoned prompt is not filled
+            sequence = row.prompt[: len(row.prompt) - row.todo.size]
+            mx.eval([c.state for c in row.cache])
+            if hasattr(row.cache, "tokens"):
+                row.cache.tokens += sequence
+            return row.cache
         sequence = row.prompt + row.emitted
         length = row.start + len(sequence)
-        if index is not None:
-            held = min(row.length, length)
-            for j, layer in enumerate(self.layers):
-                row.cache[j] = layer.extract(index, held, row.cache[j])
-        else:
-            held = row.start + len(row.prompt) - row.todo.size
+        held = min(row.length, length)
+        for j, layer in enumerate(self.layers):
+            row.cache[j] = layer.extract(index, held, row.cache[j])
         if held < length:
             todo = mx.array(sequence[len(sequence) - (length - held) :], mx.int32)
             prefill(self.target, row.cache, todo, self.prefill_step_size)

@@ -241,11 +241,20 @@ def trim_to_common_prefix(prompt_cache: PromptCache, tokens: Sequence[int]) -> l
     keep = min(common_prefix_length(prompt_cache.tokens, tokens), len(tokens) - 1)
     drop = len(prompt_cache.tokens) - keep
     if not all(can_trim(c, drop) for c in prompt_cache):
-        keep, drop = 0, len(prompt_cache.tokens)
-        for i, c in enumerate(prompt_cache):
-            if isinstance(c, SlidingWindowCache):
-                prompt_cache[i] = SlidingWindowCache(c.window, c.retain - c.window - 1)
+        empty_prompt_cache(prompt_cache)
+        return tokens
     for c in prompt_cache:
         c.trim(min(drop, c.offset))
     del prompt_cache.tokens[keep:]
     return tokens[keep:]
+
+
+def empty_prompt_cache(prompt_cache: list) -> None:
+    """Make every layer's cache a new empty one of the same kind (and forget the tokens)."""
+    for i, c in enumerate(prompt_cache):
+        if isinstance(c, SlidingWindowCache):
+            prompt_cache[i] = SlidingWindowCache(c.window, c.retain - c.window - 1)
+        else:
+            prompt_cache[i] = KVCache()
+    if isinstance(prompt_cache, PromptCache):
+        prompt_cache.tokens.clear()

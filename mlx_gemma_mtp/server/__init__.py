@@ -1,11 +1,12 @@
 """OpenAI-compatible server: ``python -m mlx_gemma_mtp.server --model T --draft-model D``.
 
-``protocol`` (request bodies, responses, errors), ``worker`` (the generation thread and the
-conversation caches), ``app`` (the FastAPI app and the command line).
+``protocol`` (request bodies, responses, errors), ``worker`` (the generation thread, jobs and the
+conversation caches), ``limits`` (bounds on bodies, queue, tokens and connections; shutdown),
+``app`` (the FastAPI app and the command line).
 
 FastAPI parses and validates requests (pydantic) and streams server-sent events; uvicorn serves
-them. Generation runs on one thread, one request at a time in arrival order; each request takes
-the cached conversation sharing its longest prefix from a small LRU (bounded in entries and bytes),
+them. Generation runs on one thread, one request at a time in arrival order; each request starts
+from the best cached prefix of its own namespace in a small LRU (bounded in entries and bytes),
 so a conversation's next turn only feeds its new tokens.
 """
 

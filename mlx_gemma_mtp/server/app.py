@@ -2,9 +2,12 @@
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import mlx.core as mx
@@ -25,6 +28,15 @@ from ..generation import (
     encode_prompt,
 )
 from ..loading import load
+from .limits import (
+    SHUTDOWN_GRACE,
+    BodyLimit,
+    GuardedH11,
+    Limits,
+    Server,
+    cache_namespace,
+    raise_open_files_limit,
+)
 from .protocol import (
     BadRequest,
     ChatRequest,
@@ -40,12 +52,26 @@ from .protocol import (
 )
 from .worker import Job, Worker
 
+logger = logging.getLogger(__name__)
+DISCONNECT_POLL = 0.25  # seconds between checks that a waiting client is still there
 
-def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
-    """The FastAPI app; ``defaults`` are the server's sampling and drafting defaults."""
+
+def create_app(
+    worker: Worker, model_id: str, defaults: dict, limits: Limits | None = None
+) -> FastAPI:
+    """The FastAPI app; ``defaults`` are the server's sampling and drafting defaults, ``limits``
+    its bounds on work (unset ceilings: the model's context)."""
     target, drafter, tokenizer, lru = worker.target, worker.drafter, worker.tokenizer, worker.lru
     app = FastAPI(title="mlx-gemma-mtp")
     vocab_size = target.args.vocab_size
+    limits = (limits or Limits()).with_context(target.args.max_position_embeddings)
+    defaults = {**defaults, "max_tokens": min(defaults["max_tokens"], limits.max_tokens)}
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    # One thread: the event loop stays free, and the tokenizer is never used by two at once.
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+
+    async def off_loop(function, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, function, *args)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -104,29 +130,67 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
             "repetition_penalty": body.repetition_penalty,
             "num_draft_tokens": k if drafter is not None else 0,
             "draft_schedule": defaults["draft_schedule"],
+            "prefill_step_size": defaults.get("prefill_step_size", 512),
             "stop": stop,
         }
 
     async def submit(body: Sampling, tokens: list, opts: dict, top: int | None) -> Job:
-        job = Job(tokens, opts, body.seed, top, asyncio.get_running_loop())
+        if worker.waiting() >= limits.max_queue:
+            raise QueueFull(f"{limits.max_queue} requests are waiting already: retry later")
+        job = Job(
+            tokens,
+            opts,
+            body.seed,
+            top,
+            asyncio.get_running_loop(),
+            namespace=cache_namespace(body),
+            max_unread=limits.max_unread,
+            stall_timeout=limits.stall_timeout,
+        )
         worker.jobs.put(job)
         return job
 
+    def check_lengths(tokens: list, opts: dict, max_tokens_field: str, prompt_field: str):
+        if opts["max_tokens"] > limits.max_tokens:
+            raise BadRequest(
+                f"{max_tokens_field} is {opts['max_tokens']}, over this server's limit of "
+                f"{limits.max_tokens}",
+                max_tokens_field,
+            )
+        if len(tokens) > limits.max_prompt_tokens:
+            raise BadRequest(
+                f"the prompt is {len(tokens)} tokens, over this server's limit of "
+                f"{limits.max_prompt_tokens}",
+                prompt_field,
+            )
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request, exc: QueueFull):
+        response = error_response(503, str(exc))
+        response.headers["Retry-After"] = "1"
+        return response
+
     async def results(job: Job, request: Request) -> AsyncIterator[tuple[str, Any]]:
         """The job's items; a client that goes away cancels it (within a round)."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(job.items.get(), timeout=0.25)
-                except TimeoutError:
-                    if await request.is_disconnected():
+                    item = await asyncio.wait_for(job.receive(), timeout=DISCONNECT_POLL)
+                except TimeoutError:  # asyncio's own since Python 3.11
+                    item = None
+                if loop.time() - checked >= DISCONNECT_POLL or item is None:
+                    if await request.is_disconnected():  # also while tokens keep coming
                         return
+                    checked = loop.time()
+                if item is None:
                     continue
-                yield kind, value
-                if kind in ("end", "error"):
+                yield item
+                if item[0] in ("end", "error"):
                     return
         finally:
-            job.cancelled.set()
+            job.cancel()
 
     def stream_reply(events: AsyncIterator[str]) -> StreamingResponse:
         return StreamingResponse(events, media_type="text/event-stream")
@@ -137,7 +201,8 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
         if tokenizer is None:
             raise BadRequest("the model has no tokenizer: use /v1/completions with token ids")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        tokens = encode_chat(tokenizer, messages)
+        tokens = await off_loop(encode_chat, tokenizer, messages)
+        check_lengths(tokens, opts, max_tokens_field(body), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = await submit(body, tokens, opts, top)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -178,9 +243,10 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
         if isinstance(body.prompt, str) and tokenizer is None:
             raise BadRequest("the model has no tokenizer: send token ids", "prompt")
         try:
-            tokens = encode_prompt(tokenizer, body.prompt, vocab_size)
+            tokens = await off_loop(encode_prompt, tokenizer, body.prompt, vocab_size)
         except ValueError as e:
             raise BadRequest(str(e), "prompt") from None
+        check_lengths(tokens, opts, "max_tokens", "prompt")
         job = await submit(body, tokens, opts, body.logprobs)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": created, "model": model_id}
@@ -212,6 +278,14 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
     return app
 
 
+class QueueFull(Exception):
+    """The queue of waiting requests is full (a 503 with ``Retry-After``)."""
+
+
+def max_tokens_field(body: ChatRequest) -> str:
+    return "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+
+
 def cancels(job: Job):
     """Closing the decorated event stream (the client went away) cancels ``job``."""
 
@@ -221,7 +295,7 @@ def cancels(job: Job):
                 async for event in events():
                     yield event
             finally:
-                job.cancelled.set()
+                job.cancel()
 
         return guarded
 
@@ -264,9 +338,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1,
         help="Prompts filled at once, a chunk per round between decoding rounds.",
     )
-    parser.add_argument("--prefill-step-size", type=int, default=512, help="Tokens per chunk.")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"))
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    )
+    add_limit_args(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.num_draft_tokens <= DEFAULT_MAX_DRAFT_TOKENS:
         parser.error(f"--num-draft-tokens must be in [0, {DEFAULT_MAX_DRAFT_TOKENS}]")
@@ -275,11 +354,90 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.draft_schedule == "heuristic":
         parser.error("--draft-schedule heuristic is single-stream: use auto or constant")
+    if args.max_tokens_limit is not None and args.max_tokens > args.max_tokens_limit:
+        parser.error("--max-tokens must not be over --max-tokens-limit")
     return args
+
+
+def add_limit_args(parser: argparse.ArgumentParser) -> None:
+    def positive(kind):
+        def parse(text: str):
+            value = kind(text)
+            if value <= 0:
+                raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+            return value
+
+        return parse
+
+    default = Limits()
+    limit = parser.add_argument
+    limit(
+        "--max-queue",
+        type=positive(int),
+        default=default.max_queue,
+        help="Requests waiting to start; more get 503 with Retry-After.",
+    )
+    limit(
+        "--max-tokens-limit",
+        type=positive(int),
+        help="Ceiling on a request's max_tokens (default: the model's context).",
+    )
+    limit(
+        "--max-prompt-tokens",
+        type=positive(int),
+        help="Ceiling on a request's prompt tokens (default: the model's context).",
+    )
+    limit(
+        "--max-body-bytes",
+        type=positive(int),
+        default=default.max_body_bytes,
+        help="Larger request bodies get 413.",
+    )
+    limit(
+        "--prefill-step-size",
+        type=positive(int),
+        default=512,
+        help="Prompt tokens per chunk (a cancelled request stops between chunks).",
+    )
+    limit(
+        "--max-unread",
+        type=positive(int),
+        default=default.max_unread,
+        help="Tokens a stream may have waiting unread before its generation pauses.",
+    )
+    limit(
+        "--stall-timeout",
+        type=positive(float),
+        default=default.stall_timeout,
+        help="Seconds a paused stream waits for its client before it is dropped.",
+    )
+    limit(
+        "--max-connections",
+        type=positive(int),
+        default=4096,
+        help="Open connections; requests beyond get 503 (uvicorn's limit_concurrency).",
+    )
+    limit("--timeout-keep-alive", type=positive(int), default=5,
+          help="Seconds an idle keep-alive connection stays open.")  # fmt: skip
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    return Limits(
+        max_queue=args.max_queue,
+        max_tokens=args.max_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_body_bytes=args.max_body_bytes,
+        max_unread=args.max_unread,
+        stall_timeout=args.stall_timeout,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+    )
     try:
         worker = Worker(
             lambda: load(args.model, args.draft_model, args.dtype),
@@ -301,10 +459,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         "top_p": args.top_p,
         "top_k": args.top_k,
         "min_p": args.min_p,
+        "prefill_step_size": args.prefill_step_size,
     }
-    app = create_app(worker, args.model, defaults)
+    app = create_app(worker, args.model, defaults, limits_from(args))
+    files = raise_open_files_limit(args.max_connections + 256)
+    if files < args.max_connections + 256:
+        logger.warning("open files are limited to %d: fewer connections will be accepted", files)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        http=GuardedH11,
+        limit_concurrency=args.max_connections,
+        timeout_keep_alive=args.timeout_keep_alive,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
+    )
     print(f"Serving {args.model} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises a SIGINT it handled again
+        Server(config, worker).run()
 
 
 if __name__ == "__main__":

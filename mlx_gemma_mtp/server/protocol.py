@@ -32,6 +32,10 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
+    # Conversation caches are shared only between requests with the same two (vLLM's and
+    # OpenAI's names): nobody learns another user's prompt from cached_tokens or timing.
+    cache_salt: str | None = None
+    user: str | None = None
 
 
 class TextPart(BaseModel):

@@ -1,11 +1,16 @@
 """The generation thread: it loads the models, then decodes jobs together with MTP (continuous
-batching, ``engine.batch``); each job takes the cached conversation sharing its longest prefix
-(an LRU bounded in entries and bytes), so a conversation's next turn only feeds its new
-tokens."""
+batching, ``engine.batch``). Each job starts from the best cached prefix of its own namespace
+(``PromptCacheLRU``), leaves the batch between prompt chunks or rounds once cancelled, and hands
+its tokens to the event loop through a bounded queue: a client that stops reading has its tokens
+held back and, after a while, its job dropped."""
 
 import asyncio
+import copy
+import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,10 +18,11 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
 
-from ..engine.batch import BatchGenerator
+from ..engine.batch import BatchGenerator, RowOutput
 from ..engine.loop import DEFAULT_NUM_DRAFT_TOKENS, Stats
 from ..engine.prompt_cache import (
     PromptCache,
+    can_trim,
     common_prefix_length,
     make_cache_for,
     trim_to_common_prefix,
@@ -26,53 +32,149 @@ from ..models.target import Target
 from ..text import TextStream
 from .protocol import usage
 
-# The job options that make its ``TokenPolicy`` (``generation.make_policy``'s parameters).
-POLICY_OPTIONS = ("temp", "top_p", "min_p", "top_k", "repetition_penalty")
+logger = logging.getLogger(__name__)
 
 
 class PromptCacheLRU:
     """Conversations' caches, least recently used first, within ``max_entries`` and
-    ``max_bytes``; a request takes the one sharing its longest prefix (or a new one)."""
+    ``max_bytes``. A request sees only the caches of its own namespace and starts from the one
+    it can reuse the most of: an entry that is a prefix of it is taken (it is that conversation's
+    history); an entry that shares only a prefix is copied and the copy rolled back, if every
+    layer can roll back that far; otherwise it starts from an empty cache. No request trims or
+    evicts another conversation's cache."""
 
     def __init__(self, target: Target, max_entries: int, max_bytes: int):
         self.target, self.max_entries, self.max_bytes = target, max_entries, max_bytes
-        self.entries: list[PromptCache] = []
+        self.entries: list[tuple[str, PromptCache]] = []
 
-    def take(self, tokens: Sequence[int]) -> PromptCache:
-        shared = [common_prefix_length(c.tokens, tokens) for c in self.entries]
-        if shared and max(shared) > 0:
-            return self.entries.pop(shared.index(max(shared)))
-        return make_cache_for(self.target)
+    def take(self, tokens: Sequence[int], namespace: str = "") -> PromptCache:
+        """A cache whose ``tokens`` are a prefix of ``tokens`` (shorter by at least one)."""
+        best, best_keep = None, 0
+        for i, (space, cache) in enumerate(self.entries):
+            keep = reusable(cache, tokens) if space == namespace else 0
+            if keep > best_keep or (keep == best_keep > 0 and self._is_prefix(i, tokens)):
+                best, best_keep = i, keep
+        if best is None:
+            return make_cache_for(self.target)
+        if self._is_prefix(best, tokens):
+            cache = self.entries.pop(best)[1]
+        else:
+            cache = copy.deepcopy(self.entries[best][1])
+        trim_to_common_prefix(cache, tokens)
+        return cache
 
-    def put(self, cache: PromptCache) -> None:
-        self.entries.append(cache)
+    def put(self, cache: PromptCache, namespace: str = "") -> None:
+        """Keep ``cache`` as the most recently used; entries of the namespace it extends go."""
+        if not cache.tokens:
+            return
+        self.entries = [
+            (space, held)
+            for space, held in self.entries
+            if space != namespace or not is_prefix(held.tokens, cache.tokens)
+        ]
+        self.entries.append((namespace, cache))
         while self.entries and (
             len(self.entries) > self.max_entries or self.nbytes > self.max_bytes
         ):
             self.entries.pop(0)
 
+    def _is_prefix(self, i: int, tokens: Sequence[int]) -> bool:
+        return is_prefix(self.entries[i][1].tokens, tokens)
+
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.entries)
+        return sum(c.nbytes for _, c in self.entries)
 
 
-@dataclass
+def is_prefix(a: Sequence[int], b: Sequence[int]) -> bool:
+    return len(a) <= len(b) and common_prefix_length(a, b) == len(a)
+
+
+def reusable(cache: PromptCache, tokens: Sequence[int]) -> int:
+    """Tokens of ``tokens`` that ``cache`` can stand for once rolled back (at least one token is
+    left to feed); 0 where a layer cannot roll back that far."""
+    keep = min(common_prefix_length(cache.tokens, tokens), len(tokens) - 1)
+    drop = len(cache.tokens) - keep
+    return keep if all(can_trim(c, drop) for c in cache) else 0
+
+
+class Cancelled(Exception):
+    """The job was cancelled: its client left or stopped reading, or the server is stopping."""
+
+
+@dataclass(eq=False)
 class Job:
-    """One request for the generation thread; results go to ``items`` on the event loop."""
+    """One request for the generation thread; results go to ``items`` on the event loop.
+
+    At most ``max_unread`` tokens wait there unread; more are held back on the generation thread
+    (``send`` never blocks the batch), and once the client has read nothing for
+    ``stall_timeout`` seconds the job is cancelled (``flush``). ``reason`` says why the server
+    (not the client) cancelled it; the client is then sent that as an error."""
 
     tokens: list
     options: dict
     seed: int | None
     top_logprobs: int | None
     loop: asyncio.AbstractEventLoop
+    namespace: str = ""
+    max_unread: int = 256
+    stall_timeout: float = 30.0
     items: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    reason: str | None = None
+
+    def __post_init__(self):
+        self.room = threading.Semaphore(self.max_unread)
+        self.held: deque = deque()  # items not handed over yet (a token waits for room)
+        self.stalled_since: float | None = None
 
     def send(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.items.put_nowait, (kind, value))
+        """Queue an item for the client, in order, without waiting (see ``flush``)."""
+        self.held.append((kind, value))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Hand over what the client has room for; True when nothing is held back. A client
+        that read nothing for ``stall_timeout`` seconds has its job cancelled."""
+        while self.held:
+            kind, _ = self.held[0]
+            if kind == "token" and not self.room.acquire(blocking=False):
+                break
+            self._put(self.held.popleft())
+        if not self.held:
+            self.stalled_since = None
+            return True
+        now = time.monotonic()
+        self.stalled_since = self.stalled_since or now
+        if now - self.stalled_since > self.stall_timeout:
+            self.held.clear()
+            self.cancel(f"the client read nothing for {self.stall_timeout:g} s")
+        return False
+
+    def _put(self, item: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: nobody will read
+            self.cancel("the server has stopped")
+
+    async def receive(self) -> tuple[str, Any]:
+        kind, value = await self.items.get()
+        if kind == "token":
+            self.room.release()
+        return kind, value
+
+    def cancel(self, reason: str | None = None) -> None:
+        if not self.cancelled.is_set():
+            self.reason = reason
+        self.cancelled.set()
+
+    def check(self, *_) -> None:
+        """Raise ``Cancelled`` if the job was cancelled."""
+        if self.cancelled.is_set():
+            raise Cancelled(self.reason or "the client went away")
 
 
-@dataclass
+@dataclass(eq=False)
 class Running:
     """A job in the batch: its text stream, how many tokens it sent, what its cache reused."""
 
@@ -98,11 +200,16 @@ class RowUsage:
         return {**counters(stats), **rates}
 
 
+# The job options that make its ``TokenPolicy`` (``generation.make_policy``'s parameters).
+POLICY_OPTIONS = ("temp", "top_p", "min_p", "top_k", "repetition_penalty")
+
+
 class Worker:
     """Loads the models, then serves jobs on its own thread (MLX streams belong to the thread
     that made them: all MLX work happens here): up to ``decode_concurrency`` decode together in
     one ``BatchGenerator`` (MTP on), joining and leaving between rounds; ``prompt_concurrency``
-    prompts are filled at once, a chunk per round."""
+    prompts are filled at once, a chunk per round. A job's failure is logged and reported to its
+    client; the others go on (a failed round fails the jobs in it)."""
 
     def __init__(
         self,
@@ -117,6 +224,9 @@ class Worker:
         prefill_step_size: int = 512,
     ):
         self.jobs: queue.Queue = queue.Queue()
+        self.running: dict[int, Running] = {}
+        self.draining: set[Job] = set()  # finished, with items their clients have not taken
+        self.stopping: str | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.engine_options = {
@@ -127,10 +237,34 @@ class Worker:
             "prompt_concurrency": prompt_concurrency,
         }
         args = (load_models, max_entries, max_bytes)
-        threading.Thread(target=self._serve, args=args, daemon=True, name="generation").start()
+        self.thread = threading.Thread(
+            target=self._serve, args=args, daemon=True, name="generation"
+        )
+        self.thread.start()
         self.ready.wait()
         if self.load_error is not None:
             raise self.load_error
+
+    def waiting(self) -> int:
+        """Jobs accepted and not decoding yet (queued, or waiting for a row of the batch)."""
+        return self.jobs.qsize() + len(self.engine.waiting)
+
+    def running_jobs(self) -> list[Job]:
+        return [run.job for run in list(self.running.values())]
+
+    def stop(self, reason: str = "the server is shutting down") -> None:
+        """Cancel every job, waiting or running (each ends with ``reason`` as its error within
+        a round or prompt chunk), and end the thread after them."""
+        self.stopping = reason
+        with self.jobs.mutex:
+            jobs = [*self.jobs.queue, *self.running_jobs()]
+        for job in jobs:
+            if job is not None:
+                job.cancel(reason)
+        self.jobs.put(None)
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
 
     def _serve(self, load_models, max_entries: int, max_bytes: int) -> None:
         try:
@@ -142,96 +276,126 @@ class Worker:
             return
         finally:
             self.ready.set()
-        self.running: dict[int, Running] = {}
         with mx.stream(generation_stream):
-            while True:
-                self._admit(block=not self.engine.active)
+            while self._admit():
+                self._flush()
                 self._drop_cancelled()
                 if self.engine.active:
                     self._step()
+            for run in list(self.running.values()):  # stopping: every job is cancelled
+                run.job.cancel(self.stopping)
+            self._drop_cancelled()
 
     def _new_engine(self) -> BatchGenerator:
         return BatchGenerator(self.target, self.drafter, **self.engine_options)
 
-    def _admit(self, block: bool) -> None:
-        """Insert the jobs that arrived (waiting for one when idle)."""
+    def _admit(self) -> bool:
+        """Insert the jobs that arrived (waiting for one when there is nothing to do); False
+        once the server stops."""
+        block = not self.engine.active
+        timeout = 0.05 if self.running or self.draining else None  # clients to hand items to
         while True:
             try:
-                job = self.jobs.get(block=block)
+                job = self.jobs.get(block=block, timeout=timeout)
             except queue.Empty:
-                return
+                return self.stopping is None
             block = False
-            if not job.cancelled.is_set():
-                self._insert(job)
+            if job is None:
+                return False
+            if self.stopping is not None:
+                job.cancel(self.stopping)
+            self._settle_failures(job, self._insert, job)
+
+    def _settle_failures(self, job: Job, action, *args) -> None:
+        """Run ``action``; a failure is logged and reported to ``job``'s client only."""
+        try:
+            action(*args)
+        except Cancelled as e:
+            logger.info("request cancelled: %s", e)
+            if job.reason is not None:
+                job.send("error", job.reason)
+        except Exception as e:  # reported to the client; the server keeps serving
+            logger.exception("request failed (%d prompt tokens)", len(job.tokens))
+            job.send("error", f"{type(e).__name__}: {e}")
 
     def _insert(self, job: Job) -> None:
-        cache = self.lru.take(job.tokens)
-        try:
-            rest = trim_to_common_prefix(cache, job.tokens)
-            options = dict(job.options)
-            policy = make_policy(
-                **{name: options.pop(name) for name in POLICY_OPTIONS if name in options}
-            )
-            uid = self.engine.insert(
-                rest,
-                max_tokens=options["max_tokens"],
-                policy=policy,
-                eos_token_ids=self.tokenizer.eos_token_ids if self.tokenizer else (),
-                cache=cache,
-                seed=job.seed,
-                num_draft_tokens=options["num_draft_tokens"],
-            )
-        except Exception as e:  # reported to the client; the server keeps serving
-            job.send("error", f"{type(e).__name__}: {e}")
-            return
+        job.check()
+        cache = self.lru.take(job.tokens, job.namespace)
+        rest = job.tokens[len(cache.tokens) :]
+        options = job.options
+        policy = make_policy(**{name: options[name] for name in POLICY_OPTIONS})
+        uid = self.engine.insert(
+            rest,
+            max_tokens=options["max_tokens"],
+            policy=policy,
+            eos_token_ids=self.tokenizer.eos_token_ids if self.tokenizer else (),
+            cache=cache,
+            seed=job.seed,
+            num_draft_tokens=options["num_draft_tokens"],
+        )
         texts = TextStream(self.tokenizer, options.get("stop", ()))
         cached = len(job.tokens) - len(rest)
         self.running[uid] = Running(job, texts, cached, self.engine.row_stats(uid))
 
+    def _flush(self) -> None:
+        for run in list(self.running.values()):
+            run.job.flush()
+        self.draining = {job for job in self.draining if not job.flush()}
+
     def _drop_cancelled(self) -> None:
         for uid, run in list(self.running.items()):
             if run.job.cancelled.is_set():
-                self._end(uid, self.engine.remove(uid, run.sent), finished=False)
+                self._settle_failures(run.job, self._cancel, uid, run)
+
+    def _cancel(self, uid: int, run: Running) -> None:
+        del self.running[uid]
+        cache = self.engine.remove(uid, run.sent)
+        if cache is not None:
+            self.lru.put(cache, run.job.namespace)
+        run.job.check()
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # a failed round fails the rows in it; the server keeps serving
+        except Exception as e:  # a failed round fails the jobs in it; the server keeps serving
+            logger.exception("a round failed (%d requests in it)", len(self.running))
             for run in self.running.values():
                 run.job.send("error", f"{type(e).__name__}: {e}")
             self.running.clear()
             self.engine = self._new_engine()
             return
         for out in outputs:
-            self._deliver(out)
+            run = self.running.get(out.uid)
+            if run is not None:
+                self._settle_failures(run.job, self._deliver, out, run)
 
-    def _deliver(self, out) -> None:
+    def _deliver(self, out: RowOutput, run: Running) -> None:
         """Send a row's tokens; end it at its finish, or at a stop string (removing its row)."""
-        run = self.running[out.uid]
         for i, token in enumerate(out.tokens):
             last = out.finish_reason is not None and i == len(out.tokens) - 1
             is_eos = last and out.finish_reason == "stop"
             text, stopped = run.texts.add(token, is_eos, last)
             run.sent += 1
             finish = "stop" if stopped else out.finish_reason if last else None
-            run.job.send(
-                "token", self._token(token, text, finish, out.logprobs[i], run.job.top_logprobs)
-            )
+            run.job.send("token", self._token(token, text, finish, out.logprobs[i], run.job))
             if stopped:
-                cache = self.engine.remove(out.uid, run.sent) if not last else out.cache
-                self._end(out.uid, cache, finished=True)
-                return
+                cache = out.cache if last else self.engine.remove(out.uid, run.sent)
+                return self._end(out.uid, run, cache)
         if out.finish_reason is not None:
-            self._end(out.uid, out.cache, finished=True)
+            self._end(out.uid, run, out.cache)
 
-    def _end(self, uid: int, cache, finished: bool) -> None:
-        run = self.running.pop(uid)
+    def _end(self, uid: int, run: Running, cache) -> None:
+        """Answer the job's usage, then keep its cache (a failure there is the server's)."""
+        del self.running[uid]
         run.job.send("end", usage(len(run.job.tokens), run.cached, RowUsage(run.stats, run.sent)))
+        if run.job.held:
+            self.draining.add(run.job)
         if cache is not None:
-            self.lru.put(cache)
+            self.lru.put(cache, run.job.namespace)
 
-    def _token(self, token: int, text: str, finish, logprobs: mx.array, top: int | None) -> dict:
+    def _token(self, token: int, text: str, finish, logprobs: mx.array, job: Job) -> dict:
         item = {"text": text, "token": token, "finish_reason": finish}
+        top = job.top_logprobs
         if top is not None:
             row = logprobs.astype(mx.float32)
             item["logprob"] = row[token].item()
