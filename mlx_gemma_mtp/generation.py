@@ -76,15 +76,29 @@ def make_policy(
     logits_processors: list | None = None,
     repetition_penalty: float | None = None,
     repetition_context_size: int = 20,
+    logit_bias: dict[int, float] | None = None,
+    presence_penalty: float | None = None,
+    presence_context_size: int = 20,
+    frequency_penalty: float | None = None,
+    frequency_context_size: int = 20,
 ) -> TokenPolicy:
     """A ``TokenPolicy`` from mlx-lm's options. A custom ``sampler`` is honoured exactly, but
     its draws depend on how many rows each round verifies (it draws from MLX's random state), so
     a seed fixes its output only for one draft schedule; the options (``temp``, ``top_p``, ...)
     sample coupled, which a seed fixes whatever the schedule.
     mlx-lm's repetition penalty reads only the last ``repetition_context_size`` tokens, so it
-    keeps the pipelined loop; custom ``logits_processors`` may read the whole history."""
+    keeps the pipelined loop; custom ``logits_processors`` may read the whole history, and so
+    do ``logit_bias`` and the presence and frequency penalties (mlx-lm's processors: the target
+    and the drafter both apply them, so drafts are verified under them)."""
     params = SamplingParams(temp, top_p, min_p, min_tokens_to_keep, top_k)
     processors = list(logits_processors or [])
+    processors += make_logits_processors(
+        logit_bias=logit_bias,
+        presence_penalty=presence_penalty,
+        presence_context_size=presence_context_size,
+        frequency_penalty=frequency_penalty,
+        frequency_context_size=frequency_context_size,
+    )
     window = None if processors else repetition_context_size
     processors += make_logits_processors(
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
@@ -126,9 +140,12 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int] | mx.array, vocab_size:
     return ids
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` through the chat template, ready for the model's reply."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def encode_chat(tokenizer, messages: list[dict], **template_kwargs: Any) -> list[int]:
+    """Token ids of ``messages`` through the chat template, ready for the model's reply;
+    ``template_kwargs`` (``tools=``, ``enable_thinking=``, ...) go to the template."""
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+    )
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -186,6 +203,11 @@ def stream_generate(
     stop: Sequence[str] = (),
     eos_token_ids: Sequence[int] | None = None,
     costs: Costs | None = None,
+    logit_bias: dict[int, float] | None = None,
+    presence_penalty: float | None = None,
+    presence_context_size: int = 20,
+    frequency_penalty: float | None = None,
+    frequency_context_size: int = 20,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield one ``GenerationResponse`` per generated token (the last one has a
     ``finish_reason``: ``"stop"`` for EOS or a stop string, ``"length"`` for ``max_tokens``).
@@ -198,7 +220,8 @@ def stream_generate(
     ``prompt_progress_callback(processed, total)``. Ours: ``temp``/``top_p``/``min_p``/
     ``min_tokens_to_keep``/``top_k`` (coupled sampling: a seed fixes the output, whatever the
     drafting), ``repetition_penalty``/
-    ``repetition_context_size``, ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
+    ``repetition_context_size``, mlx-lm's ``logit_bias`` and presence/frequency penalties (with
+    their context sizes), ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
     ``eos_token_ids`` (default: all of the tokenizer's), ``costs`` (``mlx_gemma_mtp.costs.Costs``
     for the ``auto`` schedule instead of the measured ones). Closing the generator cancels.
     """
@@ -226,6 +249,11 @@ def stream_generate(
         logits_processors,
         repetition_penalty,
         repetition_context_size,
+        logit_bias,
+        presence_penalty,
+        presence_context_size,
+        frequency_penalty,
+        frequency_context_size,
     )
     engine = SpeculativeGenerator(
         target,

@@ -2,16 +2,25 @@
 
 import argparse
 import asyncio
+import ipaddress
+import logging
+import os
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import mlx.core as mx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from ..config import ConfigError
@@ -38,13 +47,129 @@ from .protocol import (
     sse,
     text_choice,
 )
+from .tools import ToolCalls, calls_tools, template_kwargs, template_messages
 from .worker import Job, Worker
 
+logger = logging.getLogger(__name__)
+API_KEY_VARIABLE = "MLX_GEMMA_MTP_API_KEY"
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
-def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
-    """The FastAPI app; ``defaults`` are the server's sampling and drafting defaults."""
+
+def host_name(host: str) -> str:
+    """``host`` (a Host header, a URL's netloc or an address) without its port, lower case,
+    an IPv6 address in brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    if host.count(":") > 1:  # a bare IPv6 address
+        return f"[{host}]"
+    return host.partition(":")[0]
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call the server: a bearer ``api_key`` (None: anyone), the names the Host header
+    and a browser's Origin may carry (``*``: any; the rest of the world reaching a loopback
+    server through DNS rebinding is refused), and whether ``/docs`` is served."""
+
+    api_key: str | None = None
+    hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    docs: bool = False
+
+    @classmethod
+    def for_bind(cls, bound: str, allowed: Sequence[str] = (), **kwargs) -> "Access":
+        hosts = tuple(dict.fromkeys([*LOOPBACK_HOSTS, host_name(bound), *map(host_name, allowed)]))
+        return cls(hosts=hosts, **kwargs)
+
+    def refusal(self, headers: Headers):
+        """The error response for a request with these headers, or None to serve it."""
+        anywhere = "*" in self.hosts
+        host = host_name(headers.get("host", ""))
+        if not anywhere and host not in self.hosts:
+            return error_response(
+                400,
+                f"Host {host!r} is not allowed: start the server with --allowed-hosts {host} "
+                "to serve it under that name",
+                code="host_not_allowed",
+            )
+        origin = headers.get("origin")
+        origin_host = None if origin is None else host_name(urlsplit(origin).netloc)
+        if origin_host is not None and not anywhere and origin_host not in self.hosts:
+            message = f"Origin {origin!r} is not allowed"
+            return error_response(403, message, code="origin_not_allowed")
+        if self.api_key is not None and not secrets.compare_digest(
+            headers.get("authorization", "").encode(), f"Bearer {self.api_key}".encode()
+        ):
+            response = error_response(
+                401, "a valid API key is needed (Authorization: Bearer KEY)", code="invalid_api_key"
+            )
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        return None
+
+
+class Guard:
+    """ASGI middleware: ``Access`` checked on every HTTP request, before any endpoint."""
+
+    def __init__(self, app, access: Access):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self.access.refusal(Headers(scope=scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def is_loopback(host: str) -> bool:
+    name = host_name(host).strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> None:
+    if not is_loopback(host) and api_key is None:
+        logger.warning(
+            "serving on %s, beyond loopback, without an API key: anyone who can reach it can "
+            "use it (pass --api-key or set %s)",
+            host,
+            API_KEY_VARIABLE,
+        )
+
+
+def served_name(model: str) -> str:
+    """The model's id in the API: a local folder's name (never its path), else the hub id."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+def request_error(error: dict) -> tuple[str, str | None]:
+    """A validation error's message and the field it names (pydantic's union and validator
+    tags left out of the path)."""
+    names = [str(p) for p in error["loc"] if p != "body" and not str(p).endswith("]")]
+    names = [n for n in names if n not in ("str", "int", "float", "bool", "dict", "list")]
+    param = ".".join(names) or None
+    if error["type"] == "extra_forbidden":
+        return f"{param}: this server does not support this field", param
+    return f"{param or 'body'}: {error['msg'].removeprefix('Value error, ')}", param
+
+
+def create_app(
+    worker: Worker, model_id: str, defaults: dict, access: Access | None = None
+) -> FastAPI:
+    """The FastAPI app; ``defaults`` are the server's sampling and drafting defaults, ``access``
+    who may call it (default: loopback names only, no key, no ``/docs``)."""
     target, drafter, tokenizer, lru = worker.target, worker.drafter, worker.tokenizer, worker.lru
-    app = FastAPI(title="mlx-gemma-mtp")
+    access = access or Access()
+    docs = {} if access.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="mlx-gemma-mtp", **docs)
+    app.add_middleware(Guard, access=access)
     vocab_size = target.args.vocab_size
 
     @app.exception_handler(RequestValidationError)
@@ -52,8 +177,8 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
             return error_response(400, f"the body is not valid JSON ({first['msg']})")
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        return error_response(400, f"{param or 'body'}: {first['msg']}", param)
+        message, param = request_error(first)
+        return error_response(400, message, param)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request, exc: BadRequest):
@@ -62,6 +187,11 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):  # logged here, not echoed to the client
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
 
     @app.get("/health")
     async def health() -> dict:
@@ -95,17 +225,41 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
         if drafter is None and body.num_draft_tokens:
             raise BadRequest("this server has no draft model", "num_draft_tokens")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        top_k = pick(body.top_k, "top_k")
+        if top_k > vocab_size:
+            raise BadRequest(f"top_k: must be at most the vocabulary size {vocab_size}", "top_k")
+        logit_bias = token_biases(body.logit_bias)
         return {
             "max_tokens": pick(max_tokens, "max_tokens"),
             "temp": pick(body.temperature, "temp"),
             "top_p": pick(body.top_p, "top_p"),
-            "top_k": pick(body.top_k, "top_k"),
+            "top_k": top_k,
             "min_p": pick(body.min_p, "min_p"),
             "repetition_penalty": body.repetition_penalty,
+            **penalties(body),
+            "logit_bias": logit_bias,
+            # A token pushed up may lie outside the drafter's centroid candidates.
+            "full_vocab_draft": any(bias > 0 for bias in (logit_bias or {}).values()),
             "num_draft_tokens": k if drafter is not None else 0,
             "draft_schedule": defaults["draft_schedule"],
             "stop": stop,
         }
+
+    def token_biases(biases: dict | None) -> dict[int, float] | None:
+        if not biases:
+            return None
+        out = {}
+        for key, bias in biases.items():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            if not 0 <= token < vocab_size:
+                raise BadRequest(
+                    f"logit_bias: {key!r} is not a token id in [0, {vocab_size})", "logit_bias"
+                )
+            out[token] = bias
+        return out
 
     async def submit(body: Sampling, tokens: list, opts: dict, top: int | None) -> Job:
         job = Job(tokens, opts, body.seed, top, asyncio.get_running_loop())
@@ -136,14 +290,21 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
         opts = options(body, body.max_completion_tokens or body.max_tokens)
         if tokenizer is None:
             raise BadRequest("the model has no tokenizer: use /v1/completions with token ids")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        tokens = encode_chat(tokenizer, messages)
+        messages, rendering = template_messages(body), template_kwargs(body, tokenizer)
+        try:
+            tokens = encode_chat(tokenizer, messages, **rendering)
+        except TemplateError as e:  # the template refused these messages
+            raise BadRequest(f"messages: the chat template failed ({e})", "messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = await submit(body, tokens, opts, top)
+        parallel = body.parallel_tool_calls is not False
+        tools = [tool.model_dump() for tool in body.tools or []]
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": model_id}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+            calls = ToolCalls(tokenizer, tools, True, parallel) if calls_tools(body) else None
 
             @cancels(job)
             async def events():
@@ -154,8 +315,13 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
                     if kind == "error":
                         yield sse({"error": {"message": value, "type": "server_error"}})
                     elif kind == "token":
-                        delta = {"content": value["text"]}
-                        entry = choice_delta(delta, value["finish_reason"])
+                        delta, finish = {"content": value["text"]}, value["finish_reason"]
+                        if calls is not None:
+                            last = finish is not None
+                            delta["content"], found = calls.feed(delta["content"], last)
+                            delta.update({"tool_calls": found} if found else {})
+                            finish = calls.finish_reason(finish)
+                        entry = choice_delta(delta, finish)
                         if top is not None:
                             entry["logprobs"] = {"content": [chat_logprob(value)]}
                         yield sse({**chunk, "choices": [entry]})
@@ -167,6 +333,12 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
         items = [item async for item in results(job, request)]
         text, finish, use, logprobs = collect(items)
         message = {"role": "assistant", "content": text}
+        if calls_tools(body):
+            calls = ToolCalls(tokenizer, tools, False, parallel)
+            content, found = calls.feed(text, final=True)
+            finish = calls.finish_reason(finish)
+            message = {"role": "assistant", "content": content or None}
+            message.update({"tool_calls": found} if found else {})
         choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         if top is not None:
             choice["logprobs"] = {"content": [chat_logprob(v) for k, v in items if k == "token"]}
@@ -212,6 +384,20 @@ def create_app(worker: Worker, model_id: str, defaults: dict) -> FastAPI:
     return app
 
 
+def penalties(body: Sampling) -> dict:
+    """mlx-lm's presence and frequency penalties and their look-back (defaults: mlx-lm's)."""
+    sizes = {
+        "repetition_context_size": body.repetition_context_size,
+        "presence_context_size": body.presence_context_size,
+        "frequency_context_size": body.frequency_context_size,
+    }
+    return {
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        **{name: size for name, size in sizes.items() if size is not None},
+    }
+
+
 def cancels(job: Job):
     """Closing the decorated event stream (the client went away) cancels ``job``."""
 
@@ -254,6 +440,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_VARIABLE),
+        help=f"Bearer key every request must send (default: ${API_KEY_VARIABLE}; none: open).",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=[],
+        metavar="HOST",
+        help="Host names clients may use besides --host and loopback ('*': any; the Host check "
+        "keeps web pages from reaching the server by DNS rebinding).",
+    )
+    parser.add_argument("--docs", action="store_true", help="Serve /docs and /openapi.json.")
     args = parser.parse_args(argv)
     if not 0 <= args.num_draft_tokens <= DEFAULT_MAX_DRAFT_TOKENS:
         parser.error(f"--num-draft-tokens must be in [0, {DEFAULT_MAX_DRAFT_TOKENS}]")
@@ -279,8 +479,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "top_k": args.top_k,
         "min_p": args.min_p,
     }
-    app = create_app(worker, args.model, defaults)
-    print(f"Serving {args.model} on http://{args.host}:{args.port}/v1", flush=True)
+    logging.basicConfig(level=args.log_level.upper())
+    warn_if_exposed(args.host, args.api_key)
+    access = Access.for_bind(args.host, args.allowed_hosts, api_key=args.api_key, docs=args.docs)
+    model_id = served_name(args.model)
+    app = create_app(worker, model_id, defaults, access)
+    print(f"Serving {model_id} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -3,6 +3,7 @@ each job takes the cached conversation sharing its longest prefix (an LRU bounde
 bytes), so a conversation's next turn only feeds its new tokens."""
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from ..generation import (
 )
 from ..models.target import Target
 from .protocol import usage
+
+logger = logging.getLogger(__name__)
 
 
 class PromptCacheLRU:
@@ -122,6 +125,7 @@ class Worker:
             finally:
                 stream.close()  # settles the cache: prompt + emitted tokens
         except Exception as e:  # reported to the client; the server keeps serving
+            logger.exception("generation failed")
             job.send("error", f"{type(e).__name__}: {e}")
             return  # the cache may be inconsistent: drop it
         self.lru.put(cache)
