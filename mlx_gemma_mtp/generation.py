@@ -217,7 +217,9 @@ def stream_generate(
     assistant (``None`` or ``num_draft_tokens=0``: plain decoding), ``sampler``,
     ``logits_processors``, ``prompt_cache`` (from ``make_prompt_cache``: afterwards it stands for
     the prompt and every emitted token, also when the caller stops early), ``prefill_step_size``,
-    ``prompt_progress_callback(processed, total)``. Ours: ``temp``/``top_p``/``min_p``/
+    ``prompt_progress_callback(processed, total)``; the logits processors' history starts with
+    the tokens a ``make_prompt_cache`` cache already holds, so a cached conversation gets the
+    tokens a fresh run over the whole conversation would. Ours: ``temp``/``top_p``/``min_p``/
     ``min_tokens_to_keep``/``top_k`` (coupled sampling: a seed fixes the output, whatever the
     drafting), ``repetition_penalty``/
     ``repetition_context_size``, mlx-lm's ``logit_bias`` and presence/frequency penalties (with
@@ -267,6 +269,7 @@ def stream_generate(
         cache=prompt_cache,
         prompt_progress_callback=progress,
         costs=costs,
+        context=prompt_cache.tokens if isinstance(prompt_cache, PromptCache) else (),
     )
     texts = TextStream(tokenizer, stop)
     count = 0

@@ -25,7 +25,7 @@ request gives the same tokens whatever the costs measured and the schedule chose
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -252,12 +252,15 @@ class SpeculativeGenerator:
         costs: Costs | None = None,
         cache: list | None = None,
         prompt_progress_callback: Callable[[int, int], None] | None = None,
+        context: Sequence[int] = (),
     ):
         """``cache``: the target cache to continue from (``Target.make_cache``, with a slack of
         at least ``draft_slack(num_draft_tokens)``), kept by the caller between generations;
         after ``settle`` it stands for its old tokens, the prompt and the emitted tokens.
         A sampling policy takes its seed from MLX's random state here (``mx.random.seed``
-        fixes it); nothing else draws from it."""
+        fixes it); nothing else draws from it. ``context``: the tokens already in ``cache``,
+        which the logits processors' history starts with (so a cached conversation is penalised
+        as a fresh one would be)."""
         if draft_schedule not in SCHEDULES:
             raise ValueError(f"draft schedule {draft_schedule!r} is not one of {SCHEDULES}")
         if num_draft_tokens < 0:
@@ -286,6 +289,7 @@ class SpeculativeGenerator:
         self.start = cache[0].offset if cache else 0
         self.prompt, self.emitted = None, []
         self.prompt_progress_callback = prompt_progress_callback
+        self.context = list(context)
         # ``auto`` gets its controller once the prompt is in the cache (see ``generate``).
         self.schedule = DraftSchedule(num_draft_tokens, draft_schedule.replace("auto", "constant"))
         # Drafting before the round's result is read needs the whole token history the
@@ -335,11 +339,14 @@ class SpeculativeGenerator:
         return Round(0, first, self._accept([], logprobs, first), logprobs, hidden, history)
 
     def _initial_history(self, prompt: mx.array) -> mx.array | None:
-        """The processors' history: the whole prompt, or its last ``W`` tokens (padded with its
-        first token, which the set-like repetition penalty counts once anyway)."""
+        """The processors' history: the context and the whole prompt, or their last ``W`` tokens
+        (padded with the first, which the set-like repetition penalty counts once anyway)."""
         window = self.policy.history_window
         if not self.policy.processors:
             return mx.array(0)
+        if self.context:
+            context = self.context[-window:] if window else self.context
+            prompt = mx.concatenate([mx.array(context, prompt.dtype), prompt])
         if window is None or prompt.size >= window:
             return prompt if window is None else prompt[-window:]
         return mx.concatenate([mx.repeat(prompt[:1], window - prompt.size), prompt])

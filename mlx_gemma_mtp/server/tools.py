@@ -25,7 +25,7 @@ def template_messages(body: ChatRequest) -> list[dict]:
     """The messages as the chat template reads them (OpenAI's shape, arguments as mappings)."""
     messages = []
     for i, message in enumerate(body.messages):
-        if message.tool_calls and message.role != "assistant":
+        if message.tool_calls is not None and message.role != "assistant":
             raise BadRequest("only assistant messages have tool_calls", f"messages.{i}.tool_calls")
         if message.tool_call_id is not None and message.role != "tool":
             raise BadRequest("only tool messages have a tool_call_id", f"messages.{i}.tool_call_id")

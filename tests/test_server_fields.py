@@ -1,0 +1,438 @@
+"""What apps send, in-process (FastAPI's TestClient, driven by the ``openai`` client where it
+helps): tool calls, every field honoured or refused, bounds, and access checks."""
+
+import json
+import logging
+import shutil
+
+import httpx
+import mlx.core as mx
+import pytest
+from conftest import FIXTURE
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.sample_utils import make_logits_processors  # noqa: E402
+
+from mlx_gemma_mtp import load  # noqa: E402
+from mlx_gemma_mtp.generation import encode_chat  # noqa: E402
+from mlx_gemma_mtp.server import Worker, create_app  # noqa: E402
+from mlx_gemma_mtp.server import worker as worker_module  # noqa: E402
+from mlx_gemma_mtp.server.app import (  # noqa: E402
+    Access,
+    parse_args,
+    served_name,
+    warn_if_exposed,
+)
+from mlx_gemma_mtp.server.tools import ToolCallText  # noqa: E402
+
+TARGET, ASSISTANT = FIXTURE / "target", FIXTURE / "assistant"
+BASE = "http://127.0.0.1"
+DEFAULTS = {
+    "num_draft_tokens": 3,
+    "draft_schedule": "constant",  # drafting every round: the MTP path is what is tested
+    "max_tokens": 16,
+    "temp": 0.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+}
+USER = [{"role": "user", "content": "def main():"}]
+
+# A template of our own in Gemma 4's tool wire format (declarations, calls, responses).
+TOOL_TEMPLATE = """{{ bos_token }}{% if tools %}<start_of_turn>system
+{% for tool in tools %}<|tool>declaration:{{ tool.function.name }}\
+{{ tool.function.parameters | tojson }}<tool|>{% endfor %}<end_of_turn>
+{% endif %}{% for message in messages %}\
+{% set role = 'model' if message.role == 'assistant' else message.role %}\
+<start_of_turn>{{ role }}
+{% for call in message.tool_calls or [] %}<|tool_call>call:{{ call.function.name }}{{ '{' }}\
+{% for key, value in call.function.arguments | dictsort %}{{ key }}:<|"|>{{ value }}<|"|>\
+{% if not loop.last %},{% endif %}{% endfor %}{{ '}' }}<tool_call|>{% endfor %}\
+{% if message.role == 'tool' %}<|tool_response>response:{{ message.tool_call_id }}\
+{value:<|"|>{{ message.content }}<|"|>}<tool_response|>\
+{% else %}{{ message.content | trim }}{% endif %}<end_of_turn>
+{% endfor %}{% if greeting %}{{ greeting }}{% endif %}\
+{% if add_generation_prompt %}<start_of_turn>model
+{% endif %}"""
+# A Gemma 4 reply that calls a tool: text, then the call in its wire format.
+RECORDED_CALL = (
+    'Let me check.<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'
+)
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def make_client(target_path=TARGET, access: Access | None = None) -> TestClient:
+    worker = Worker(lambda: load(str(target_path), str(ASSISTANT), dtype="float32"), 4, 1 << 26)
+    app = create_app(worker, served_name(str(target_path)), DEFAULTS, access)
+    return TestClient(app, base_url=BASE)
+
+
+@pytest.fixture(scope="module")
+def client():
+    return make_client()
+
+
+@pytest.fixture(scope="module")
+def tool_client(tmp_path_factory):
+    """The fixture target with a chat template that renders tools (mlx-lm then infers the
+    Gemma 4 tool parser from its markers)."""
+    folder = tmp_path_factory.mktemp("tools") / "gemma4-tools"
+    shutil.copytree(TARGET, folder)
+    (folder / "chat_template.jinja").write_text(TOOL_TEMPLATE)
+    return make_client(folder)
+
+
+def post(client, path: str, body, **kwargs) -> httpx.Response:
+    if isinstance(body, str):
+        kwargs["content"], kwargs["headers"] = body, {"content-type": "application/json"}
+    else:
+        kwargs["json"] = body
+    return client.post(f"/v1/{path}", **kwargs)
+
+
+def chat(client, **body) -> dict:
+    response = post(client, "chat/completions", {"messages": USER, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def surrogate_body(field: str) -> str:
+    """A request whose ``field`` holds a lone surrogate (JSON's escape makes one)."""
+    if field == "stop":
+        return '{"messages": [{"role": "user", "content": "x"}], "stop": "\\ud800"}'
+    return '{"messages": [{"role": "user", "content": "x\\ud800"}]}'
+
+
+CHAT_REFUSALS = [
+    ({"top_k": 1e9}, "top_k"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**70}, "seed"),
+    ({"temperature": 1e-300}, "temperature"),
+    ('{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": Infinity}',
+     "repetition_penalty"),
+    ('{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "temperature"),
+    (surrogate_body("content"), "messages.0.content"),
+    (surrogate_body("stop"), "stop"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"presence_context_size": 0}, "presence_context_size"),
+    ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({"logit_bias": {"32768": 1}}, "logit_bias"),
+    ({"logit_bias": {"the": 1}}, "logit_bias"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"n": 2}, "n"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ({"tool_choice": "required", "tools": [WEATHER_TOOL]}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+      "tools": [WEATHER_TOOL]}, "tool_choice"),
+    ({"tools": [WEATHER_TOOL]}, "tools"),  # this template cannot render tools
+    ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+    ({"xtc_probability": 0.5}, "xtc_probability"),
+    ({"functions": []}, "functions"),
+    ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
+    ({"messages": [{"role": "user", "content": "x", "images": []}]}, "messages.0.images"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, None),
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "function": {"name": "f", "arguments": "{not json"}}]}]},
+     "messages.0.tool_calls.0.function.arguments"),
+    ({"messages": [{"role": "user", "content": "x", "tool_call_id": "1"}]},
+     "messages.0.tool_call_id"),
+]  # fmt: skip
+COMPLETION_REFUSALS = [
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "best_of": 2}, "best_of"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "max_tokens": 2**70, "top_k": -1}, "top_k"),
+]
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [("chat/completions", b, p) for b, p in CHAT_REFUSALS]
+    + [("completions", b, p) for b, p in COMPLETION_REFUSALS],
+)
+def test_unsupported_fields_and_bad_values_get_400_naming_them(client, path, body, param):
+    if isinstance(body, dict) and path == "chat/completions":
+        body = {"messages": USER, **body}
+    response = post(client, path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param, error
+        assert param.split(".")[-1] in error["message"]
+    assert post(client, "completions", {"prompt": [2, 3], "max_tokens": 2}).status_code == 200
+
+
+def test_ignored_and_neutral_fields_are_accepted(client):
+    reply = chat(
+        client,
+        max_tokens=4,
+        user="u1",
+        cache_salt="s",
+        prompt_cache_key="k",
+        safety_identifier="x",
+        metadata={"a": "b"},
+        store=False,
+        service_tier="auto",
+        response_format={"type": "text"},
+        n=1,
+        seed=2**64 - 1,
+        parallel_tool_calls=True,
+        stream_options=None,
+        top_k=32768,
+    )
+    assert reply["usage"]["completion_tokens"] == 4
+    assert reply["model"] == "target"
+
+
+def test_logit_bias_makes_every_token_that_token_with_mtp(client):
+    token = 300
+    response = post(client, "completions", {"prompt": [2, 3, 4], "max_tokens": 12,
+                                            "logit_bias": {str(token): 100}, "logprobs": 0})  # fmt: skip
+    reply = response.json()
+    tokenizer = load(str(TARGET), None, dtype="float32")[2]
+    pieces = reply["choices"][0]["logprobs"]["tokens"]
+    assert pieces == [tokenizer.decode([token])] * 12
+    mtp = reply["usage"]["mtp"]
+    assert mtp["mode"] == "mtp" and mtp["drafted"] > 0
+    assert mtp["acceptance_rate"] > 0.9  # the drafter drafts under the bias too
+
+
+def test_penalties_change_the_output_and_mtp_equals_plain_and_mlx_lm(client):
+    penalties = {"presence_penalty": 1.5, "frequency_penalty": 0.8, "logit_bias": {"13": -5}}
+    mtp = chat(client, max_tokens=24, **penalties)
+    plain = chat(client, max_tokens=24, num_draft_tokens=0, **penalties)
+    unpenalized = chat(client, max_tokens=24)
+    text = mtp["choices"][0]["message"]["content"]
+    assert mtp["usage"]["mtp"]["drafted"] > 0 and plain["usage"]["mtp"]["mode"] == "plain"
+    assert text == plain["choices"][0]["message"]["content"]
+    assert text != unpenalized["choices"][0]["message"]["content"]
+    # mlx-lm's own loop with its own processors picks the same tokens.
+    target, _, tokenizer = load(str(TARGET), None, dtype="float32")
+    prompt = encode_chat(tokenizer, USER)
+    processors = make_logits_processors(
+        logit_bias={13: -5}, presence_penalty=1.5, frequency_penalty=0.8
+    )
+    steps = generate_step(mx.array(prompt), target.model, max_tokens=24,
+                          logits_processors=processors)  # fmt: skip
+    assert text == tokenizer.decode([t for t, _ in steps])
+
+
+def test_generation_errors_are_logged_and_the_server_keeps_serving(client, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(worker_module, "stream_generate", broken)
+    with caplog.at_level(logging.ERROR, logger="mlx_gemma_mtp.server.worker"):
+        response = post(client, "completions", {"prompt": [2, 3], "max_tokens": 2})
+    assert response.status_code == 500
+    assert "the device went away" in response.json()["error"]["message"]
+    assert any("generation failed" in r.getMessage() and r.exc_info for r in caplog.records)
+    monkeypatch.undo()
+    assert post(client, "completions", {"prompt": [2, 3], "max_tokens": 2}).status_code == 200
+
+
+# -- tools --------------------------------------------------------------------------------------
+
+
+def forced_reply(monkeypatch, tokenizer, text: str) -> None:
+    """The server's next generations emit ``text`` (then EOS) through the real engine, MTP on:
+    a logits processor leaves only the next recorded token."""
+    forced = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    real = worker_module.stream_generate
+
+    def generate(*args, **kwargs):
+        start = []
+
+        def force(history, logits):
+            start.append(start[0] if start else history.size)
+            position = min(history.size - start[0], len(forced) - 1)
+            return mx.where(mx.arange(logits.shape[-1]) == forced[position], 0.0, -1e9)[None]
+
+        return real(*args, logits_processors=[force], **kwargs)
+
+    monkeypatch.setattr(worker_module, "stream_generate", generate)
+
+
+def tool_history() -> list:
+    arguments = json.dumps({"city": "Paris"})
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": arguments}}  # fmt: skip
+    return [
+        {"role": "system", "content": "You help."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+
+
+def test_tools_and_tool_results_are_rendered_through_the_template(tool_client):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=f"{BASE}/v1", api_key="-", http_client=tool_client)
+    tokenizer = load(str(TARGET), None)[2]
+    reply = api.chat.completions.create(
+        model="gemma4-tools",
+        messages=tool_history(),
+        tools=[WEATHER_TOOL],
+        max_tokens=6,
+        extra_body={"chat_template_kwargs": {"greeting": "Hello"}},
+    )
+    rendered = [
+        *tool_history()[:2],
+        {**tool_history()[2], "content": "", "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        tool_history()[3],
+    ]  # fmt: skip
+    tokenizer.chat_template = TOOL_TEMPLATE
+    expected = encode_chat(tokenizer, rendered, tools=[WEATHER_TOOL], greeting="Hello")
+    text = tokenizer.decode(expected)
+    assert '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>' in text
+    assert "<|tool>declaration:get_weather" in text and "response:call_1" in text
+    assert text.endswith("Hello<start_of_turn>model\n")
+    assert reply.usage.prompt_tokens == len(expected)
+    assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content
+
+
+def test_tool_call_output_becomes_tool_calls(tool_client, monkeypatch):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=f"{BASE}/v1", api_key="-", http_client=tool_client)
+    forced_reply(monkeypatch, load(str(TARGET), None)[2], RECORDED_CALL)
+    ask = dict(model="gemma4-tools", messages=USER, tools=[WEATHER_TOOL], max_tokens=64)
+    reply = api.chat.completions.create(**ask)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
+    assert reply.usage.model_extra["mtp"]["drafted"] > 0
+
+    chunks = list(api.chat.completions.create(**ask, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.content or "" for d in deltas) == "Let me check."
+    streamed = [c for d in deltas for c in d.tool_calls or []]
+    assert len(streamed) == 1 and streamed[0].index == 0
+    assert streamed[0].function.name == "get_weather"
+    assert json.loads(streamed[0].function.arguments) == {"city": "Paris", "days": 3}
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "tool_calls"
+
+    # tool_choice none: the tools leave the prompt and the text is left as it is.
+    plain = api.chat.completions.create(**ask, tool_choice="none")
+    assert plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].message.content == RECORDED_CALL
+    assert plain.usage.prompt_tokens < reply.usage.prompt_tokens
+
+
+def test_parallel_calls_and_a_call_cut_short(tool_client, monkeypatch):
+    tokenizer = load(str(TARGET), None)[2]
+    second = '<|tool_call>call:get_weather{city:<|"|>Rome<|"|>}<tool_call|>'
+    forced_reply(monkeypatch, tokenizer, RECORDED_CALL + second)
+    body = {"messages": USER, "tools": [WEATHER_TOOL], "max_tokens": 80}
+    both = post(tool_client, "chat/completions", body).json()["choices"][0]["message"]
+    assert [json.loads(c["function"]["arguments"])["city"] for c in both["tool_calls"]] == [
+        "Paris",
+        "Rome",
+    ]
+    one = post(tool_client, "chat/completions", {**body, "parallel_tool_calls": False}).json()
+    assert len(one["choices"][0]["message"]["tool_calls"]) == 1
+    cut = post(tool_client, "chat/completions", {**body, "max_tokens": 12}).json()["choices"][0]
+    assert cut["finish_reason"] == "length" and "tool_calls" not in cut["message"]
+    assert RECORDED_CALL.startswith(cut["message"]["content"])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 200])
+def test_tool_call_text_splits_at_markers_in_any_chunking(size):
+    text = "a<b" + RECORDED_CALL + "tail<|tool" + "<|tool_call>call:f{}<tool_call|>"
+    splitter = ToolCallText("<|tool_call>", "<tool_call|>")
+    content, calls = "", []
+    chunks = [text[i : i + size] for i in range(0, len(text), size)]
+    for i, chunk in enumerate(chunks):
+        piece, found = splitter.feed(chunk, final=i == len(chunks) - 1)
+        content, calls = content + piece, calls + found
+    assert content == "a<bLet me check.tail<|tool"
+    assert calls == ['call:get_weather{city:<|"|>Paris<|"|>,days:3}', "call:f{}"]
+
+
+# -- access -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    access = Access.for_bind("127.0.0.1", ["mybox.lan"], api_key="s3cret")
+    return make_client(access=access)
+
+
+ENDPOINTS = [
+    ("get", "/health", None),
+    ("get", "/v1/models", None),
+    ("post", "/v1/chat/completions", {"messages": USER, "max_tokens": 2}),
+    ("post", "/v1/completions", {"prompt": [2, 3], "max_tokens": 2}),
+]
+
+
+@pytest.mark.parametrize("method, path, body", ENDPOINTS)
+def test_api_key_host_and_origin_on_every_endpoint(guarded, method, path, body):
+    def call(**headers):
+        kwargs = {} if body is None else {"json": body}
+        return guarded.request(method, path, headers=headers, **kwargs)
+
+    key = {"Authorization": "Bearer s3cret"}
+    assert call().status_code == 401
+    assert call(Authorization="Bearer wrong").status_code == 401
+    assert call(**key).status_code == 200
+    assert call(**key, Host="mybox.lan:8080").status_code == 200
+    assert call(**key, Host="[::1]:8080").status_code == 200
+    refused = call(**key, Host="attacker.example")
+    assert refused.status_code == 400 and "--allowed-hosts" in refused.json()["error"]["message"]
+    assert call(**key, Origin="http://attacker.example").status_code == 403
+    assert call(**key, Origin="http://localhost:3000").status_code == 200
+
+
+def test_docs_only_when_asked_and_no_paths_echoed(client, guarded):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert client.get(path).status_code == 404
+    assert guarded.get("/docs").status_code == 401  # the key guards it too
+    assert make_client(access=Access(docs=True)).get("/openapi.json").status_code == 200
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["target"]
+    assert str(FIXTURE) not in json.dumps(models)
+    wrong = post(client, "chat/completions", {"model": "gpt-4", "messages": USER})
+    assert wrong.status_code == 404 and str(FIXTURE) not in wrong.text
+
+
+def test_flags_and_exposure_warning(monkeypatch, caplog):
+    monkeypatch.setenv("MLX_GEMMA_MTP_API_KEY", "from-env")
+    args = parse_args(["--model", "m", "--allowed-hosts", "a.lan", "b.lan", "--docs"])
+    assert (args.api_key, args.allowed_hosts, args.docs) == ("from-env", ["a.lan", "b.lan"], True)
+    assert parse_args(["--model", "m", "--api-key", "k"]).api_key == "k"
+    assert served_name(str(TARGET)) == "target" and served_name("org/model") == "org/model"
+    with caplog.at_level(logging.WARNING, logger="mlx_gemma_mtp.server.app"):
+        warn_if_exposed("127.0.0.1", None)
+        warn_if_exposed("::1", None)
+        warn_if_exposed("0.0.0.0", "key")
+        assert not caplog.records
+        warn_if_exposed("0.0.0.0", None)
+    assert "without an API key" in caplog.records[0].getMessage()
+    assert Access.for_bind("::", ["X.lan:80"]).hosts == (
+        "localhost", "127.0.0.1", "[::1]", "[::]", "x.lan",
+    )  # fmt: skip
