@@ -436,3 +436,73 @@ def test_flags_and_exposure_warning(monkeypatch, caplog):
     assert Access.for_bind("::", ["X.lan:80"]).hosts == (
         "localhost", "127.0.0.1", "[::1]", "[::]", "x.lan",
     )  # fmt: skip
+
+
+# -- the distribution under penalties -----------------------------------------------------------
+
+
+def penalised_sequence_probs(target, policy, processors) -> "np.ndarray":
+    """P(t1, t2, t3) of plain sampling with mlx-lm's ``processors``, exactly: every 4-token
+    sequence from one batched target forward, each row processed with its own history."""
+    import itertools
+
+    import numpy as np
+    from test_sampling import NEW_TOKENS, PROMPT, VOCAB
+
+    sequences = np.array(list(itertools.product(range(VOCAB), repeat=NEW_TOKENS)))
+    inputs = np.concatenate([np.tile(PROMPT, (len(sequences), 1)), sequences], axis=1)
+    logits = target.model(mx.array(inputs))[:, len(PROMPT) - 1 : -1]
+    rows = []
+    for b in range(len(sequences)):
+        for j in range(NEW_TOKENS):
+            row = logits[b, j][None]
+            for processor in processors:
+                row = processor(mx.array(inputs[b, : len(PROMPT) + j]), row)
+            rows.append(row)
+    logits = mx.concatenate(rows).reshape(len(sequences), NEW_TOKENS, VOCAB)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    dist = np.exp(np.array(policy.params.distribution(logprobs)))
+    steps = np.take_along_axis(dist, sequences[..., None], axis=-1)[..., 0]
+    return steps.prod(axis=1).reshape(VOCAB, -1).sum(axis=0)
+
+
+@pytest.mark.slow
+def test_penalised_mtp_sampling_distribution_equals_plain():
+    """Chi-square fit of 3000 generations (vocab 8; cells (t1, t2, t3)) with presence and
+    frequency penalties and a logit bias, drafting every round, to the exact distribution
+    mlx-lm's processors give plain sampling; the penalties move that distribution."""
+    from collections import Counter
+
+    import numpy as np
+    from drafting import ALWAYS_DRAFT
+    from test_sampling import (
+        NEW_TOKENS,
+        PROMPT,
+        SIGNIFICANCE,
+        VOCAB,
+        chi_square_p_value,
+        tiny_pair,
+    )
+
+    from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
+    from mlx_gemma_mtp.generation import make_policy
+
+    target, drafter = tiny_pair()
+    penalties = dict(presence_penalty=1.0, frequency_penalty=0.7, logit_bias={3: 1.5})
+    policy = make_policy(temp=1.0, **penalties)
+    expected = penalised_sequence_probs(target, policy, make_logits_processors(**penalties))
+    unpenalised = penalised_sequence_probs(target, policy, [])
+    assert np.abs(expected - unpenalised).sum() / 2 > 0.1  # total variation
+    mx.random.seed(5)
+    counts, drafted, accepted = Counter(), 0, 0
+    for _ in range(3000):
+        engine = SpeculativeGenerator(target, drafter, policy, num_draft_tokens=2,
+                                      costs=ALWAYS_DRAFT)  # fmt: skip
+        tokens = [t for b in engine.generate(mx.array(PROMPT), NEW_TOKENS) for t in b.tokens]
+        counts[tuple(tokens[1:])] += 1
+        drafted, accepted = drafted + engine.stats.drafted, accepted + engine.stats.accepted
+    observed = np.zeros(VOCAB ** (NEW_TOKENS - 1))
+    for (a, b, c), count in counts.items():
+        observed[(a * VOCAB + b) * VOCAB + c] = count
+    assert 0.1 < accepted / drafted < 0.9  # acceptance and rejection both exercised
+    assert chi_square_p_value(observed, expected) > SIGNIFICANCE
