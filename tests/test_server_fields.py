@@ -1,12 +1,15 @@
 """What apps send, in-process (FastAPI's TestClient, driven by the ``openai`` client where it
 helps): tool calls, every field honoured or refused, bounds, and access checks."""
 
+import itertools
 import json
 import logging
 import shutil
+from collections import Counter
 
 import httpx
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import FIXTURE
 
@@ -207,9 +210,8 @@ def test_ignored_and_neutral_fields_are_accepted(client):
 
 def test_logit_bias_makes_every_token_that_token_with_mtp(client):
     token = 300
-    response = post(client, "completions", {"prompt": [2, 3, 4], "max_tokens": 12,
-                                            "logit_bias": {str(token): 100}, "logprobs": 0})  # fmt: skip
-    reply = response.json()
+    body = {"prompt": [2, 3, 4], "max_tokens": 12, "logit_bias": {str(token): 100}, "logprobs": 0}
+    reply = post(client, "completions", body).json()
     tokenizer = load(str(TARGET), None, dtype="float32")[2]
     pieces = reply["choices"][0]["logprobs"]["tokens"]
     assert pieces == [tokenizer.decode([token])] * 12
@@ -441,12 +443,9 @@ def test_flags_and_exposure_warning(monkeypatch, caplog):
 # -- the distribution under penalties -----------------------------------------------------------
 
 
-def penalised_sequence_probs(target, policy, processors) -> "np.ndarray":
+def penalised_sequence_probs(target, policy, processors) -> np.ndarray:
     """P(t1, t2, t3) of plain sampling with mlx-lm's ``processors``, exactly: every 4-token
     sequence from one batched target forward, each row processed with its own history."""
-    import itertools
-
-    import numpy as np
     from test_sampling import NEW_TOKENS, PROMPT, VOCAB
 
     sequences = np.array(list(itertools.product(range(VOCAB), repeat=NEW_TOKENS)))
@@ -471,9 +470,6 @@ def test_penalised_mtp_sampling_distribution_equals_plain():
     """Chi-square fit of 3000 generations (vocab 8; cells (t1, t2, t3)) with presence and
     frequency penalties and a logit bias, drafting every round, to the exact distribution
     mlx-lm's processors give plain sampling; the penalties move that distribution."""
-    from collections import Counter
-
-    import numpy as np
     from drafting import ALWAYS_DRAFT
     from test_sampling import (
         NEW_TOKENS,
