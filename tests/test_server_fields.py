@@ -60,9 +60,7 @@ TOOL_TEMPLATE = """{{ bos_token }}{% if tools %}<start_of_turn>system
 {% if add_generation_prompt %}<start_of_turn>model
 {% endif %}"""
 # A Gemma 4 reply that calls a tool: text, then the call in its wire format.
-RECORDED_CALL = (
-    'Let me check.<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'
-)
+RECORDED_CALL = 'Let me check.<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'
 WEATHER_TOOL = {
     "type": "function",
     "function": {
