@@ -121,6 +121,7 @@ CHAT_REFUSALS = [
     ({"top_k": 1e9}, "top_k"),
     ({"seed": -1}, "seed"),
     ({"seed": 2**70}, "seed"),
+    ({"max_completion_tokens": 131072}, "max_tokens"),  # with the prompt, past the context
     ({"temperature": 1e-300}, "temperature"),
     ('{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": Infinity}',
      "repetition_penalty"),
@@ -163,6 +164,8 @@ COMPLETION_REFUSALS = [
     ({"prompt": "x", "best_of": 2}, "best_of"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "max_tokens": 2**70, "top_k": -1}, "top_k"),
+    ({"prompt": "x", "max_tokens": 2**70}, "max_tokens"),
+    ({"prompt": [2] * 131072}, "prompt"),  # fills the context
 ]
 
 

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -171,6 +172,7 @@ def create_app(
     app = FastAPI(title="mlx-gemma-mtp", **docs)
     app.add_middleware(Guard, access=access)
     vocab_size = target.args.vocab_size
+    context_size = getattr(target.args, "max_position_embeddings", None) or sys.maxsize
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -245,6 +247,25 @@ def create_app(
             "stop": stop,
         }
 
+    def fit_context(body: Sampling, tokens: list, opts: dict) -> None:
+        """The prompt and the reply within the model's context: a ``max_tokens`` asked for
+        must fit, the default is cut to what fits."""
+        room = context_size - len(tokens)
+        if room < 1:
+            raise BadRequest(
+                f"the prompt ({len(tokens)} tokens) fills the model's context of "
+                f"{context_size} tokens",
+                "messages" if isinstance(body, ChatRequest) else "prompt",
+            )
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if asked is not None and asked > room:
+            raise BadRequest(
+                f"max_tokens: the prompt ({len(tokens)} tokens) and max_tokens ({asked}) exceed "
+                f"the model's context of {context_size} tokens",
+                "max_tokens",
+            )
+        opts["max_tokens"] = min(opts["max_tokens"], room)
+
     def token_biases(biases: dict | None) -> dict[int, float] | None:
         if not biases:
             return None
@@ -262,6 +283,7 @@ def create_app(
         return out
 
     async def submit(body: Sampling, tokens: list, opts: dict, top: int | None) -> Job:
+        fit_context(body, tokens, opts)
         job = Job(tokens, opts, body.seed, top, asyncio.get_running_loop())
         worker.jobs.put(job)
         return job
