@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.sample_utils import make_logits_processors  # noqa: E402
 
-from mlx_gemma_mtp import load  # noqa: E402
+from mlx_gemma_mtp import generation, load  # noqa: E402
 from mlx_gemma_mtp.generation import encode_chat  # noqa: E402
 from mlx_gemma_mtp.server import Worker, create_app  # noqa: E402
 from mlx_gemma_mtp.server import worker as worker_module  # noqa: E402
@@ -140,9 +140,8 @@ CHAT_REFUSALS = [
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format"),
-    ({"tool_choice": "required", "tools": [WEATHER_TOOL]}, "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-      "tools": [WEATHER_TOOL]}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
+    ({"tool_choice": "any"}, "tool_choice"),
     ({"tools": [WEATHER_TOOL]}, "tools"),  # this template cannot render tools
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
     ({"xtc_probability": 0.5}, "xtc_probability"),
@@ -262,7 +261,7 @@ def forced_reply(monkeypatch, tokenizer, text: str) -> None:
     """The server's next generations emit ``text`` (then EOS) through the real engine, MTP on:
     a logits processor leaves only the next recorded token."""
     forced = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
-    real = worker_module.stream_generate
+    real = generation.stream_generate
 
     def generate(*args, **kwargs):
         start = []
@@ -361,6 +360,33 @@ def test_parallel_calls_and_a_call_cut_short(tool_client, monkeypatch):
     cut = post(tool_client, "chat/completions", {**body, "max_tokens": 12}).json()["choices"][0]
     assert cut["finish_reason"] == "length" and "tool_calls" not in cut["message"]
     assert RECORDED_CALL.startswith(cut["message"]["content"])
+
+
+def test_tool_choice_required_or_named_starts_the_call(tool_client, monkeypatch):
+    """The prompt ends with the call's start (Gemma 4's wire format), so the reply is a call."""
+    tokenizer = load(str(TARGET), None)[2]
+    body = {"messages": USER, "tools": [WEATHER_TOOL], "max_tokens": 40}
+    free = post(tool_client, "chat/completions", body).json()["usage"]["prompt_tokens"]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    forced_reply(monkeypatch, tokenizer, 'city:<|"|>Oslo<|"|>}<tool_call|>')
+    reply = post(tool_client, "chat/completions", {**body, "tool_choice": named}).json()
+    (call,) = reply["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
+    start = tokenizer.encode("<|tool_call>call:get_weather{", add_special_tokens=False)
+    assert reply["usage"]["prompt_tokens"] == free + len(start)
+    assert reply["choices"][0]["finish_reason"] == "tool_calls"
+    forced_reply(monkeypatch, tokenizer, 'get_weather{city:<|"|>Rome<|"|>}<tool_call|>')
+    body["stream"] = True
+    events = post(tool_client, "chat/completions", {**body, "tool_choice": "required"}).text
+    chunks = [json.loads(e[6:]) for e in events.split("\n\n") if e.startswith("data: {")]
+    calls = [c for chunk in chunks for c in chunk["choices"][0]["delta"].get("tool_calls", [])]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Rome"}]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    unknown = {"type": "function", "function": {"name": "get_time"}}
+    refused = post(tool_client, "chat/completions", {**body, "tool_choice": unknown})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
+    assert "get_time" in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 200])

@@ -48,7 +48,7 @@ from .protocol import (
     sse,
     text_choice,
 )
-from .tools import ToolCalls, calls_tools, template_kwargs, template_messages
+from .tools import ToolCalls, calls_tools, forced_call, template_kwargs, template_messages
 from .worker import Job, Worker
 
 logger = logging.getLogger(__name__)
@@ -313,10 +313,12 @@ def create_app(
         if tokenizer is None:
             raise BadRequest("the model has no tokenizer: use /v1/completions with token ids")
         messages, rendering = template_messages(body), template_kwargs(body, tokenizer)
+        start = forced_call(body, tokenizer)
         try:
             tokens = encode_chat(tokenizer, messages, **rendering)
         except TemplateError as e:  # the template refused these messages
             raise BadRequest(f"messages: the chat template failed ({e})", "messages") from None
+        tokens += tokenizer.encode(start, add_special_tokens=False) if start else []
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = await submit(body, tokens, opts, top)
         parallel = body.parallel_tool_calls is not False
@@ -326,7 +328,9 @@ def create_app(
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-            calls = ToolCalls(tokenizer, tools, True, parallel) if calls_tools(body) else None
+            calls = (
+                ToolCalls(tokenizer, tools, True, parallel, start) if calls_tools(body) else None
+            )
 
             @cancels(job)
             async def events():
@@ -356,7 +360,7 @@ def create_app(
         text, finish, use, logprobs = collect(items)
         message = {"role": "assistant", "content": text}
         if calls_tools(body):
-            calls = ToolCalls(tokenizer, tools, False, parallel)
+            calls = ToolCalls(tokenizer, tools, False, parallel, start)
             content, found = calls.feed(text, final=True)
             finish = calls.finish_reason(finish)
             message = {"role": "assistant", "content": content or None}

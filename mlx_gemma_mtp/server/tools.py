@@ -3,6 +3,7 @@ template, and the model's tool-call text (between the tokenizer's markers, Gemma
 ``<|tool_call>call:name{...}<tool_call|>``) parsed by mlx-lm's parser into OpenAI ``tool_calls``."""
 
 from mlx_lm.server import ToolCallFormatter
+from mlx_lm.tool_parsers import gemma4
 
 from ..text import overlap
 from .protocol import BadRequest, ChatRequest
@@ -62,18 +63,39 @@ def template_kwargs(body: ChatRequest, tokenizer) -> dict:
             f"chat_template_kwargs: {', '.join(clash)} cannot be set here (the server sets them)",
             "chat_template_kwargs",
         )
-    if body.tool_choice not in (None, "auto", "none"):
-        choice = body.tool_choice if isinstance(body.tool_choice, str) else "a named function"
-        raise BadRequest(
-            f"tool_choice: {choice} is not supported (send auto or none): the model decides "
-            "whether to call a tool",
-            "tool_choice",
-        )
     if calls_tools(body):
         if not getattr(tokenizer, "has_tool_calling", False):
             raise BadRequest("tools: this model's chat template has no tool calls", "tools")
         extra["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
     return extra
+
+
+def forced_call(body: ChatRequest, tokenizer) -> str:
+    """The start of the reply that ``tool_choice`` imposes, in Gemma 4's wire format: a call
+    (``required``: the model names the function) or a call to the named function; the prompt
+    ends with it, so the model continues the call."""
+    choice = body.tool_choice
+    if choice in (None, "auto", "none"):
+        return ""
+    if not body.tools:
+        raise BadRequest(
+            "tool_choice: a tool call was asked for, but no tools were sent", "tool_choice"
+        )
+    if getattr(tokenizer, "tool_parser", None) is not gemma4.parse_tool_call:
+        raise BadRequest(
+            "tool_choice: only auto and none with this chat template (it has no Gemma 4 tool "
+            "calls)",
+            "tool_choice",
+        )
+    start = f"{gemma4.tool_call_start}call:"
+    if choice == "required":
+        return start
+    names = [tool.function.name for tool in body.tools]
+    if choice.function.name not in names:
+        raise BadRequest(
+            f"tool_choice: {choice.function.name!r} is not one of the tools {names}", "tool_choice"
+        )
+    return f"{start}{choice.function.name}{{"
 
 
 def calls_tools(body: ChatRequest) -> bool:
@@ -123,10 +145,14 @@ class ToolCalls:
     ``index`` when streaming); a call the parser cannot read is returned as content instead.
     ``parallel=False`` keeps only the first call."""
 
-    def __init__(self, tokenizer, tools: list | None, streaming: bool, parallel: bool = True):
+    def __init__(
+        self, tokenizer, tools: list | None, streaming: bool, parallel: bool = True, start=""
+    ):
+        """``start``: the reply's text already in the prompt (``forced_call``)."""
         self.text = ToolCallText(tokenizer.tool_call_start, tokenizer.tool_call_end)
         self.formatter = ToolCallFormatter(tokenizer.tool_parser, tools, streaming)
         self.parallel, self.count = parallel, 0
+        self.text.feed(start)
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         content, texts = self.text.feed(text, final)
