@@ -157,6 +157,8 @@ CHAT_REFUSALS = [
      "messages.0.tool_calls.0.function.arguments"),
     ({"messages": [{"role": "user", "content": "x", "tool_call_id": "1"}]},
      "messages.0.tool_call_id"),
+    ({"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]},
+     "messages.0.refusal"),
 ]  # fmt: skip
 COMPLETION_REFUSALS = [
     ({"prompt": "x", "echo": True}, "echo"),
@@ -187,8 +189,11 @@ def test_unsupported_fields_and_bad_values_get_400_naming_them(client, path, bod
 
 
 def test_ignored_and_neutral_fields_are_accepted(client):
+    sent_back = {"role": "assistant", "content": "x", "refusal": None, "annotations": [],
+                 "function_call": None, "audio": None, "reasoning_content": "hm"}  # fmt: skip
     reply = chat(
         client,
+        messages=[*USER, sent_back, *USER],
         max_tokens=4,
         user="u1",
         cache_salt="s",
@@ -229,6 +234,9 @@ def test_penalties_change_the_output_and_mtp_equals_plain_and_mlx_lm(client):
     assert mtp["usage"]["mtp"]["drafted"] > 0 and plain["usage"]["mtp"]["mode"] == "plain"
     assert text == plain["choices"][0]["message"]["content"]
     assert text != unpenalized["choices"][0]["message"]["content"]
+    again = chat(client, max_tokens=24, **penalties)  # the prompt comes from the cache now
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert again["choices"][0]["message"]["content"] == text
     # mlx-lm's own loop with its own processors picks the same tokens.
     target, _, tokenizer = load(str(TARGET), None, dtype="float32")
     prompt = encode_chat(tokenizer, USER)
@@ -343,6 +351,23 @@ def test_tool_call_output_becomes_tool_calls(tool_client, monkeypatch):
     assert plain.choices[0].message.tool_calls is None
     assert plain.choices[0].message.content == RECORDED_CALL
     assert plain.usage.prompt_tokens < reply.usage.prompt_tokens
+
+
+def test_readme_tool_example_runs(tool_client, monkeypatch, capsys):
+    from test_readme import code_blocks
+
+    (example,) = [b for b in code_blocks("python") if "tool_call_id" in b]
+    forced_reply(monkeypatch, load(str(TARGET), None)[2], RECORDED_CALL)
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{BASE}/v1", api_key="-", http_client=tool_client)
+    example = example.replace('model="target"', 'model="gemma4-tools", max_tokens=64')
+    example = example.replace('client = OpenAI(base_url="http://127.0.0.1:8080/v1", '
+                              'api_key="unused")', "")  # fmt: skip
+    namespace = {"client": client}
+    exec(compile(example, "README.md", "exec"), namespace)
+    tool_message = namespace["messages"][-1]
+    assert tool_message["role"] == "tool" and tool_message["tool_call_id"]
+    assert capsys.readouterr().out.strip() == "Let me check."
 
 
 def test_parallel_calls_and_a_call_cut_short(tool_client, monkeypatch):

@@ -145,6 +145,12 @@ class Message(Strict):
     name: Text | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: Text | None = None
+    reasoning_content: Text | None = None  # a turn's thinking: Gemma 4's template renders it
+    # What clients send back from a reply: accepted when empty.
+    refusal: None = None
+    function_call: None = None
+    audio: None = None
+    annotations: list[None] | None = Field(None, max_length=0)
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -35,6 +35,8 @@ def template_messages(body: ChatRequest) -> list[dict]:
             entry["name"] = message.name
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
+        if message.reasoning_content is not None:
+            entry["reasoning_content"] = message.reasoning_content
         if message.tool_calls:
             entry["tool_calls"] = [
                 tool_call(call, f"messages.{i}.tool_calls.{j}.function.arguments")
