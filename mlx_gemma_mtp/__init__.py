@@ -2,7 +2,13 @@
 
 from .config import ConfigError
 from .engine.prompt_cache import PromptCache, trim_to_common_prefix
-from .generation import GenerationResponse, generate, make_prompt_cache, stream_generate
+from .generation import (
+    GenerationResponse,
+    batch_generate,
+    generate,
+    make_prompt_cache,
+    stream_generate,
+)
 from .loading import load
 
 __version__ = "0.1.0"
@@ -11,6 +17,7 @@ __all__ = [
     "GenerationResponse",
     "PromptCache",
     "__version__",
+    "batch_generate",
     "generate",
     "load",
     "make_prompt_cache",

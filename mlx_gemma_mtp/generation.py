@@ -4,6 +4,7 @@
 ``draft_model=None`` (or ``num_draft_tokens=0``) they decode plainly through the same code.
 """
 
+import inspect
 import numbers
 import sys
 import time
@@ -13,13 +14,15 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.generate import BatchResponse, generation_stream, wired_limit
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
-from mlx_lm.generate import generation_stream, wired_limit
+from mlx_lm.generate_utils import BatchCountersSnapshot
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .config import TARGET_TYPES
 from .costs import Costs
+from .engine.batch import BatchGenerator
 from .engine.loop import DEFAULT_NUM_DRAFT_TOKENS, SpeculativeGenerator, Stats
 from .engine.prompt_cache import (
     DEFAULT_MAX_DRAFT_TOKENS,
@@ -369,3 +372,100 @@ def format_stats(response: GenerationResponse) -> str:
         lines.append("Drafts: none (plain decoding)")
     lines.append(f"Peak memory: {response.peak_memory:.3f} GB")
     return "\n".join(lines)
+
+
+def batch_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int] | str],
+    prompt_caches: Sequence[list] | None = None,
+    max_tokens: int | Sequence[int] = 128,
+    verbose: bool = False,
+    return_prompt_caches: bool = False,
+    return_token_ids: bool = False,
+    return_logprobs: bool = False,
+    *,
+    draft_model=None,
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+    draft_schedule: str = "auto",
+    full_vocab_draft: bool = False,
+    completion_batch_size: int = 8,
+    prefill_batch_size: int = 1,
+    prefill_step_size: int = 512,
+    seed: int | None = None,
+    costs: Costs | None = None,
+    **sampling: Any,
+) -> BatchResponse:
+    """Generate for every prompt, decoding them together with MTP (continuous batching):
+    mlx-lm's ``batch_generate`` call shape and ``BatchResponse``. ``prompts``: token ids (or
+    text); ``prompt_caches``: a cache per prompt (``make_prompt_cache``; the prompt is what
+    comes after it), returned settled with ``return_prompt_caches``; ``max_tokens`` per prompt
+    or for all; ``completion_batch_size`` rows decode at once, ``prefill_batch_size`` prompts
+    fill at once. ``sampling``: ``stream_generate``'s sampling options (``temp``, ``top_p``,
+    ``min_p``, ``min_tokens_to_keep``, ``top_k``, ``repetition_penalty``,
+    ``repetition_context_size``, ``sampler``, ``logits_processors``) for every row; ``seed``:
+    row ``i`` samples with seed ``seed + i``, the output it would have alone with that seed."""
+    target = as_target(model)
+    if isinstance(draft_model, Drafter):
+        validate_pair(target, draft_model)
+    if tokenizer is not None and not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    unknown = set(sampling) - set(inspect.signature(make_policy).parameters)
+    if unknown:
+        raise TypeError(f"batch_generate() got unexpected keyword arguments {sorted(unknown)}")
+    limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    caches = list(prompt_caches) if prompt_caches is not None else [None] * len(prompts)
+    if len(limits) != len(prompts) or len(caches) != len(prompts):
+        raise ValueError("max_tokens and prompt_caches must have one entry per prompt")
+    for cache in caches:
+        if cache is not None:
+            check_prompt_cache(cache, target)
+    engine = BatchGenerator(
+        target,
+        draft_model,
+        num_draft_tokens=num_draft_tokens,
+        draft_schedule=draft_schedule,
+        full_vocab_draft=full_vocab_draft,
+        prefill_step_size=prefill_step_size,
+        max_rows=completion_batch_size,
+        prompt_concurrency=prefill_batch_size,
+        costs=costs,
+    )
+    eos = tokenizer.eos_token_ids if tokenizer is not None else ()
+    uids = []
+    for i, (prompt, limit, cache) in enumerate(zip(prompts, limits, caches, strict=True)):
+        policy = make_policy(**sampling)
+        ids = encode_prompt(tokenizer, prompt, target.args.vocab_size)
+        row_seed = None if seed is None else seed + i
+        uids.append(engine.insert(ids, max_tokens=limit, policy=policy, eos_token_ids=eos,
+                                  cache=cache, seed=row_seed))  # fmt: skip
+    tokens = {uid: [] for uid in uids}
+    logprobs = {uid: [] for uid in uids}
+    settled = {}
+    start = BatchCountersSnapshot()
+    with wired_limit(target.model, [generation_stream]), mx.stream(generation_stream):
+        while engine.active:
+            for out in engine.step():
+                kept = out.tokens[:-1] if out.finish_reason == "stop" else out.tokens
+                tokens[out.uid] += kept
+                if return_logprobs:
+                    rows = out.logprobs[: len(kept)]
+                    logprobs[out.uid] += [rows[j, t].item() for j, t in enumerate(kept)]
+                if out.finish_reason is not None:
+                    settled[out.uid] = out.cache
+                    if verbose:
+                        print(f"[batch_generate] Finished {len(settled)}/{len(uids)}", end="\r")
+    end = BatchCountersSnapshot(**vars(engine.counters))
+    stats = BatchCountersSnapshot.between(start, end)
+    if verbose:
+        print(f"\n[batch_generate] Generation: {stats.generation_tokens} tokens, "
+              f"{stats.generation_tps:.3f} tokens-per-sec; peak memory "
+              f"{stats.peak_memory:.3f} GB")  # fmt: skip
+    decode = tokenizer.decode if tokenizer is not None else str
+    return BatchResponse(
+        texts=[decode(tokens[uid]) for uid in uids],
+        stats=stats,
+        caches=[settled[uid] for uid in uids] if return_prompt_caches else None,
+        token_ids=[tokens[uid] for uid in uids] if return_token_ids else None,
+        logprobs=[logprobs[uid] for uid in uids] if return_logprobs else None,
+    )

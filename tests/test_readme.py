@@ -52,7 +52,9 @@ def run_python_example(example: str) -> dict:
 
 
 def test_python_api_examples_run_on_the_fixture_pair():
-    api, conversation = [b for b in code_blocks("python") if "from mlx_gemma_mtp import" in b]
+    api, conversation = [
+        b for b in code_blocks("python") if "from mlx_gemma_mtp import" in b and "batch" not in b
+    ]
     namespace = run_python_example(api)
     assert namespace["r"].finish_reason in ("length", "stop")
     assert namespace["text"]
@@ -60,6 +62,13 @@ def test_python_api_examples_run_on_the_fixture_pair():
     cache, r = namespace["cache"], namespace["r"]
     assert r.finish_reason in ("length", "stop")
     assert len(cache.tokens) == cache[0].offset > r.prompt_tokens + r.generation_tokens
+
+
+def test_batch_example_runs_on_the_fixture_pair():
+    (example,) = [b for b in code_blocks("python") if "batch_generate" in b]
+    namespace = run_python_example(example.replace("max_tokens=64", "max_tokens=8"))
+    response = namespace["response"]
+    assert len(response.texts) == 3 and response.stats.generation_tokens > 0
 
 
 def test_server_and_chat_commands_run_on_the_fixture_pair():

@@ -176,6 +176,30 @@ def prefill(
     return target.backbone(prompt[None], cache=cache)
 
 
+def initial_history(policy: TokenPolicy, prompt: mx.array, context: Sequence[int] = ()) -> mx.array:
+    """The processors' history: ``context`` (the tokens already in the cache) and the whole
+    prompt, or their last ``W`` tokens (padded with the first, which the set-like repetition
+    penalty counts once anyway)."""
+    window = policy.history_window
+    if not policy.processors:
+        return mx.array(0)
+    if context:
+        context = context[-window:] if window else context
+        prompt = mx.concatenate([mx.array(context, prompt.dtype), prompt])
+    if window is None or prompt.size >= window:
+        return prompt if window is None else prompt[-window:]
+    return mx.concatenate([mx.repeat(prompt[:1], window - prompt.size), prompt])
+
+
+def history_after(policy: TokenPolicy, history: mx.array, tokens: mx.array) -> mx.array:
+    """The processors' history once ``tokens`` (emitted) are appended."""
+    if not policy.processors:
+        return history
+    joined = mx.concatenate([history, tokens.astype(history.dtype)])
+    window = policy.history_window
+    return joined if window is None else joined[-window:]
+
+
 def draft_slack(num_draft_tokens: int) -> int:
     """Entries a sliding-window cache keeps beyond ``window + 1`` so that every rollback stays
     possible: a round rejects up to ``k`` drafts, measuring the costs rolls back ``k + 1``
@@ -339,17 +363,7 @@ class SpeculativeGenerator:
         return Round(0, first, self._accept([], logprobs, first), logprobs, hidden, history)
 
     def _initial_history(self, prompt: mx.array) -> mx.array | None:
-        """The processors' history: the context and the whole prompt, or their last ``W`` tokens
-        (padded with the first, which the set-like repetition penalty counts once anyway)."""
-        window = self.policy.history_window
-        if not self.policy.processors:
-            return mx.array(0)
-        if self.context:
-            context = self.context[-window:] if window else self.context
-            prompt = mx.concatenate([mx.array(context, prompt.dtype), prompt])
-        if window is None or prompt.size >= window:
-            return prompt if window is None else prompt[-window:]
-        return mx.concatenate([mx.repeat(prompt[:1], window - prompt.size), prompt])
+        return initial_history(self.policy, prompt, self.context)
 
     def _accept(self, drafts: list, logprobs: mx.array, first: int) -> mx.array:
         """``[n, t_0, .., t_k]``: accepted count and target tokens (emitted: ``t_0..t_n``) of

@@ -240,8 +240,6 @@ def create_app(
             "repetition_penalty": body.repetition_penalty,
             **penalties(body),
             "logit_bias": logit_bias,
-            # A token pushed up may lie outside the drafter's centroid candidates.
-            "full_vocab_draft": any(bias > 0 for bias in (logit_bias or {}).values()),
             "num_draft_tokens": k if drafter is not None else 0,
             "draft_schedule": defaults["draft_schedule"],
             "stop": stop,
@@ -464,6 +462,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--prompt-cache-bytes", type=int, default=1 << 30, help="Their K/V memory budget."
     )
+    parser.add_argument(
+        "--decode-concurrency",
+        type=int,
+        default=8,
+        help="Requests decoded together, MTP on (mlx-lm's flag; more wait in line).",
+    )
+    parser.add_argument(
+        "--prompt-concurrency",
+        type=int,
+        default=1,
+        help="Prompts filled at once, a chunk per round between decoding rounds.",
+    )
+    parser.add_argument("--prefill-step-size", type=int, default=512, help="Tokens per chunk.")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
@@ -483,6 +494,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.num_draft_tokens <= DEFAULT_MAX_DRAFT_TOKENS:
         parser.error(f"--num-draft-tokens must be in [0, {DEFAULT_MAX_DRAFT_TOKENS}]")
+    for flag in ("decode_concurrency", "prompt_concurrency", "prefill_step_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.draft_schedule == "heuristic":
+        parser.error("--draft-schedule heuristic is single-stream: use auto or constant")
     return args
 
 
@@ -493,6 +509,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             lambda: load(args.model, args.draft_model, args.dtype),
             args.prompt_cache_size,
             args.prompt_cache_bytes,
+            decode_concurrency=args.decode_concurrency,
+            prompt_concurrency=args.prompt_concurrency,
+            num_draft_tokens=args.num_draft_tokens,
+            draft_schedule=args.draft_schedule,
+            prefill_step_size=args.prefill_step_size,
         )
     except ConfigError as e:
         raise SystemExit(f"Error: {e}") from None

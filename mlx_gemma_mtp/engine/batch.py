@@ -1,0 +1,733 @@
+"""Many sequences at once, each with its own drafts: continuous batching with MTP.
+
+Rows join between rounds (each prompt prefilled in chunks, one chunk per row and step,
+interleaved with the rounds, as mlx-lm's ``BatchGenerator`` does) and leave when finished or
+removed. A round drafts ``k`` tokens for every decoding row (the drafter runs once for the whole
+batch, reading each row's K/V through masks), verifies ``[pending, drafts]`` of every row in one
+target forward, and each row accepts, emits and rolls back on its own: ``RaggedCache`` keeps each
+row's K/V at its own positions, so rolling a row back is moving its length. ``k`` is chosen for
+the whole batch from the measured time of rounds of that many rows (``BatchRoundTimes``) and the
+acceptance so far; 0 when drafting loses.
+
+Every emitted token is the target's own pick at its position (``sampling.TokenPolicy``), with
+the row's seed: a row's output is what it would be alone, whatever joins or leaves.
+"""
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import mlx.core as mx
+from mlx_lm.generate_utils import BatchCounters
+from mlx_lm.models.cache import KVCache, _BaseCache
+
+from ..costs import MAX_AGE, Costs, DraftController, RoundTimes
+from ..models.target import Target
+from .cache import SlidingWindowCache
+from .loop import (
+    DEFAULT_NUM_DRAFT_TOKENS,
+    SCHEDULES,
+    SpeculativeGenerator,
+    Stats,
+    draft_slack,
+    history_after,
+    initial_history,
+    prefill,
+)
+from .prompt_cache import DEFAULT_MAX_DRAFT_TOKENS
+from .sampling import TokenPolicy, log_softmax
+
+# -- the batch's caches -------------------------------------------------------------------------
+
+
+class RaggedCache(_BaseCache):
+    """One attention layer's K/V for a batch of rows of different lengths: row ``b`` holds
+    positions ``0 .. lengths[b] - 1``, position ``p`` at slot ``p`` (full attention) or at slot
+    ``p % ring`` (sliding attention: a ring that keeps the window, the widest update and the
+    slack a settled row's cache needs). Queries see their own row's positions through masks."""
+
+    step = 256
+
+    def __init__(self, window: int | None = None, ring: int = 0):
+        self.window, self.ring = window, ring if window is not None else 0
+        self.keys = self.values = None
+        self.lengths: list[int] = []
+
+    @property
+    def offset(self) -> mx.array:
+        """Per row, the position of its next entry (RoPE reads it)."""
+        return mx.array(self.lengths, mx.int32)
+
+    def _capacity(self, needed: int) -> int:
+        if self.ring:
+            return self.ring
+        return -(-needed // self.step) * self.step
+
+    def _grow(self, needed: int, like: mx.array, value_dim: int) -> None:
+        capacity = self._capacity(needed)
+        B, H = len(self.lengths), like.shape[1]
+        if self.keys is not None and self.keys.shape[2] >= capacity:
+            return
+        new_k = mx.zeros((B, H, capacity, like.shape[3]), like.dtype)
+        new_v = mx.zeros((B, H, capacity, value_dim), like.dtype)
+        if self.keys is not None:
+            held = self.keys.shape[2]
+            new_k[..., :held, :] = self.keys
+            new_v[..., :held, :] = self.values
+        self.keys, self.values = new_k, new_v
+
+    def _slots(self, positions: mx.array) -> mx.array:
+        return positions % self.ring if self.ring else positions
+
+    def _visible(self, end: int) -> int:
+        """Slots that can hold a position before ``end``."""
+        return min(self.ring, end) if self.ring else end
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        num_new = keys.shape[2]
+        end = max(self.lengths) + num_new
+        self._grow(end, keys, values.shape[3])
+        positions = self.offset[:, None] + mx.arange(num_new)  # [B, N]
+        slots = self._slots(positions)[:, None, :, None]
+        self.keys = mx.put_along_axis(self.keys, mx.broadcast_to(slots, keys.shape), keys, axis=2)
+        self.values = mx.put_along_axis(
+            self.values, mx.broadcast_to(slots, values.shape), values, axis=2
+        )
+        self.lengths = [n + num_new for n in self.lengths]
+        visible = self._visible(end)
+        return self.keys[..., :visible, :], self.values[..., :visible, :]
+
+    def key_positions(self, ends: mx.array, visible: int) -> mx.array:
+        """``[B, 1, 1, visible]``: the position each slot holds when row ``b`` has written up to
+        ``ends[b]`` (negative: none)."""
+        slot = mx.arange(visible)
+        if not self.ring:
+            return mx.broadcast_to(slot, (ends.shape[0], 1, 1, visible))
+        last = ends[:, None, None, None] - 1
+        return last - ((last - slot) % self.ring)
+
+    def make_mask(
+        self, N: int, window_size: int | None = None, return_array: bool = False
+    ) -> mx.array:
+        """For ``N`` new queries per row against what ``update_and_fetch`` will return."""
+        lengths = self.offset
+        visible = self._visible(max(self.lengths) + N)
+        keys = self.key_positions(lengths + N, visible)
+        queries = lengths[:, None, None, None] + mx.arange(N)[:, None]  # [B, 1, N, 1]
+        mask = (keys <= queries) & (keys >= 0)
+        if window_size is not None:
+            mask &= keys > queries - window_size
+        return mask
+
+    def drafter_view(self, sliding_window: int | None) -> tuple[tuple, mx.array]:
+        """The ``(keys, values)`` a drafter attends to at each row's pending position
+        (``lengths[b]``) and the mask ``[B, 1, 1, S]`` of what it sees there: every earlier
+        position, or in sliding layers the last ``sliding_window + 1`` (the reference mask)."""
+        lengths = self.offset
+        visible = self._visible(max(self.lengths))
+        keys = self.key_positions(lengths, visible)
+        position = lengths[:, None, None, None]
+        mask = (keys < position) & (keys >= 0)
+        if sliding_window is not None:
+            mask &= keys >= position - (sliding_window + 1)
+        return (self.keys[..., :visible, :], self.values[..., :visible, :]), mask
+
+    # -- rows joining and leaving ---------------------------------------------------------------
+
+    def add_row(self, layer_cache) -> None:
+        """Append a row holding what a single-row cache (``KVCache`` or ``SlidingWindowCache``)
+        holds."""
+        keys, values, length = row_kv(layer_cache)
+        kept = keys.shape[2] if not self.ring else min(keys.shape[2], self.ring)
+        keys, values = (
+            keys[..., keys.shape[2] - kept :, :],
+            values[..., values.shape[2] - kept :, :],
+        )
+        capacity = self._capacity(max([length, *self.lengths]))
+        if self.keys is not None:
+            capacity = max(capacity, self.keys.shape[2])
+        row_k = mx.zeros((1, keys.shape[1], capacity, keys.shape[3]), keys.dtype)
+        row_v = mx.zeros((1, values.shape[1], capacity, values.shape[3]), values.dtype)
+        if kept:
+            slots = self._slots(mx.arange(length - kept, length))[None, None, :, None]
+            row_k = mx.put_along_axis(row_k, mx.broadcast_to(slots, keys.shape), keys, axis=2)
+            row_v = mx.put_along_axis(row_v, mx.broadcast_to(slots, values.shape), values, axis=2)
+        if self.keys is None:
+            self.keys, self.values = row_k, row_v
+        else:
+            self._grow(capacity, self.keys, self.values.shape[3])
+            self.keys = mx.concatenate([self.keys, row_k])
+            self.values = mx.concatenate([self.values, row_v])
+        self.lengths.append(length)
+
+    def remove_rows(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (in that order)."""
+        self.lengths = [self.lengths[i] for i in keep]
+        if not keep:
+            self.keys = self.values = None
+        elif self.keys is not None:
+            index = mx.array(keep, mx.int32)
+            self.keys, self.values = self.keys[index], self.values[index]
+
+    def extract(self, row: int, length: int, like):
+        """Row ``row``'s first ``length`` positions as a single-row cache of ``like``'s kind."""
+        if isinstance(like, SlidingWindowCache):
+            kept = min(length, like.retain, self.ring)
+            slots = self._slots(mx.arange(length - kept, length))
+            keys = mx.contiguous(self.keys[row : row + 1, :, slots])
+            values = mx.contiguous(self.values[row : row + 1, :, slots])
+            cache = SlidingWindowCache(like.window, like.retain - like.window - 1)
+            cache.state = (keys, values, length) if kept else (None, None, length)
+            return cache
+        cache = KVCache()
+        if length:
+            cache.keys = mx.contiguous(self.keys[row : row + 1, :, :length])
+            cache.values = mx.contiguous(self.values[row : row + 1, :, :length])
+            cache.offset = length
+        return cache
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def row_kv(layer_cache) -> tuple[mx.array, mx.array, int]:
+    """``(keys, values, length)`` of a single-row cache: the held entries in position order,
+    the last of them at position ``length - 1``."""
+    if layer_cache.keys is None:
+        empty = mx.zeros((1, 1, 0, 1))
+        return empty, empty, layer_cache.offset
+    if isinstance(layer_cache, SlidingWindowCache):
+        keys, values = layer_cache.ordered_kv()
+    else:
+        keys = layer_cache.keys[..., : layer_cache.offset, :]
+        values = layer_cache.values[..., : layer_cache.offset, :]
+    return keys, values, layer_cache.offset
+
+
+# -- the controller -----------------------------------------------------------------------------
+
+
+def width_seconds(costs: Costs, width: int) -> float:
+    """A target forward over ``width`` tokens, from the single-stream calibration: measured up to
+    ``k_max + 1`` tokens, extended with its mean slope beyond."""
+    verify = costs.verify
+    if width <= len(verify):
+        return verify[width - 1]
+    slope = (verify[-1] - verify[0]) / max(len(verify) - 1, 1)
+    return verify[-1] + slope * (width - len(verify))
+
+
+def batch_costs(costs: Costs, rows: int) -> Costs:
+    """A first guess at the costs of rounds over ``rows`` rows, priced by their total verify
+    width (``rows * (k + 1)``), the draft step like a verification of ``rows`` tokens; followed
+    online from the measured rounds (``RoundTimes``) once rounds of ``rows`` rows ran."""
+    k_max = costs.k_max
+    verify = [width_seconds(costs, rows * (k + 1)) for k in range(k_max + 1)]
+    draft = costs.draft * width_seconds(costs, rows) / costs.verify[0]
+    return Costs(verify, draft, costs.context, costs.measured_at, costs.fixed)
+
+
+class BatchRoundTimes:
+    """``RoundTimes`` per number of rows (a round of 4 rows costs what it costs, not 4 rounds
+    of one); ``rows`` is set before each choice."""
+
+    def __init__(self, costs: Costs, max_age: int = MAX_AGE):
+        self.costs, self.max_age, self.rows = costs, max_age, 1
+        self.tables: dict[int, RoundTimes] = {}
+
+    def table(self) -> RoundTimes:
+        if self.rows not in self.tables:
+            self.tables[self.rows] = RoundTimes(batch_costs(self.costs, self.rows), self.max_age)
+        return self.tables[self.rows]
+
+    @property
+    def counts(self) -> dict:
+        return self.table().counts
+
+    def predict(self, k: int) -> float:
+        return self.table().predict(k)
+
+    def observe(self, k: int, seconds: float) -> None:
+        self.table().observe(k, seconds)
+
+
+class BatchController(DraftController):
+    """``auto`` for a batch: one ``k`` for every row, the one that maximises the batch's
+    expected tokens per second (the rows' acceptance pooled: each row's round is one
+    observation)."""
+
+    def __init__(self, costs: Costs, k_max: int):
+        super().__init__(costs, k_max, times=BatchRoundTimes(costs))
+
+    def choose_for(self, rows: int, limit: int) -> int:
+        self.times.rows = rows
+        return self.choose(limit)
+
+    def observe_rows(self, k: int, accepted: list[int], seconds: float | None) -> None:
+        for n in accepted[:-1]:
+            if k:
+                self.acceptance.observe(k, n)
+        self.observe(k, accepted[-1], seconds)
+
+
+class FixedBatchSchedule:
+    """``constant``: every round drafts ``k`` (``heuristic`` is a single-stream schedule)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def choose_for(self, rows: int, limit: int) -> int:
+        return max(0, min(self.k, limit))
+
+    def observe_rows(self, k: int, accepted: list[int], seconds: float | None) -> None:
+        pass
+
+
+# -- rows ---------------------------------------------------------------------------------------
+
+
+class RowOutput(NamedTuple):
+    """Tokens a row emitted in one step: ``logprobs[i]`` is the target's row for ``tokens[i]``;
+    the first ``num_from_draft`` were drafted. ``finish_reason``: ``"stop"`` (EOS),
+    ``"length"`` or None; ``cache``: the row's settled cache once it finished (when it was
+    inserted with one)."""
+
+    uid: int
+    tokens: list
+    logprobs: mx.array
+    num_from_draft: int
+    finish_reason: str | None
+    cache: list | None = None
+
+
+@dataclass
+class Row:
+    uid: int
+    policy: TokenPolicy
+    seed: mx.array
+    max_tokens: int
+    eos: set
+    prompt: list  # the tokens after what ``cache`` held when inserted
+    context: list  # the tokens ``cache`` held, where known (a ``PromptCache``'s)
+    todo: mx.array  # prompt tokens not fed yet
+    cache: list  # its own cache: what it came with, then the prompt (until it joins)
+    start: int  # positions ``cache`` held when inserted
+    keep_cache: bool  # the caller wants the settled cache back
+    k_limit: int  # drafts per round it may accept
+    history: mx.array | None = None  # the processors' window (see TokenPolicy)
+    pending: int | None = None  # the last emitted token (not fed yet)
+    emitted: list = field(default_factory=list)
+    stats: Stats = field(default_factory=Stats)
+
+
+class BatchGenerator:
+    """Continuous batching with speculative decoding. ``insert`` a prompt, call ``step`` until
+    its row finishes; ``remove`` cancels a row. All MLX work happens in the caller's thread.
+
+    ``max_rows`` (mlx-lm's ``completion_batch_size``, the server's ``--decode-concurrency``):
+    rows decoding at once; more wait. ``prompt_concurrency`` (``--prompt-concurrency``): prompts
+    prefilled at once (a chunk each per step). ``draft_schedule``: ``auto`` (default) or
+    ``constant``."""
+
+    def __init__(
+        self,
+        target: Target,
+        drafter=None,
+        *,
+        num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+        draft_schedule: str = "auto",
+        full_vocab_draft: bool = False,
+        prefill_step_size: int = 512,
+        max_rows: int = 8,
+        prompt_concurrency: int = 1,
+        costs: Costs | None = None,
+    ):
+        if draft_schedule not in SCHEDULES:
+            raise ValueError(f"draft schedule {draft_schedule!r} is not one of {SCHEDULES}")
+        if draft_schedule == "heuristic":
+            raise ValueError("the heuristic draft schedule is single-stream: use auto or constant")
+        if max_rows < 1 or prompt_concurrency < 1:
+            raise ValueError("max_rows and prompt_concurrency must be >= 1")
+        if num_draft_tokens < 0:
+            raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+        self.target, self.drafter = target, drafter
+        self.k_max = num_draft_tokens if drafter is not None else 0
+        self.draft_schedule, self.full_vocab_draft = draft_schedule, full_vocab_draft
+        self.prefill_step_size = prefill_step_size
+        self.max_rows, self.prompt_concurrency = max_rows, prompt_concurrency
+        self.slack = draft_slack(max(self.k_max, 1))
+        self.waiting: list[Row] = []  # inserted, not prefilling yet
+        self.filling: list[Row] = []
+        self.rows: list[Row] = []  # decoding, in batch order
+        self.layers: list[RaggedCache] = self._make_layers()
+        self.hidden: mx.array | None = None  # [B, 1, H]: the target's hidden state per row
+        self._costs, self._schedule, self._next_uid = costs, None, 0
+        self.counters = BatchCounters()
+
+    def _make_layers(self) -> list[RaggedCache]:
+        """Sliding layers keep, beyond the window, what a round writes and what a settled
+        row's cache keeps to roll back (that of ``make_prompt_cache``'s default), so a row
+        leaves with the same cache it would have had alone."""
+        args = self.target.args
+        slack = max(self.slack, draft_slack(DEFAULT_MAX_DRAFT_TOKENS))
+        ring = args.sliding_window + 1 + slack + self.k_max + 1
+        return [
+            RaggedCache(args.sliding_window if isinstance(c, SlidingWindowCache) else None, ring)
+            for c in self.target.make_cache(draft_slack=self.slack)
+        ]
+
+    # -- rows joining and leaving ---------------------------------------------------------------
+
+    def insert(
+        self,
+        prompt: Iterable[int],
+        *,
+        max_tokens: int,
+        policy: TokenPolicy | None = None,
+        eos_token_ids: Iterable[int] = (),
+        cache: list | None = None,
+        seed: int | None = None,
+        num_draft_tokens: int | None = None,
+    ) -> int:
+        """Queue ``prompt`` (the tokens after what ``cache`` holds, if given: a cache from
+        ``make_prompt_cache``, returned settled when the row finishes or is removed); returns
+        the row's uid. ``seed`` fixes a sampled row's output (as ``mx.random.seed`` does for
+        one generation). ``num_draft_tokens``: at most that many of each round's drafts are
+        accepted for this row (default: the generator's)."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        policy = policy or TokenPolicy()
+        row_seed = mx.array(0, mx.uint32)
+        if policy.coupled:  # as SpeculativeGenerator draws it, so the output is the same
+            if seed is not None:
+                mx.random.seed(seed)
+            row_seed = mx.random.randint(0, 2**31 - 1, ()).astype(mx.uint32)
+        keep = cache is not None
+        if cache is None:
+            cache = self.target.make_cache(draft_slack=self.slack)
+        row = Row(
+            uid=self._next_uid,
+            policy=policy,
+            seed=row_seed,
+            max_tokens=max_tokens,
+            eos=set(eos_token_ids),
+            prompt=prompt,
+            context=list(getattr(cache, "tokens", ())),
+            todo=mx.array(prompt, mx.int32),
+            cache=cache,
+            start=cache[0].offset if cache else 0,
+            keep_cache=keep,
+            k_limit=self.k_max if num_draft_tokens is None else min(num_draft_tokens, self.k_max),
+        )
+        row.stats.prompt_tokens = len(prompt)
+        row.stats.num_draft_tokens = self.k_max
+        row.stats.draft_schedule = self.draft_schedule
+        row.stats.acceptance_rule = policy.acceptance_rule
+        if row.k_limit == 0:
+            reason = "no draft model" if self.drafter is None else "num_draft_tokens is 0"
+            row.stats.mode, row.stats.plain_reason = "plain", reason
+        self._next_uid += 1
+        self.waiting.append(row)
+        return row.uid
+
+    def remove(self, uid: int, num_emitted: int | None = None) -> list | None:
+        """Cancel row ``uid`` (waiting, prefilling or decoding); returns its cache settled to
+        its prompt and its first ``num_emitted`` tokens (default: all it emitted), or None if
+        it was inserted without one."""
+        for queue in (self.waiting, self.filling):
+            for row in queue:
+                if row.uid == uid:
+                    queue.remove(row)
+                    return self._settle(row, None, 0) if row.keep_cache else None
+        for i, row in enumerate(self.rows):
+            if row.uid == uid:
+                if num_emitted is not None:
+                    del row.emitted[num_emitted:]
+                return self._leave([i])[0]
+        raise KeyError(f"no row {uid}")
+
+    def _leave(self, indices: list[int]) -> list:
+        """Rows ``indices`` leave the batch; their settled caches (None where not kept)."""
+        caches = [
+            self._settle(self.rows[i], i, self.layers[0].lengths[i])
+            if self.rows[i].keep_cache
+            else None
+            for i in indices
+        ]
+        keep = [i for i in range(len(self.rows)) if i not in indices]
+        for layer in self.layers:
+            layer.remove_rows(keep)
+        self.rows = [self.rows[i] for i in keep]
+        self.hidden = self.hidden[mx.array(keep, mx.int32)] if keep else None
+        return caches
+
+    def _settle(self, row: Row, index: int | None, held: int) -> list:
+        """``row``'s cache standing for what it held, its prompt and every emitted token
+        (mlx-lm's prompt-cache meaning): taken from the batch (row ``index``) or from its own
+        cache (``index`` None: it never joined), K/V computed past them dropped, the tokens
+        not fed yet fed now."""
+        sequence = row.prompt + row.emitted
+        length = row.start + len(sequence)
+        if index is not None:
+            held = min(held, length)
+            for j, layer in enumerate(self.layers):
+                row.cache[j] = layer.extract(index, held, row.cache[j])
+        else:
+            held = length - len(sequence) + (len(row.prompt) - row.todo.size)
+        if held < length:
+            todo = mx.array(sequence[len(sequence) - (length - held) :], mx.int32)
+            prefill(self.target, row.cache, todo, self.prefill_step_size)
+        mx.eval([c.state for c in row.cache])
+        if hasattr(row.cache, "tokens"):
+            row.cache.tokens += sequence
+        return row.cache
+
+    @property
+    def active(self) -> int:
+        """Rows inserted and not finished."""
+        return len(self.waiting) + len(self.filling) + len(self.rows)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RowOutput]:
+        """One prefill chunk for each prompt being filled, and one round for the decoding
+        rows; what every row emitted (a finished row has left the batch)."""
+        while self.waiting and len(self.filling) < self.prompt_concurrency:
+            if len(self.filling) + len(self.rows) >= self.max_rows:
+                break
+            self.filling.append(self.waiting.pop(0))
+        counters, clock = self.counters, time.perf_counter()
+        firsts = [out for row in list(self.filling) if (out := self._prefill_chunk(row))]
+        outputs = self._finish_rows(firsts)
+        now = time.perf_counter()
+        counters.prompt_time += now - clock
+        if self.rows:
+            outputs += self._finish_rows(self._round())
+            counters.decode_time += time.perf_counter() - now
+            counters.generation_steps += 1
+        counters.generation_tokens += sum(len(out.tokens) for out in outputs)
+        return outputs
+
+    def _prefill_chunk(self, row: Row) -> RowOutput | None:
+        """Feed the next chunk of ``row``'s prompt; after its last token, choose the first token
+        and join the batch."""
+        if row.todo.size > 1:
+            chunk = min(self.prefill_step_size, row.todo.size - 1)
+            self.counters.prompt_tokens += chunk
+            self.target.backbone(row.todo[None, :chunk], cache=row.cache)
+            mx.eval([c.state for c in row.cache])
+            row.todo = row.todo[chunk:]
+            return None
+        hidden = self.target.backbone(row.todo[None], cache=row.cache)
+        self.counters.prompt_tokens += 1
+        row.todo = row.todo[:0]
+        row.history = initial_history(row.policy, mx.array(row.prompt, mx.int32), row.context)
+        logprobs = row.policy.target_logprobs(self.target.logits(hidden[0]), row.history, [])
+        _, tokens = row.policy.accept([], logprobs, row.seed, row.cache[0].offset)
+        token = tokens[0].item()
+        row.stats.target_forwards += 1
+        self.filling.remove(row)
+        self._join(row, hidden)
+        return self._emit(len(self.rows) - 1, [token], logprobs, 0)
+
+    def _join(self, row: Row, hidden: mx.array) -> None:
+        for layer, layer_cache in zip(self.layers, row.cache, strict=True):
+            layer.add_row(layer_cache)
+        last = hidden[:, -1:]
+        self.hidden = last if self.hidden is None else mx.concatenate([self.hidden, last])
+        self.rows.append(row)
+
+    def _emit(self, i: int, tokens: list, logprobs: mx.array, from_draft: int) -> RowOutput:
+        """Row ``i``'s tokens of this step, cut after EOS or at its limit."""
+        row = self.rows[i]
+        room = row.max_tokens - len(row.emitted)
+        finish = None
+        for j, token in enumerate(tokens[:room]):
+            if token in row.eos:
+                tokens, finish = tokens[: j + 1], "stop"
+                break
+        else:
+            tokens = tokens[:room]
+            finish = "length" if len(tokens) == room else None
+        row.emitted += tokens
+        row.pending = tokens[-1]
+        if row.policy.processors:
+            row.history = history_after(row.policy, row.history, mx.array(tokens, mx.int32))
+        count = len(tokens)
+        return RowOutput(row.uid, tokens, logprobs[:count], min(from_draft, count), finish)
+
+    def _finish_rows(self, outputs: list[RowOutput]) -> list[RowOutput]:
+        """Finished rows leave the batch; their outputs carry their settled caches."""
+        done = [j for j, out in enumerate(outputs) if out.finish_reason is not None]
+        if not done:
+            return outputs
+        uids = [row.uid for row in self.rows]
+        caches = self._leave([uids.index(outputs[j].uid) for j in done])
+        for j, cache in zip(done, caches, strict=True):
+            outputs[j] = outputs[j]._replace(cache=cache)
+        return outputs
+
+    def row_stats(self, uid: int) -> Stats:
+        """The counters of a row still in the generator."""
+        for row in (*self.waiting, *self.filling, *self.rows):
+            if row.uid == uid:
+                return row.stats
+        raise KeyError(f"no row {uid}")
+
+    # -- a round --------------------------------------------------------------------------------
+
+    def _schedule_for(self) -> "BatchController | FixedBatchSchedule":
+        if self._schedule is None:
+            if self.k_max == 0 or self.draft_schedule == "constant":
+                self._schedule = FixedBatchSchedule(self.k_max)
+            else:
+                self._schedule = BatchController(self._pair_costs(), self.k_max)
+        return self._schedule
+
+    def _pair_costs(self) -> Costs:
+        """The pair's single-stream costs (given, cached on disk, or measured now on a copy of
+        the first row's cache, as ``SpeculativeGenerator`` does): the first guess for batches."""
+        if self._costs is None:
+            row, length = self.rows[0], self.layers[0].lengths[0]
+            cache = [layer.extract(0, length, like)
+                     for layer, like in zip(self.layers, row.cache, strict=True)]  # fmt: skip
+            engine = SpeculativeGenerator(self.target, self.drafter, TokenPolicy(),
+                                          num_draft_tokens=self.k_max, cache=cache)  # fmt: skip
+            self._costs = engine._costs()
+        return self._costs
+
+    def _round(self) -> list[RowOutput]:
+        rows = self.rows
+        limit = max(row.max_tokens - len(row.emitted) for row in rows) - 1
+        schedule = self._schedule_for()
+        k = schedule.choose_for(len(rows), min(limit, self.k_max))
+        clock = time.perf_counter()
+        drafts = self._draft(k)
+        result, logprobs, hidden = self._verify(drafts)
+        mx.eval(result)
+        values = result.tolist()
+        accepted = [
+            min(row_values[0], row.k_limit) for row, row_values in zip(rows, values, strict=True)
+        ]
+        outputs = []
+        for i, (row, n, (_, *tokens)) in enumerate(zip(rows, accepted, values, strict=True)):
+            for layer in self.layers:
+                layer.lengths[i] -= k - n
+            count(row.stats, k, n)
+            outputs.append(self._emit(i, tokens[: n + 1], logprobs[i], n))
+        index = mx.array(accepted, mx.int32)
+        self.hidden = hidden[mx.arange(len(rows)), index][:, None]
+        schedule.observe_rows(k, accepted, time.perf_counter() - clock)
+        return outputs
+
+    def _draft(self, k: int) -> list[mx.array]:
+        """``k`` drafts per row, each ``[B]``, by the batched drafter at each row's position."""
+        if not k:
+            return []
+        rows, args = self.rows, self.target.args
+        views = {}
+        for layer_type, i in self.target.shared_kv_layers.items():
+            window = args.sliding_window if layer_type == "sliding_attention" else None
+            views[layer_type] = self.layers[i].drafter_view(window)
+        shared_kv = {t: view[0] for t, view in views.items()}
+        masks = {t: view[1] for t, view in views.items()}
+        positions = self.layers[0].offset
+        token = mx.array([row.pending for row in rows], mx.int32)
+        hidden, histories, drafts = self.hidden, [row.history for row in rows], []
+        for i in range(k):
+            inputs = mx.concatenate([self.target.embed(token[:, None]), hidden], axis=-1)
+            out = self.drafter(inputs, shared_kv, positions, self.full_vocab_draft, masks=masks)
+            token, histories = self._pick_drafts(out, positions + i + 1, histories)
+            hidden = out.hidden
+            drafts.append(token)
+        return drafts
+
+    def _pick_drafts(self, out, positions: mx.array, histories: list) -> tuple[mx.array, list]:
+        """Each row's draft from the batched drafter's output, by its own policy (at
+        ``positions``, for its noise); the processors' histories after them."""
+        rows = self.rows
+        if all(not row.policy.coupled and not row.policy.processors for row in rows):
+            return out.tokens().reshape(len(rows)).astype(mx.int32), histories
+        logits = out.logits.reshape(len(rows), -1)
+        ids = None if out.candidates is None else out.candidates.reshape(len(rows), -1)
+        picked, after = [], []
+        for b, row in enumerate(rows):
+            policy, row_logits, row_ids = row.policy, logits[b : b + 1], None
+            if ids is not None:
+                row_ids = ids[b : b + 1]
+                if policy.history_window is None:  # custom processors read whole rows
+                    row_out = out._replace(logits=row_logits, candidates=row_ids)
+                    row_logits, row_ids = self.drafter.full_vocab_logits(row_out), None
+            noise = mx.stack([row.seed, positions[b].astype(mx.uint32)])
+            token = policy.draft(row_logits, row_ids, histories[b], noise, policy.values)
+            picked.append(token.reshape(1))
+            after.append(history_after(policy, histories[b], token.reshape(1)))
+        return mx.concatenate(picked).astype(mx.int32), after
+
+    def _verify(self, drafts: list) -> tuple[mx.array, list, mx.array]:
+        """One target forward over every row's ``[pending, drafts]``: ``[B, 1 + k + 1]``
+        results (``n``, then the target's tokens), each row's log-probabilities and the hidden
+        states."""
+        rows = self.rows
+        first = self.layers[0].lengths  # the pending tokens' positions
+        pending = mx.array([row.pending for row in rows], mx.int32)[:, None]
+        inputs = mx.concatenate([pending, *[d[:, None] for d in drafts]], axis=1)
+        out = self.target(inputs, self.layers)
+        if all(plain_argmax(row.policy) for row in rows):
+            logprobs = log_softmax(out.logits)
+            tokens = mx.argmax(logprobs, axis=-1).astype(mx.int32)
+            n = (
+                matched(mx.stack(drafts, axis=1), tokens)
+                if drafts
+                else mx.zeros(len(rows), mx.int32)
+            )
+            result = mx.concatenate([n[:, None].astype(mx.int32), tokens], axis=1)
+            return result, logprobs, out.hidden
+        results, row_logprobs = [], []
+        for b, row in enumerate(rows):
+            row_drafts = [d[b : b + 1] for d in drafts]
+            logprobs = row.policy.target_logprobs(out.logits[b], row.history, row_drafts)
+            n, tokens = row.policy.accept(row_drafts, logprobs, row.seed, first[b] + 1)
+            results.append(mx.concatenate([n.reshape(1), tokens]).astype(mx.int32))
+            row_logprobs.append(logprobs)
+        return mx.stack(results), row_logprobs, out.hidden
+
+
+def plain_argmax(policy: TokenPolicy) -> bool:
+    """Greedy without processors: a whole batch of such rows is verified in a few ops."""
+    return not (policy.coupled or policy.processors or policy.custom_sampler)
+
+
+def count(stats: Stats, k: int, n: int) -> None:
+    """A round of ``k`` drafts, ``n`` accepted, in a row's counters."""
+    stats.target_forwards += 1
+    stats.draft_lengths.append(k)
+    stats.accepted_lengths.append(n)
+    stats.k_counts[k] += 1
+    if k:
+        stats.rounds += 1
+        stats.drafted += k
+        stats.accepted += n
+    else:
+        stats.plain_steps += 1
+
+
+def matched(drafts: mx.array, tokens: mx.array) -> mx.array:
+    """Per row, the number of leading drafts ``[B, k]`` equal to the target's tokens."""
+    same = (drafts == tokens[:, : drafts.shape[1]]).astype(mx.int32)
+    return mx.cumprod(same, axis=1).sum(axis=1).astype(mx.int32)
