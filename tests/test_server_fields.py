@@ -475,6 +475,17 @@ def test_docs_only_when_asked_and_no_paths_echoed(client, guarded):
     assert wrong.status_code == 404 and str(FIXTURE) not in wrong.text
 
 
+@pytest.mark.parametrize(
+    "flags, refused",
+    [("--temp 1e-300", "--temp"), ("--temp nan", "--temp"), ("--top-k -1", "--top-k"),
+     ("--top-p 0", "--top-p"), ("--max-tokens 0", "--max-tokens"), ("--min-p 2", "--min-p")],
+)  # fmt: skip
+def test_sampling_flags_get_the_request_bounds(flags, refused, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", *flags.split()])
+    assert f"error: {refused}: " in capsys.readouterr().err
+
+
 def test_flags_and_exposure_warning(monkeypatch, caplog):
     monkeypatch.setenv("MLX_GEMMA_MTP_API_KEY", "from-env")
     args = parse_args(["--model", "m", "--allowed-hosts", "a.lan", "b.lan", "--docs"])

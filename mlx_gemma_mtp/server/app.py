@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
+from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
@@ -499,7 +500,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.draft_schedule == "heuristic":
         parser.error("--draft-schedule heuristic is single-stream: use auto or constant")
+    check_sampling_defaults(parser, args)
     return args
+
+
+# The sampling flags and the request fields whose bounds they share.
+DEFAULT_FIELDS = {
+    "max_tokens": "max_tokens",
+    "temp": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+}
+
+
+def check_sampling_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The defaults get a request's bounds: a bad one is refused at start, naming its flag."""
+    fields = {field: getattr(args, flag) for flag, field in DEFAULT_FIELDS.items()}
+    try:
+        Sampling(**fields)
+    except ValidationError as e:
+        message, param = request_error(e.errors()[0])
+        flag = next(flag for flag, field in DEFAULT_FIELDS.items() if field == param)
+        parser.error(f"--{flag.replace('_', '-')}{message.removeprefix(param)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
