@@ -529,40 +529,58 @@ def penalised_sequence_probs(target, policy, processors) -> np.ndarray:
     return steps.prod(axis=1).reshape(VOCAB, -1).sum(axis=0)
 
 
-@pytest.mark.slow
-def test_penalised_mtp_sampling_distribution_equals_plain():
-    """Chi-square fit of 3000 generations (vocab 8; cells (t1, t2, t3)) with presence and
-    frequency penalties and a logit bias, drafting every round, to the exact distribution
-    mlx-lm's processors give plain sampling; the penalties move that distribution."""
-    from drafting import ALWAYS_DRAFT
-    from test_sampling import (
-        NEW_TOKENS,
-        PROMPT,
-        SIGNIFICANCE,
-        VOCAB,
-        chi_square_p_value,
-        tiny_pair,
-    )
+def fit(counts: Counter, expected: np.ndarray) -> float:
+    """The chi-square p-value of ``counts`` of (t1, t2, t3) against ``expected``."""
+    from test_sampling import VOCAB, chi_square_p_value
 
+    observed = np.zeros(VOCAB**3)
+    for (a, b, c), count in counts.items():
+        observed[(a * VOCAB + b) * VOCAB + c] = count
+    return chi_square_p_value(observed, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["alone", "batch"])
+def test_penalised_mtp_sampling_distribution_equals_plain(engine):
+    """Chi-square fit of 2000 generations (vocab 8; cells (t1, t2, t3)) with presence and
+    frequency penalties and a logit bias, drafting every round, to the exact distribution
+    mlx-lm's processors give plain sampling; the penalties move that distribution. ``batch``:
+    the server's engine, each penalised row beside an unpenalised one (which keeps its own)."""
+    from drafting import ALWAYS_DRAFT
+    from test_sampling import NEW_TOKENS, PROMPT, SIGNIFICANCE, tiny_pair
+
+    from mlx_gemma_mtp.engine.batch import BatchGenerator
     from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
     from mlx_gemma_mtp.generation import make_policy
 
     target, drafter = tiny_pair()
     penalties = dict(presence_penalty=1.0, frequency_penalty=0.7, logit_bias={3: 1.5})
-    policy = make_policy(temp=1.0, **penalties)
+    policy, plain = make_policy(temp=1.0, **penalties), make_policy(temp=1.0)
     expected = penalised_sequence_probs(target, policy, make_logits_processors(**penalties))
     unpenalised = penalised_sequence_probs(target, policy, [])
     assert np.abs(expected - unpenalised).sum() / 2 > 0.1  # total variation
     mx.random.seed(5)
-    counts, drafted, accepted = Counter(), 0, 0
-    for _ in range(3000):
-        engine = SpeculativeGenerator(target, drafter, policy, num_draft_tokens=2,
-                                      costs=ALWAYS_DRAFT)  # fmt: skip
-        tokens = [t for b in engine.generate(mx.array(PROMPT), NEW_TOKENS) for t in b.tokens]
+    counts, beside, drafted, accepted = Counter(), Counter(), 0, 0
+    for _ in range(2000):
+        if engine == "alone":
+            generator = SpeculativeGenerator(target, drafter, policy, num_draft_tokens=2,
+                                             costs=ALWAYS_DRAFT)  # fmt: skip
+            tokens = [t for b in generator.generate(mx.array(PROMPT), NEW_TOKENS) for t in b.tokens]
+            stats = generator.stats
+        else:
+            generator = BatchGenerator(target, drafter, num_draft_tokens=2, costs=ALWAYS_DRAFT)
+            rows = [
+                generator.insert(PROMPT, max_tokens=NEW_TOKENS, policy=p) for p in (policy, plain)
+            ]
+            stats, out = generator.row_stats(rows[0]), {uid: [] for uid in rows}
+            while generator.active:
+                for step in generator.step():
+                    out[step.uid].extend(step.tokens)
+            tokens = out[rows[0]]
+            beside[tuple(out[rows[1]][1:])] += 1
         counts[tuple(tokens[1:])] += 1
-        drafted, accepted = drafted + engine.stats.drafted, accepted + engine.stats.accepted
-    observed = np.zeros(VOCAB ** (NEW_TOKENS - 1))
-    for (a, b, c), count in counts.items():
-        observed[(a * VOCAB + b) * VOCAB + c] = count
+        drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
     assert 0.1 < accepted / drafted < 0.9  # acceptance and rejection both exercised
-    assert chi_square_p_value(observed, expected) > SIGNIFICANCE
+    assert fit(counts, expected) > SIGNIFICANCE
+    if engine == "batch":
+        assert fit(beside, unpenalised) > SIGNIFICANCE
