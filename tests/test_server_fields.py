@@ -22,12 +22,8 @@ from mlx_gemma_mtp import generation, load  # noqa: E402
 from mlx_gemma_mtp.generation import encode_chat  # noqa: E402
 from mlx_gemma_mtp.server import Worker, create_app  # noqa: E402
 from mlx_gemma_mtp.server import worker as worker_module  # noqa: E402
-from mlx_gemma_mtp.server.app import (  # noqa: E402
-    Access,
-    parse_args,
-    served_name,
-    warn_if_exposed,
-)
+from mlx_gemma_mtp.server.access import Access, served_name, warn_if_exposed  # noqa: E402
+from mlx_gemma_mtp.server.app import parse_args  # noqa: E402
 from mlx_gemma_mtp.server.tools import ToolCallText  # noqa: E402
 
 TARGET, ASSISTANT = FIXTURE / "target", FIXTURE / "assistant"
@@ -124,7 +120,7 @@ CHAT_REFUSALS = [
     ({"top_k": 1e9}, "top_k"),
     ({"seed": -1}, "seed"),
     ({"seed": 2**70}, "seed"),
-    ({"max_completion_tokens": 131072}, "max_tokens"),  # with the prompt, past the context
+    ({"max_completion_tokens": 131072}, "max_completion_tokens"),  # past the context
     ({"temperature": 1e-300}, "temperature"),
     ('{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": Infinity}',
      "repetition_penalty"),
@@ -492,7 +488,7 @@ def test_flags_and_exposure_warning(monkeypatch, caplog):
     assert (args.api_key, args.allowed_hosts, args.docs) == ("from-env", ["a.lan", "b.lan"], True)
     assert parse_args(["--model", "m", "--api-key", "k"]).api_key == "k"
     assert served_name(str(TARGET)) == "target" and served_name("org/model") == "org/model"
-    with caplog.at_level(logging.WARNING, logger="mlx_gemma_mtp.server.app"):
+    with caplog.at_level(logging.WARNING, logger="mlx_gemma_mtp.server.access"):
         warn_if_exposed("127.0.0.1", None)
         warn_if_exposed("::1", None)
         warn_if_exposed("0.0.0.0", "key")
