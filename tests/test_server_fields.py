@@ -321,6 +321,17 @@ def test_tools_and_tool_results_are_rendered_through_the_template(tool_client):
     assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content
 
 
+def test_a_lone_surrogate_deep_in_the_request_gets_400(tool_client):
+    kwargs = '"chat_template_kwargs": {"greeting": "\\udfff"}'
+    body = '{"messages": [{"role": "user", "content": "x"}], ' + kwargs + "}"
+    response = post(tool_client, "chat/completions", body)
+    assert response.status_code == 400 and "Unicode" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "chat_template_kwargs"
+    tool = '{"type": "function", "function": {"name": "f", "parameters": {"x": "\\ud800"}}}'
+    body = '{"messages": [{"role": "user", "content": "x"}], "tools": [' + tool + "]}"
+    assert post(tool_client, "chat/completions", body).json()["error"]["param"] == "tools"
+
+
 def test_tool_call_output_becomes_tool_calls(tool_client, monkeypatch):
     openai = pytest.importorskip("openai")
     api = openai.OpenAI(base_url=f"{BASE}/v1", api_key="-", http_client=tool_client)

@@ -6,7 +6,7 @@ from mlx_lm.server import ToolCallFormatter
 from mlx_lm.tool_parsers import gemma4
 
 from ..text import overlap
-from .protocol import BadRequest, ChatRequest
+from .protocol import BadRequest, ChatRequest, unicode_text
 
 # Names the server passes to the template itself.
 RESERVED_TEMPLATE_KWARGS = (
@@ -46,9 +46,24 @@ def template_messages(body: ChatRequest) -> list[dict]:
     return messages
 
 
+def checked_text(value, param: str):
+    """``value`` (JSON: mappings, lists, strings, ...), or a 400 naming ``param`` when a string in
+    it is not valid Unicode (the tokenizer would fail on it)."""
+    if isinstance(value, dict):
+        return {checked_text(k, param): checked_text(v, param) for k, v in value.items()}
+    if isinstance(value, list):
+        return [checked_text(v, param) for v in value]
+    if isinstance(value, str):
+        try:
+            unicode_text(value)
+        except ValueError as e:
+            raise BadRequest(f"{param}: {e}", param) from None
+    return value
+
+
 def tool_call(call, param: str) -> dict:
     try:
-        arguments = call.function.argument_dict()
+        arguments = checked_text(call.function.argument_dict(), param)
     except ValueError as e:
         raise BadRequest(f"{param}: {e}", param) from None
     function = {"name": call.function.name, "arguments": arguments}
@@ -58,7 +73,7 @@ def tool_call(call, param: str) -> dict:
 def template_kwargs(body: ChatRequest, tokenizer) -> dict:
     """What the chat template gets besides the messages: ``tools`` (unless ``tool_choice`` is
     ``none``) and ``chat_template_kwargs``."""
-    extra = dict(body.chat_template_kwargs or {})
+    extra = checked_text(dict(body.chat_template_kwargs or {}), "chat_template_kwargs")
     clash = sorted(set(extra) & set(RESERVED_TEMPLATE_KWARGS))
     if clash:
         raise BadRequest(
@@ -68,7 +83,9 @@ def template_kwargs(body: ChatRequest, tokenizer) -> dict:
     if calls_tools(body):
         if not getattr(tokenizer, "has_tool_calling", False):
             raise BadRequest("tools: this model's chat template has no tool calls", "tools")
-        extra["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
+        extra["tools"] = checked_text(
+            [tool.model_dump(exclude_none=True) for tool in body.tools], "tools"
+        )
     return extra
 
 
