@@ -40,7 +40,9 @@ DEFAULTS = {
 USER = [{"role": "user", "content": "def main():"}]
 
 # A template of our own in Gemma 4's tool wire format (declarations, calls, responses).
-TOOL_TEMPLATE = """{{ bos_token }}{% if tools %}<start_of_turn>system
+TOOL_TEMPLATE = """{% if messages[0].role == 'developer' %}\
+{{ raise_exception('no developer messages here') }}{% endif %}{{ bos_token }}\
+{% if tools %}<start_of_turn>system
 {% for tool in tools %}<|tool>declaration:{{ tool.function.name }}\
 {{ tool.function.parameters | tojson }}<tool|>{% endfor %}<end_of_turn>
 {% endif %}{% for message in messages %}\
@@ -321,7 +323,7 @@ def test_tools_and_tool_results_are_rendered_through_the_template(tool_client):
     assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content
 
 
-def test_a_lone_surrogate_deep_in_the_request_gets_400(tool_client):
+def test_bad_values_deep_in_the_request_get_400(tool_client):
     kwargs = '"chat_template_kwargs": {"greeting": "\\udfff"}'
     body = '{"messages": [{"role": "user", "content": "x"}], ' + kwargs + "}"
     response = post(tool_client, "chat/completions", body)
@@ -330,6 +332,9 @@ def test_a_lone_surrogate_deep_in_the_request_gets_400(tool_client):
     tool = '{"type": "function", "function": {"name": "f", "parameters": {"x": "\\ud800"}}}'
     body = '{"messages": [{"role": "user", "content": "x"}], "tools": [' + tool + "]}"
     assert post(tool_client, "chat/completions", body).json()["error"]["param"] == "tools"
+    developer = {"messages": [{"role": "developer", "content": "x"}]}
+    refused = post(tool_client, "chat/completions", developer).json()["error"]
+    assert refused["param"] == "messages" and "no developer messages here" in refused["message"]
 
 
 def test_tool_call_output_becomes_tool_calls(tool_client, monkeypatch):
