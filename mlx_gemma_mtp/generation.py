@@ -82,6 +82,11 @@ def make_policy(
     logits_processors: list | None = None,
     repetition_penalty: float | None = None,
     repetition_context_size: int = 20,
+    logit_bias: dict[int, float] | None = None,
+    presence_penalty: float | None = None,
+    presence_context_size: int = 20,
+    frequency_penalty: float | None = None,
+    frequency_context_size: int = 20,
 ) -> TokenPolicy:
     """A ``TokenPolicy`` from mlx-lm's options. The options (``temp``, ``top_p``, ...) sample
     coupled, which a seed fixes whatever the draft schedule; so does a ``sampler`` from mlx-lm's
@@ -89,7 +94,9 @@ def make_policy(
     its draws depend on how many rows each round verifies (it draws from MLX's random state), so
     a seed fixes its output only for one draft schedule (a warning says so, once).
     mlx-lm's repetition penalty reads only the last ``repetition_context_size`` tokens, so it
-    keeps the pipelined loop; custom ``logits_processors`` may read the whole history."""
+    keeps the pipelined loop; custom ``logits_processors`` may read the whole history, and so
+    do ``logit_bias`` and the presence and frequency penalties (mlx-lm's processors: the target
+    and the drafter both apply them, so drafts are verified under them)."""
     params = SamplingParams(temp, top_p, min_p, min_tokens_to_keep, top_k)
     if sampler is not None and params.greedy:
         taken_over = make_sampler_params(sampler)
@@ -98,6 +105,13 @@ def make_policy(
         else:
             warn_once(CUSTOM_SAMPLER_WARNING)
     processors = list(logits_processors or [])
+    processors += make_logits_processors(
+        logit_bias=logit_bias,
+        presence_penalty=presence_penalty,
+        presence_context_size=presence_context_size,
+        frequency_penalty=frequency_penalty,
+        frequency_context_size=frequency_context_size,
+    )
     window = None if processors else repetition_context_size
     processors += make_logits_processors(
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
@@ -153,9 +167,12 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int] | mx.array, vocab_size:
     return ids
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` through the chat template, ready for the model's reply."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def encode_chat(tokenizer, messages: list[dict], **template_kwargs: Any) -> list[int]:
+    """Token ids of ``messages`` through the chat template, ready for the model's reply;
+    ``template_kwargs`` (``tools=``, ``enable_thinking=``, ...) go to the template."""
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+    )
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -247,6 +264,11 @@ def stream_generate(
     stop: Sequence[str] = (),
     eos_token_ids: Sequence[int] | None = None,
     costs: Costs | None = None,
+    logit_bias: dict[int, float] | None = None,
+    presence_penalty: float | None = None,
+    presence_context_size: int = 20,
+    frequency_penalty: float | None = None,
+    frequency_context_size: int = 20,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield one ``GenerationResponse`` per generated token (the last one has a
     ``finish_reason``: ``"stop"`` for EOS or a stop string, ``"length"`` for ``max_tokens``).
@@ -256,12 +278,15 @@ def stream_generate(
     assistant (``None`` or ``num_draft_tokens=0``: plain decoding), ``sampler``,
     ``logits_processors``, ``prompt_cache`` (from ``make_prompt_cache`` or ``load_prompt_cache``:
     afterwards it stands for the prompt and every emitted token, also when the caller stops
-    early), ``max_kv_size`` (``None`` only: see ``check_max_kv_size``), ``prefill_step_size``,
+    early; the logits processors' history starts with the tokens it already holds, so a cached
+    conversation gets the tokens a fresh run over the whole conversation would), ``max_kv_size``
+    (``None`` only: see ``check_max_kv_size``), ``prefill_step_size``,
     ``prompt_progress_callback(processed, total)`` (an exception it raises stops the prompt fill
     between chunks and propagates; after any exception ``prompt_cache`` is left empty). Ours:
     ``temp``/``top_p``/``min_p``/``min_tokens_to_keep``/``top_k`` (coupled sampling: a seed fixes
     the output, whatever the drafting), ``repetition_penalty``/
-    ``repetition_context_size``, ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
+    ``repetition_context_size``, mlx-lm's ``logit_bias`` and presence/frequency penalties (with
+    their context sizes), ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
     ``eos_token_ids`` (default: all of the tokenizer's), ``costs`` (``mlx_gemma_mtp.costs.Costs``
     for the ``auto`` schedule instead of the measured ones). Closing the generator cancels.
     """
@@ -289,6 +314,11 @@ def stream_generate(
         logits_processors,
         repetition_penalty,
         repetition_context_size,
+        logit_bias,
+        presence_penalty,
+        presence_context_size,
+        frequency_penalty,
+        frequency_context_size,
     )
     engine = SpeculativeGenerator(
         target,
@@ -302,6 +332,7 @@ def stream_generate(
         cache=prompt_cache,
         prompt_progress_callback=progress,
         costs=costs,
+        context=prompt_cache.tokens if isinstance(prompt_cache, PromptCache) else (),
     )
     texts = TextStream(tokenizer, stop)
     count = 0

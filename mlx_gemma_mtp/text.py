@@ -4,6 +4,14 @@ one is held back until it is known)."""
 from collections.abc import Sequence
 
 
+def overlap(text: str, marker: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
+    for size in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
+
+
 class StopStrings:
     """Finds stop strings in streamed text; holds back text that may begin one."""
 
@@ -18,17 +26,9 @@ class StopStrings:
         if hits:
             self.held = ""
             return text[: min(hits)], True
-        keep = max((self._overlap(text, s) for s in self.stop), default=0)
+        keep = max((overlap(text, s) for s in self.stop), default=0)
         self.held = text[len(text) - keep :]
         return text[: len(text) - keep], False
-
-    @staticmethod
-    def _overlap(text: str, stop: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
-        for size in range(min(len(text), len(stop) - 1), 0, -1):
-            if stop.startswith(text[-size:]):
-                return size
-        return 0
 
     def flush(self) -> str:
         text, self.held = self.held, ""

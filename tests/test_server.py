@@ -18,6 +18,7 @@ from mlx_gemma_mtp.engine.prompt_cache import common_prefix_length  # noqa: E402
 from mlx_gemma_mtp.generation import encode_chat  # noqa: E402
 
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
+MODEL_ID = "target"  # the folder's name: the server shows no local path
 CACHE_BUDGET = 4 << 20  # bytes of prompt caches the server may keep
 QUESTION = "import json\n\n\ndef load_config(path):\n"
 
@@ -67,11 +68,11 @@ def pair():
 
 
 def chat(client, messages, **kwargs):
-    return client.chat.completions.create(model=TARGET, messages=messages, **kwargs)
+    return client.chat.completions.create(model=MODEL_ID, messages=messages, **kwargs)
 
 
 def test_models_and_health(client, server):
-    assert [m.id for m in client.models.list().data] == [TARGET]
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
 
 
@@ -112,11 +113,11 @@ def test_completions_text_and_token_ids_streamed_or_not(client, pair):
     target, drafter, tokenizer = pair
     ids = json.loads((FIXTURE / "held_out_prompts.jsonl").read_text().splitlines()[3])["input_ids"]
     expected = generate(target, tokenizer, ids, max_tokens=16, draft_model=drafter)
-    whole = client.completions.create(model=TARGET, prompt=ids, max_tokens=16)
+    whole = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=16)
     assert whole.choices[0].text == expected and whole.usage.prompt_tokens == len(ids)
-    streamed = client.completions.create(model=TARGET, prompt=ids, max_tokens=16, stream=True)
+    streamed = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=16, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == expected
-    text = client.completions.create(model=TARGET, prompt=QUESTION, max_tokens=12)
+    text = client.completions.create(model=MODEL_ID, prompt=QUESTION, max_tokens=12)
     assert text.choices[0].text == generate(target, tokenizer, QUESTION, max_tokens=12)
 
 
@@ -227,7 +228,7 @@ def test_load_clients_x_requests(client, server, clients, requests):
     prompts = [f"def task_{i}(x):\n" for i in range(clients)]
 
     def ask(prompt: str) -> str:
-        reply = client.completions.create(model=TARGET, prompt=prompt, max_tokens=8)
+        reply = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8)
         return reply.choices[0].text
 
     sequential = {p: ask(p) for p in prompts}

@@ -338,6 +338,7 @@ class Row:
     max_tokens: int
     eos: set
     prompt: list  # the tokens after what ``cache`` held when inserted
+    context: list  # the tokens ``cache`` held, where known (a ``PromptCache``'s)
     todo: mx.array  # prompt tokens not fed yet
     cache: list  # its own cache: what it came with, then the prompt (until it joins)
     start: int  # positions ``cache`` held when inserted
@@ -465,6 +466,7 @@ class BatchGenerator:
             max_tokens=max_tokens,
             eos=set(eos_token_ids),
             prompt=prompt,
+            context=list(getattr(cache, "tokens", ())),
             todo=mx.array(prompt, mx.int32),
             cache=cache,
             start=cache[0].offset if cache else 0,
@@ -590,7 +592,7 @@ class BatchGenerator:
         hidden = self.target.backbone(row.todo[None], cache=row.cache)
         self.counters.prompt_tokens += 1
         row.todo = row.todo[:0]
-        row.history = initial_history(row.policy, mx.array(row.prompt, mx.int32))
+        row.history = initial_history(row.policy, mx.array(row.prompt, mx.int32), row.context)
         logprobs = row.policy.target_logprobs(self.target.logits(hidden[0]), row.history, [])
         _, tokens = row.policy.accept([], logprobs, row.seed, row.cache[0].offset)
         token = tokens[0].item()

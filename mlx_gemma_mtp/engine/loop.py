@@ -25,7 +25,7 @@ request gives the same tokens whatever the costs measured and the schedule chose
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -176,12 +176,16 @@ def prefill(
     return target.backbone(prompt[None], cache=cache)
 
 
-def initial_history(policy: TokenPolicy, prompt: mx.array) -> mx.array:
-    """The processors' history: the whole prompt, or its last ``W`` tokens (padded with its
-    first token, which the set-like repetition penalty counts once anyway)."""
+def initial_history(policy: TokenPolicy, prompt: mx.array, context: Sequence[int] = ()) -> mx.array:
+    """The processors' history: ``context`` (the tokens already in the cache) and the whole
+    prompt, or their last ``W`` tokens (padded with the first, which the set-like repetition
+    penalty counts once anyway)."""
     window = policy.history_window
     if not policy.processors:
         return mx.array(0)
+    if context:
+        context = context[-window:] if window else context
+        prompt = mx.concatenate([mx.array(context, prompt.dtype), prompt])
     if window is None or prompt.size >= window:
         return prompt if window is None else prompt[-window:]
     return mx.concatenate([mx.repeat(prompt[:1], window - prompt.size), prompt])
@@ -272,12 +276,15 @@ class SpeculativeGenerator:
         costs: Costs | None = None,
         cache: list | None = None,
         prompt_progress_callback: Callable[[int, int], None] | None = None,
+        context: Sequence[int] = (),
     ):
         """``cache``: the target cache to continue from (``Target.make_cache``, with a slack of
         at least ``draft_slack(num_draft_tokens)``), kept by the caller between generations;
         after ``settle`` it stands for its old tokens, the prompt and the emitted tokens.
         A sampling policy takes its seed from MLX's random state here (``mx.random.seed``
-        fixes it); nothing else draws from it."""
+        fixes it); nothing else draws from it. ``context``: the tokens already in ``cache``,
+        which the logits processors' history starts with (so a cached conversation is penalised
+        as a fresh one would be)."""
         if draft_schedule not in SCHEDULES:
             raise ValueError(f"draft schedule {draft_schedule!r} is not one of {SCHEDULES}")
         if num_draft_tokens < 0:
@@ -306,6 +313,7 @@ class SpeculativeGenerator:
         self.start = cache[0].offset if cache else 0
         self.prompt, self.emitted = None, []
         self.prompt_progress_callback = prompt_progress_callback
+        self.context = list(context)
         # ``auto`` gets its controller once the prompt is in the cache (see ``generate``).
         self.schedule = DraftSchedule(num_draft_tokens, draft_schedule.replace("auto", "constant"))
         # Drafting before the round's result is read needs the whole token history the
@@ -355,7 +363,7 @@ class SpeculativeGenerator:
         return Round(0, first, self._accept([], logprobs, first), logprobs, hidden, history)
 
     def _initial_history(self, prompt: mx.array) -> mx.array | None:
-        return initial_history(self.policy, prompt)
+        return initial_history(self.policy, prompt, self.context)
 
     def _accept(self, drafts: list, logprobs: mx.array, first: int) -> mx.array:
         """``[n, t_0, .., t_k]``: accepted count and target tokens (emitted: ``t_0..t_n``) of

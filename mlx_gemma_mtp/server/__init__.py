@@ -1,8 +1,9 @@
 """OpenAI-compatible server: ``python -m mlx_gemma_mtp.server --model T --draft-model D``.
 
-``protocol`` (request bodies, responses, errors), ``worker`` (the generation thread, jobs and the
-conversation caches), ``limits`` (bounds on bodies, queue, tokens and connections; shutdown),
-``app`` (the FastAPI app and the command line).
+``protocol`` (request bodies, responses, errors), ``tools`` (tool calls), ``access`` (API key,
+Host/Origin checks), ``worker`` (the generation thread, jobs and the conversation caches),
+``limits`` (bounds on bodies, queue, tokens and connections; shutdown), ``app`` (the FastAPI app
+and the command line).
 
 FastAPI parses and validates requests (pydantic) and streams server-sent events; uvicorn serves
 them. Generation runs on one thread, one request at a time in arrival order; each request starts

@@ -4,10 +4,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -15,6 +18,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from ..config import ConfigError
@@ -28,6 +33,7 @@ from ..generation import (
     encode_prompt,
 )
 from ..loading import load
+from .access import API_KEY_VARIABLE, Access, Guard, served_name, warn_if_exposed
 from .limits import (
     SHUTDOWN_GRACE,
     BodyLimit,
@@ -50,19 +56,39 @@ from .protocol import (
     sse,
     text_choice,
 )
+from .tools import ToolCalls, calls_tools, forced_call, template_kwargs, template_messages
 from .worker import Job, Worker
 
 logger = logging.getLogger(__name__)
 DISCONNECT_POLL = 0.25  # seconds between checks that a waiting client is still there
 
 
+def request_error(error: dict) -> tuple[str, str | None]:
+    """A validation error's message and the field it names (pydantic's union and validator
+    tags left out of the path)."""
+    names = [str(p) for p in error["loc"] if p != "body" and not str(p).endswith("]")]
+    names = [n for n in names if n not in ("str", "int", "float", "bool", "dict", "list")]
+    param = ".".join(names) or None
+    if error["type"] == "extra_forbidden":
+        return f"{param}: this server does not support this field", param
+    return f"{param or 'body'}: {error['msg'].removeprefix('Value error, ')}", param
+
+
 def create_app(
-    worker: Worker, model_id: str, defaults: dict, limits: Limits | None = None
+    worker: Worker,
+    model_id: str,
+    defaults: dict,
+    limits: Limits | None = None,
+    access: Access | None = None,
 ) -> FastAPI:
     """The FastAPI app; ``defaults`` are the server's sampling and drafting defaults, ``limits``
-    its bounds on work (unset ceilings: the model's context)."""
+    its bounds on work (unset ceilings: the model's context), ``access`` who may call it
+    (default: loopback names only, no key, no ``/docs``)."""
     target, drafter, tokenizer, lru = worker.target, worker.drafter, worker.tokenizer, worker.lru
-    app = FastAPI(title="mlx-gemma-mtp")
+    access = access or Access()
+    docs = {} if access.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="mlx-gemma-mtp", **docs)
+    app.add_middleware(Guard, access=access)
     vocab_size = target.args.vocab_size
     limits = (limits or Limits()).with_context(target.args.max_position_embeddings)
     defaults = {**defaults, "max_tokens": min(defaults["max_tokens"], limits.max_tokens)}
@@ -73,13 +99,15 @@ def create_app(
     async def off_loop(function, *args):
         return await asyncio.get_running_loop().run_in_executor(tokenizing, function, *args)
 
+    context_size = getattr(target.args, "max_position_embeddings", None) or sys.maxsize
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
             return error_response(400, f"the body is not valid JSON ({first['msg']})")
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        return error_response(400, f"{param or 'body'}: {first['msg']}", param)
+        message, param = request_error(first)
+        return error_response(400, message, param)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request, exc: BadRequest):
@@ -88,6 +116,11 @@ def create_app(
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):  # logged here, not echoed to the client
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
 
     @app.get("/health")
     async def health() -> dict:
@@ -121,22 +154,66 @@ def create_app(
         if drafter is None and body.num_draft_tokens:
             raise BadRequest("this server has no draft model", "num_draft_tokens")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        top_k = pick(body.top_k, "top_k")
+        if top_k > vocab_size:
+            raise BadRequest(f"top_k: must be at most the vocabulary size {vocab_size}", "top_k")
+        logit_bias = token_biases(body.logit_bias)
         return {
             "max_tokens": pick(max_tokens, "max_tokens"),
             "temp": pick(body.temperature, "temp"),
             "top_p": pick(body.top_p, "top_p"),
-            "top_k": pick(body.top_k, "top_k"),
+            "top_k": top_k,
             "min_p": pick(body.min_p, "min_p"),
             "repetition_penalty": body.repetition_penalty,
+            **penalties(body),
+            "logit_bias": logit_bias,
             "num_draft_tokens": k if drafter is not None else 0,
             "draft_schedule": defaults["draft_schedule"],
             "prefill_step_size": defaults.get("prefill_step_size", 512),
             "stop": stop,
         }
 
+    def fit_context(body: Sampling, tokens: list, opts: dict) -> None:
+        """The prompt and the reply within the model's context: a ``max_tokens`` asked for
+        must fit, the default is cut to what fits."""
+        room = context_size - len(tokens)
+        if room < 1:
+            raise BadRequest(
+                f"the prompt ({len(tokens)} tokens) fills the model's context of "
+                f"{context_size} tokens",
+                "messages" if isinstance(body, ChatRequest) else "prompt",
+            )
+        completion = getattr(body, "max_completion_tokens", None)
+        name = "max_tokens" if completion is None else "max_completion_tokens"
+        asked = completion or body.max_tokens
+        if asked is not None and asked > room:
+            raise BadRequest(
+                f"{name}: the prompt ({len(tokens)} tokens) and {name} ({asked}) exceed the "
+                f"model's context of {context_size} tokens",
+                name,
+            )
+        opts["max_tokens"] = min(opts["max_tokens"], room)
+
+    def token_biases(biases: dict | None) -> dict[int, float] | None:
+        if not biases:
+            return None
+        out = {}
+        for key, bias in biases.items():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            if not 0 <= token < vocab_size:
+                raise BadRequest(
+                    f"logit_bias: {key!r} is not a token id in [0, {vocab_size})", "logit_bias"
+                )
+            out[token] = bias
+        return out
+
     async def submit(body: Sampling, tokens: list, opts: dict, top: int | None) -> Job:
         if worker.waiting() >= limits.max_queue:
             raise QueueFull(f"{limits.max_queue} requests are waiting already: retry later")
+        fit_context(body, tokens, opts)
         job = Job(
             tokens,
             opts,
@@ -200,15 +277,26 @@ def create_app(
         opts = options(body, body.max_completion_tokens or body.max_tokens)
         if tokenizer is None:
             raise BadRequest("the model has no tokenizer: use /v1/completions with token ids")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        tokens = await off_loop(encode_chat, tokenizer, messages)
+        messages, rendering = template_messages(body), template_kwargs(body, tokenizer)
+        start = forced_call(body, tokenizer)
+        try:
+            tokens = await off_loop(partial(encode_chat, tokenizer, messages, **rendering))
+        except TemplateError as e:  # the template refused these messages
+            raise BadRequest(f"messages: the chat template failed ({e})", "messages") from None
+        tokens += tokenizer.encode(start, add_special_tokens=False) if start else []
         check_lengths(tokens, opts, max_tokens_field(body), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = await submit(body, tokens, opts, top)
+        parallel = body.parallel_tool_calls is not False
+        tools = [tool.model_dump() for tool in body.tools or []]
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": model_id}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+            calls = (
+                ToolCalls(tokenizer, tools, True, parallel, start) if calls_tools(body) else None
+            )
 
             @cancels(job)
             async def events():
@@ -219,8 +307,13 @@ def create_app(
                     if kind == "error":
                         yield sse({"error": {"message": value, "type": "server_error"}})
                     elif kind == "token":
-                        delta = {"content": value["text"]}
-                        entry = choice_delta(delta, value["finish_reason"])
+                        delta, finish = {"content": value["text"]}, value["finish_reason"]
+                        if calls is not None:
+                            last = finish is not None
+                            delta["content"], found = calls.feed(delta["content"], last)
+                            delta.update({"tool_calls": found} if found else {})
+                            finish = calls.finish_reason(finish)
+                        entry = choice_delta(delta, finish)
                         if top is not None:
                             entry["logprobs"] = {"content": [chat_logprob(value)]}
                         yield sse({**chunk, "choices": [entry]})
@@ -232,6 +325,12 @@ def create_app(
         items = [item async for item in results(job, request)]
         text, finish, use, logprobs = collect(items)
         message = {"role": "assistant", "content": text}
+        if calls_tools(body):
+            calls = ToolCalls(tokenizer, tools, False, parallel, start)
+            content, found = calls.feed(text, final=True)
+            finish = calls.finish_reason(finish)
+            message = {"role": "assistant", "content": content or None}
+            message.update({"tool_calls": found} if found else {})
         choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         if top is not None:
             choice["logprobs"] = {"content": [chat_logprob(v) for k, v in items if k == "token"]}
@@ -284,6 +383,20 @@ class QueueFull(Exception):
 
 def max_tokens_field(body: ChatRequest) -> str:
     return "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+
+
+def penalties(body: Sampling) -> dict:
+    """mlx-lm's presence and frequency penalties and their look-back (defaults: mlx-lm's)."""
+    sizes = {
+        "repetition_context_size": body.repetition_context_size,
+        "presence_context_size": body.presence_context_size,
+        "frequency_context_size": body.frequency_context_size,
+    }
+    return {
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        **{name: size for name, size in sizes.items() if size is not None},
+    }
 
 
 def cancels(job: Job):
@@ -346,6 +459,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
     )
     add_limit_args(parser)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_VARIABLE),
+        help=f"Bearer key every request must send (default: ${API_KEY_VARIABLE}; none: open).",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=[],
+        metavar="HOST",
+        help="Host names clients may use besides --host and loopback ('*': any; the Host check "
+        "keeps web pages from reaching the server by DNS rebinding).",
+    )
+    parser.add_argument("--docs", action="store_true", help="Serve /docs and /openapi.json.")
     args = parser.parse_args(argv)
     if not 0 <= args.num_draft_tokens <= DEFAULT_MAX_DRAFT_TOKENS:
         parser.error(f"--num-draft-tokens must be in [0, {DEFAULT_MAX_DRAFT_TOKENS}]")
@@ -356,6 +483,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--draft-schedule heuristic is single-stream: use auto or constant")
     if args.max_tokens_limit is not None and args.max_tokens > args.max_tokens_limit:
         parser.error("--max-tokens must not be over --max-tokens-limit")
+    check_sampling_defaults(parser, args)
     return args
 
 
@@ -432,6 +560,27 @@ def limits_from(args: argparse.Namespace) -> Limits:
     )
 
 
+# The sampling flags and the request fields whose bounds they share.
+DEFAULT_FIELDS = {
+    "max_tokens": "max_tokens",
+    "temp": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+}
+
+
+def check_sampling_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The defaults get a request's bounds: a bad one is refused at start, naming its flag."""
+    fields = {field: getattr(args, flag) for flag, field in DEFAULT_FIELDS.items()}
+    try:
+        Sampling(**fields)
+    except ValidationError as e:
+        message, param = request_error(e.errors()[0])
+        flag = next(flag for flag, field in DEFAULT_FIELDS.items() if field == param)
+        parser.error(f"--{flag.replace('_', '-')}{message.removeprefix(param)}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(
@@ -461,7 +610,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "min_p": args.min_p,
         "prefill_step_size": args.prefill_step_size,
     }
-    app = create_app(worker, args.model, defaults, limits_from(args))
+    warn_if_exposed(args.host, args.api_key)
+    access = Access.for_bind(args.host, args.allowed_hosts, api_key=args.api_key, docs=args.docs)
+    model_id = served_name(args.model)
+    app = create_app(worker, model_id, defaults, limits_from(args), access)
     files = raise_open_files_limit(args.max_connections + 256)
     if files < args.max_connections + 256:
         logger.warning("open files are limited to %d: fewer connections will be accepted", files)
@@ -475,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout_keep_alive=args.timeout_keep_alive,
         timeout_graceful_shutdown=SHUTDOWN_GRACE,
     )
-    print(f"Serving {args.model} on http://{args.host}:{args.port}/v1", flush=True)
+    print(f"Serving {model_id} on http://{args.host}:{args.port}/v1", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises a SIGINT it handled again
         Server(config, worker).run()
 

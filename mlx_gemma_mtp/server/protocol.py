@@ -1,51 +1,156 @@
-"""The OpenAI protocol: request bodies (fields follow OpenAI's; unknown fields are ignored,
-known ones are checked), usage, errors and the shapes of responses and server-sent events."""
+"""The OpenAI protocol: request bodies (fields follow OpenAI's and mlx-lm's; every field is
+honoured, refused with a 400 naming it, or in ``IGNORED_FIELDS``; numbers get the bounds their
+meaning implies), usage, errors and the shapes of responses and server-sent events."""
 
 import json
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ..engine.prompt_cache import (
     DEFAULT_MAX_DRAFT_TOKENS,
 )
 
+# Accepted and ignored: they ask nothing of the generation (``user``, ``cache_salt`` and
+# ``prompt_cache_key`` name a client or a cache namespace; OpenAI's bookkeeping fields).
+IGNORED_FIELDS = (
+    "user",
+    "cache_salt",
+    "prompt_cache_key",
+    "safety_identifier",
+    "metadata",
+    "store",
+    "service_tier",
+)
+MIN_TEMPERATURE = 1e-3  # below it 1 / temperature scales log-probabilities past float32's range
+MAX_SEED = 2**64 - 1  # MLX's seed is an unsigned 64-bit integer
+MAX_CONTEXT_SIZE = 1 << 16  # tokens a penalty looks back over
 
-class StreamOptions(BaseModel):
+
+def unicode_text(text: str) -> str:
+    """``text`` if it can be encoded (JSON's ``\\ud800`` escapes make lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        surrogate = f"a lone surrogate at character {e.start}"
+        raise ValueError(f"not valid Unicode text ({surrogate})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused (a 400 naming them), infinities and NaNs too."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: bool = False  # no obfuscation padding is ever sent
 
 
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
 
-    model: str | None = None
+    @model_validator(mode="after")
+    def only_text(self):
+        if self.type != "text":
+            raise ValueError(
+                f"{self.type} is not supported (no constrained decoding): omit response_format "
+                'or send {"type": "text"}'
+            )
+        return self
+
+
+class Sampling(Strict):
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)  # and at most the vocabulary size (app.options)
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: Text | list[Text] | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_context_size: int | None = Field(None, ge=1, le=MAX_CONTEXT_SIZE)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_context_size: int | None = Field(None, ge=1, le=MAX_CONTEXT_SIZE)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_context_size: int | None = Field(None, ge=1, le=MAX_CONTEXT_SIZE)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     num_draft_tokens: int | None = Field(None, ge=0, le=DEFAULT_MAX_DRAFT_TOKENS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
-    # Conversation caches are shared only between requests with the same two (vLLM's and
-    # OpenAI's names): nobody learns another user's prompt from cached_tokens or timing.
-    cache_salt: str | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
+    cache_salt: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def greedy_or_sampled(cls, temperature: float | None) -> float | None:
+        if temperature and temperature < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return temperature
 
 
-class TextPart(BaseModel):
+class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+class FunctionCall(Strict):
+    name: Text
+    arguments: Text | dict = "{}"
+
+    def argument_dict(self) -> dict:
+        """The arguments as a mapping (Gemma 4's template renders keys and values)."""
+        if isinstance(self.arguments, dict):
+            return self.arguments
+        try:
+            arguments = json.loads(self.arguments or "{}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"arguments are not JSON ({e})") from None
+        if not isinstance(arguments, dict):
+            raise ValueError("arguments must be a JSON object")
+        return arguments
+
+
+class ToolCall(Strict):
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Text | None = None
+    reasoning_content: Text | None = None  # a turn's thinking: Gemma 4's template renders it
+    # What clients send back from a reply: accepted when empty.
+    refusal: None = None
+    function_call: None = None
+    audio: None = None
+    annotations: list[None] | None = Field(None, max_length=0)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -53,16 +158,50 @@ class Message(BaseModel):
         return self.content or ""
 
 
+class FunctionDefinition(Strict):
+    name: Text
+    description: Text | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: Text
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def logprobs_asked(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return top
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list = Field(min_length=1)  # token ids are checked against the vocabulary
+    prompt: Text | list = Field(min_length=1)  # token ids are checked against the vocabulary
     logprobs: int | None = Field(None, ge=0, le=20)
+    echo: Literal[False] = False
+    best_of: Literal[1] = 1
 
 
 def usage(prompt_tokens: int, cached: int, response) -> dict:

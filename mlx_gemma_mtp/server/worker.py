@@ -34,6 +34,21 @@ from .protocol import usage
 
 logger = logging.getLogger(__name__)
 
+# The job options that make its ``TokenPolicy`` (``generation.make_policy``'s parameters).
+POLICY_OPTIONS = (
+    "temp",
+    "top_p",
+    "min_p",
+    "top_k",
+    "repetition_penalty",
+    "repetition_context_size",
+    "logit_bias",
+    "presence_penalty",
+    "presence_context_size",
+    "frequency_penalty",
+    "frequency_context_size",
+)
+
 
 class PromptCacheLRU:
     """Conversations' caches, least recently used first, within ``max_entries`` and
@@ -200,10 +215,6 @@ class RowUsage:
         return {**counters(stats), **rates}
 
 
-# The job options that make its ``TokenPolicy`` (``generation.make_policy``'s parameters).
-POLICY_OPTIONS = ("temp", "top_p", "min_p", "top_k", "repetition_penalty")
-
-
 class Worker:
     """Loads the models, then serves jobs on its own thread (MLX streams belong to the thread
     that made them: all MLX work happens here): up to ``decode_concurrency`` decode together in
@@ -315,7 +326,7 @@ class Worker:
             if job.reason is not None:
                 job.send("error", job.reason)
         except Exception as e:  # reported to the client; the server keeps serving
-            logger.exception("request failed (%d prompt tokens)", len(job.tokens))
+            logger.exception("generation failed (a request of %d prompt tokens)", len(job.tokens))
             job.send("error", f"{type(e).__name__}: {e}")
 
     def _insert(self, job: Job) -> None:
@@ -323,7 +334,7 @@ class Worker:
         cache = self.lru.take(job.tokens, job.namespace)
         rest = job.tokens[len(cache.tokens) :]
         options = job.options
-        policy = make_policy(**{name: options[name] for name in POLICY_OPTIONS})
+        policy = make_policy(**{name: options[name] for name in POLICY_OPTIONS if name in options})
         uid = self.engine.insert(
             rest,
             max_tokens=options["max_tokens"],
