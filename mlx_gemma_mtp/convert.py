@@ -23,10 +23,13 @@ from tqdm import tqdm
 from .config import ConfigError, is_assistant, normalize_target_config, read_config
 from .loading import (
     DTYPES,
+    VISION_PREFIXES,
     cast,
+    has_vision_tower,
     load_drafter_model,
     load_target_model,
     resolve_path,
+    tower_weights,
     weight_files,
 )
 
@@ -38,6 +41,8 @@ EXTRA_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
 )
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 # Every file the converter writes: the only files it accepts in, and deletes from, a destination.
@@ -77,9 +82,10 @@ def convert(
     source = resolve_path(hf_path)
     check_apart(source, destination)
     model, config = prepare_model(source, dtype, quantize, q_bits, q_group_size)
+    towers = vision_weights(source, config)
     staging = make_staging(destination)
     try:
-        write_model(staging, model, config, source, progress)
+        write_model(staging, model, config, source, progress, towers)
         put_in_place(staging, destination, force)
     except BaseException:
         remove_output(staging)  # the new model, or once exchanged the old one
@@ -253,11 +259,28 @@ def load_for_conversion(source: Path, config: dict) -> tuple[nn.Module, dict]:
     return model, normalize_target_config(config, str(source / "config.json"))
 
 
+def vision_weights(source: Path, config: dict) -> dict:
+    """A gemma4 checkpoint's image encoder, kept in floating point (never quantized: it is small
+    and its errors would reach every image token) in the converted model's dtype."""
+    if not has_vision_tower(config):
+        return {}
+    dtype = config.get("dtype")
+    weights = tower_weights(source, VISION_PREFIXES)
+    if dtype in DTYPES:
+        weights = {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()}
+    return weights
+
+
 def write_model(
-    folder: Path, model: nn.Module, config: dict, source: Path, progress: bool = False
+    folder: Path,
+    model: nn.Module,
+    config: dict,
+    source: Path,
+    progress: bool = False,
+    towers: dict | None = None,
 ) -> None:
     shard_bytes = min(MAX_SHARD_BYTES, max(f.stat().st_size for f in weight_files(source)))
-    save_weights(folder, model, shard_bytes, progress)
+    save_weights(folder, model, shard_bytes, progress, towers or {})
     config = {k: v for k, v in config.items() if k != "_name_or_path"}
     if "quantization" in config:
         config["quantization_config"] = config["quantization"]
@@ -267,12 +290,14 @@ def write_model(
             shutil.copy(source / name, folder / name)
 
 
-def save_weights(folder: Path, model: nn.Module, shard_bytes: int, progress: bool) -> None:
+def save_weights(
+    folder: Path, model: nn.Module, shard_bytes: int, progress: bool, towers: dict
+) -> None:
     """mlx-lm's ``save_model`` with ``donate_model=True``, in shards of at most ``shard_bytes``
     (as large as the largest source file, so memory peaks near one shard, not at mlx-lm's 5 GB)
     and a progress bar. The model's weights are lazy (loaded, cast, quantized on demand): each
     tensor is computed alone, a shard is written and freed before the next one is computed."""
-    weights = dict(tree_flatten(model.parameters()))
+    weights = dict(tree_flatten(model.parameters())) | towers
     shards = split_shards(weights, shard_bytes)
     total = sum(w.nbytes for w in weights.values())
     index = {

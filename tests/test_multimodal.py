@@ -1,0 +1,177 @@
+"""Images in the prompt, against transformers 5.23.0 ``Gemma4ForConditionalGeneration`` (float32):
+soft-token embeddings, target logits over the whole prompt (one forward and chunked prefills that
+must not split an image block) and greedy MTP generation token for token, on a tiny random
+E2B-like pair (per-layer inputs, KV-shared layers) with a vision tower, with and without
+bidirectional attention inside image blocks; the converter keeps the tower; bad media fail with
+the file named.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import FIXTURE
+
+pytest.importorskip("PIL")
+from hf_multimodal import IMAGE, make_multimodal_pair, random_images, reference  # noqa: E402
+from hf_reference import VOCAB  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mlx_gemma_mtp import load  # noqa: E402
+from mlx_gemma_mtp.convert import convert  # noqa: E402
+from mlx_gemma_mtp.engine.loop import prefill  # noqa: E402
+from mlx_gemma_mtp.generation import make_prompt_cache, stream_generate  # noqa: E402
+from mlx_gemma_mtp.media import (  # noqa: E402
+    MediaError,
+    build_media_prompt,
+    image_embeddings,
+    load_towers,
+    preprocess_image,
+)
+
+RTOL = 1e-4
+GENERATED = 16
+SIZES = [(40, 56), (64, 48)]  # width, height: two aspect ratios, 63 soft tokens each
+
+
+def prompt_ids(seed: int) -> list[int]:
+    """BOS, text, an image, text, another image, text."""
+    words = np.random.default_rng(seed).integers(3, VOCAB - 5, 12).tolist()
+    return [2, *words[:3], IMAGE, *words[3:6], IMAGE, *words[6:]]
+
+
+def max_diff(ours, expected) -> tuple[float, float]:
+    expected = np.asarray(expected)
+    error = float(np.abs(np.asarray(ours, dtype=np.float32) - expected).max())
+    return error, RTOL * max(1.0, float(np.abs(expected).max()))
+
+
+def assert_close(ours, expected, what: str) -> None:
+    error, bound = max_diff(ours, expected)
+    assert error <= bound, f"{what}: max abs difference {error:.3g} > {bound:.3g}"
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["bidirectional", "causal"])
+def case(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multimodal")
+    target_dir, assistant_dir = make_multimodal_pair(folder, bidirectional=request.param)
+    images = random_images(folder, SIZES)
+    ids = prompt_ids(3)
+    pictures = [Image.open(p).convert("RGB") for p in images]
+    ref = reference(target_dir, pictures, ids, GENERATED)
+    return target_dir, assistant_dir, images, ids, ref
+
+
+def test_soft_tokens_and_prompt_logits_match_transformers(case):
+    target_dir, _, images, ids, ref = case
+    target, _, _ = load(str(target_dir), dtype="float32")
+    assert getattr(target, "towers", None) is None  # text-only use never builds the tower
+    towers = load_towers(target)
+    for i, (path, expected) in enumerate(zip(images, ref["features"], strict=True)):
+        inputs = preprocess_image(path, towers.image_processor)
+        assert_close(image_embeddings(towers, inputs), expected, f"image {i} soft tokens")
+    expanded, media, _ = build_media_prompt(target, ids, images)
+    assert expanded == ref["ids"]
+    cache = target.make_cache()
+    logits = target.logits(media.forward(target.backbone, cache, 0, len(expanded)))[0]
+    assert_close(logits, ref["logits"], "prompt logits")
+    for step in (5, 40):  # 5: a chunk end falls inside each image block and is moved
+        cache = target.make_cache()
+        hidden = prefill(target, cache, mx.array(expanded), step, media=media)
+        assert_close(target.logits(hidden)[0, -1], ref["logits"][-1], f"chunks of {step}")
+
+
+def test_greedy_mtp_generation_equals_transformers(case):
+    target_dir, assistant_dir, images, ids, ref = case
+    target, drafter, _ = load(str(target_dir), str(assistant_dir), dtype="float32")
+    responses = list(
+        stream_generate(
+            target,
+            None,
+            ids,
+            GENERATED,
+            drafter,
+            images=images,
+            draft_schedule="constant",
+            num_draft_tokens=3,
+        )
+    )
+    assert len(set(ref["generated"])) > GENERATED // 2  # not a degenerate repetition
+    assert [r.token for r in responses] == ref["generated"]
+    assert responses[-1].drafted > 0 and responses[-1].prompt_tokens == len(ref["ids"])
+
+
+def test_bidirectional_blocks_change_the_logits(case):
+    """The bidirectional variant's parity above is not causal attention passing by chance."""
+    target_dir, _, images, ids, ref = case
+    target, _, _ = load(str(target_dir), dtype="float32")
+    expanded, media, _ = build_media_prompt(target, ids, images)
+    if media.blocks is None:
+        pytest.skip("causal variant")
+    media.blocks = None
+    logits = target.logits(media.forward(target.backbone, target.make_cache(), 0, len(expanded)))
+    error, bound = max_diff(logits[0], ref["logits"])
+    assert error > 100 * bound
+
+
+def test_converted_target_keeps_the_float_vision_tower(case, tmp_path):
+    target_dir, assistant_dir, images, ids, ref = case
+    out = convert(str(target_dir), str(tmp_path / "q4"), quantize=True, q_group_size=32)
+    target, _, _ = load(str(out))
+    towers = load_towers(target)
+    assert towers.vision.patch_embedder.input_proj.weight.dtype == mx.float32
+    assert "scales" not in towers.vision.encoder.layers[0].mlp.gate_proj.linear
+    out = convert(str(target_dir), str(tmp_path / "f32"), dtype="float32")
+    target, drafter, _ = load(str(out), str(assistant_dir))
+    tokens = [r.token for r in stream_generate(target, None, ids, 6, drafter, images=images)]
+    assert tokens == ref["generated"][:6]
+
+
+def test_prompt_cache_is_keyed_on_image_content(case, tmp_path):
+    target_dir, _, images, ids, _ = case
+    target, _, _ = load(str(target_dir), dtype="float32")
+    cache = make_prompt_cache(target)
+    list(stream_generate(target, None, ids, 2, images=images, prompt_cache=cache))
+    first = list(cache.tokens)
+    flipped = tmp_path / "flipped.png"
+    Image.open(images[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
+    _, _, keys = build_media_prompt(target, ids, [flipped, images[1]])
+    _, _, same = build_media_prompt(target, ids, images)
+    assert same == first[: len(same)]
+    start = keys.index(next(k for k in keys if k < 0))
+    assert keys[:start] == first[:start] and keys[start] != first[start]
+
+
+@pytest.fixture(scope="module")
+def vision_target(case):
+    target, _, _ = load(str(case[0]), dtype="float32")
+    return target
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_bad_images_name_the_file_and_the_reason(vision_target, case, tmp_path, monkeypatch):
+    ids = [2, 5, IMAGE, 6]
+    png = case[2][0].read_bytes()
+    bad = {
+        tmp_path / "missing.png": "cannot read it",
+        write(tmp_path / "cut.png", png[: len(png) // 2]): "damaged or truncated",
+        write(tmp_path / "notes.txt", b"not an image at all"): "not an image",
+        write(tmp_path / "empty.png", b""): "empty file",
+    }
+    for path, reason in bad.items():
+        with pytest.raises(MediaError, match=f"{path.name}.*{reason}"):
+            build_media_prompt(vision_target, ids, [path])
+    with pytest.raises(MediaError, match="1 image placeholders but 2 images"):
+        build_media_prompt(vision_target, ids, case[2])
+    monkeypatch.setattr("mlx_gemma_mtp.media.MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(MediaError, match="image0.png: image too large"):
+        build_media_prompt(vision_target, ids, [case[2][0]])
+
+
+def test_model_without_vision_tower_says_so(case):
+    target, _, _ = load(str(FIXTURE / "target"))
+    with pytest.raises(MediaError, match="image0.png: this model has no vision tower"):
+        list(stream_generate(target, None, [2, 5, 6], 2, images=[case[2][0]]))
