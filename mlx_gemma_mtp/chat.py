@@ -11,11 +11,15 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from .config import ConfigError
-from .engine.prompt_cache import trim_to_common_prefix
+from .generate import user_content
 from .generation import DEFAULT_NUM_DRAFT_TOKENS, encode_chat, make_prompt_cache, stream_generate
 from .loading import load
+from .media import MediaError, conversation_suffix
 
-HELP = "[INFO] Type a message. 'q' quits, 'r' starts a new conversation, 'h' shows this."
+HELP = (
+    "[INFO] Type a message. '/image PATH' adds an image to the next message, 'q' quits, "
+    "'r' starts a new conversation, 'h' shows this."
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -57,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"Error: {args.model} has no tokenizer: chat needs one")
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     messages, cache = list(system), make_prompt_cache(model, drafter)
+    images, pending = [], []  # the conversation's images; those for the next message
     print(HELP, file=sys.stderr)
     while True:
         try:
@@ -68,13 +73,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if query in ("r", "h"):
             if query == "r":
                 messages, cache = list(system), make_prompt_cache(model, drafter)
+                images, pending = [], []
             print(HELP, file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": query})
+        if query.startswith("/image "):
+            pending.append(query.removeprefix("/image ").strip())
+            print(f"[INFO] {len(pending)} image(s) for the next message", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": user_content(query, len(pending))})
         tokens = encode_chat(tokenizer, messages)
-        new = trim_to_common_prefix(cache, tokens)
         reply, response = "", None
         try:
+            new, new_images = conversation_suffix(model, cache, tokens, images + pending)
             for response in stream_generate(
                 model,
                 tokenizer,
@@ -85,11 +95,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 temp=args.temp,
                 top_p=args.top_p,
                 prompt_cache=cache,
+                images=new_images or None,
             ):
                 print(response.text, end="", flush=True)
                 reply += response.text
+        except MediaError as e:  # the message is dropped; the conversation goes on
+            print(f"[ERROR] {e}", file=sys.stderr)
+            messages.pop()
+            pending = []
+            continue
         except KeyboardInterrupt:  # stops the reply; the cache keeps what was emitted
             pass
+        images, pending = images + pending, []
         print()
         messages.append({"role": "assistant", "content": reply})
         if response is not None:

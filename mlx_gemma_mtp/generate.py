@@ -18,6 +18,7 @@ from .generation import (
     generate,
     stream_generate,
 )
+from .media import MediaError
 
 
 def parse_token_ids(text: str, vocab_size: int) -> list[int]:
@@ -31,9 +32,16 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
 
 
 def build_prompt(
-    tokenizer, vocab_size, prompt, prompt_tokens, system_prompt, ignore_chat_template
+    tokenizer,
+    vocab_size,
+    prompt,
+    prompt_tokens,
+    system_prompt,
+    ignore_chat_template,
+    num_images: int = 0,
 ) -> list:
-    """Token ids from ``--prompt`` (chat template applied unless ignored) or ``--prompt-tokens``."""
+    """Token ids from ``--prompt`` (chat template applied unless ignored, with ``num_images``
+    image entries before the text) or ``--prompt-tokens``."""
     if (prompt is None) == (prompt_tokens is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-tokens")
     if prompt_tokens is not None:
@@ -44,8 +52,16 @@ def build_prompt(
     if ignore_chat_template or not tokenizer.has_chat_template:
         return tokenizer.encode(prompt)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "user", "content": user_content(prompt, num_images)})
     return encode_chat(tokenizer, messages)
+
+
+def user_content(text: str, num_images: int) -> str | list:
+    """A user message's content: the text, after one entry per image (the chat template writes
+    each as the image placeholder)."""
+    if not num_images:
+        return text
+    return [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
 
 
 def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
@@ -90,6 +106,13 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
     show_default=True,
     help="auto: k chosen every round from measured costs and acceptance (0 parks drafting).",
 )
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    metavar="PATH",
+    help="An image for the prompt (repeatable; at the prompt's image placeholders, else first).",
+)
 @click.option("--system-prompt", help="System message for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt text as is.")
 @click.option("--no-draft", is_flag=True, help="Ignore --draft-model: plain decoding.")
@@ -116,11 +139,12 @@ def main(**args) -> None:
         args["prompt_tokens"],
         args["system_prompt"],
         args["ignore_chat_template"],
+        len(args["images"]),
     )
     if args["verbose"]:
         click.echo(f"Prompt: {len(prompt)} tokens: {prompt}", err=True)
     tokens, response = [], None
-    for response in stream_generate(
+    responses = stream_generate(
         target,
         tokenizer,
         prompt,
@@ -133,10 +157,15 @@ def main(**args) -> None:
         top_p=args["top_p"],
         top_k=args["top_k"],
         min_p=args["min_p"],
-    ):
-        tokens.append(response.token)
-        click.echo(response.text, nl=False)
-        sys.stdout.flush()
+        images=args["images"] or None,
+    )
+    try:
+        for response in responses:
+            tokens.append(response.token)
+            click.echo(response.text, nl=False)
+            sys.stdout.flush()
+    except (MediaError, ConfigError) as e:  # raised before the first token
+        raise click.ClickException(str(e)) from None
     click.echo()
     click.echo(format_stats(response), err=True)
     if args["stats_json"]:

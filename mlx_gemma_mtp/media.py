@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ConfigError, text_config_of
+from .engine.prompt_cache import common_prefix_length, trim_to_common_prefix
 from .loading import VISION_PREFIXES, has_vision_tower, tower_weights
 from .models.gemma4_vision import MultimodalEmbedder, VisionArgs, VisionTower
 
@@ -279,19 +280,42 @@ def expand_placeholders(ids: list[int], counts: list[int], config: dict) -> list
     return out
 
 
-def build_media_prompt(
-    target, ids: list[int], images: Sequence[Media]
-) -> tuple[list, MediaPrompt, list]:
-    """``(expanded ids, MediaPrompt, cache keys)`` for a prompt with ``images``; cache keys are
-    the ids with each image's positions keyed on the image's content."""
+def prepare_images(target, images: Sequence[Media]) -> tuple[Towers, list[ImageInputs]]:
     towers = load_towers(target)
-    config = towers.config
     if towers.vision is None:
         raise MediaError(
             f"{media_name(images[0])}: this model has no vision tower (config.json has no "
             "vision_config)"
         )
-    inputs = [preprocess_with_name(item, towers.image_processor) for item in images]
+    return towers, [preprocess_with_name(item, towers.image_processor) for item in images]
+
+
+def image_starts(ids: list[int], inputs: list[ImageInputs], image_id: int) -> list[int]:
+    """The position of each image's first soft token in expanded ``ids``."""
+    starts, position = [], 0
+    for image in inputs:
+        position = ids.index(image_id, position)
+        starts.append(position)
+        position += image.num_soft_tokens
+    return starts
+
+
+def cache_keys(ids: list[int], inputs: list[ImageInputs], starts: list[int]) -> list[int]:
+    """``ids`` with each image's soft tokens replaced by a key of its content (negative: never a
+    token id), so that a prompt cache reuses them only for the same image."""
+    keys = list(ids)
+    for image, start in zip(inputs, starts, strict=True):
+        key = -1 - int(image.digest[:8], 16)
+        keys[start : start + image.num_soft_tokens] = [key] * image.num_soft_tokens
+    return keys
+
+
+def build_media_prompt(
+    target, ids: list[int], images: Sequence[Media]
+) -> tuple[list, MediaPrompt, list]:
+    """``(expanded ids, MediaPrompt, cache keys)`` for a prompt with ``images``."""
+    towers, inputs = prepare_images(target, images)
+    config = towers.config
     ids = expand_placeholders(list(ids), [i.num_soft_tokens for i in inputs], config)
     ids_np = np.array(ids)
     image_id = config["image_token_id"]
@@ -309,14 +333,36 @@ def build_media_prompt(
         per_layer = backbone._get_per_layer_inputs(text_ids)
     bidirectional = text_config_of(config).get("use_bidirectional_attention") == "vision"
     blocks = vision_blocks(ids_np, image_id) if bidirectional else None
-    keys = list(ids)
-    position = 0
-    for image in inputs:
-        position = ids.index(image_id, position)
-        key = -1 - int(image.digest[:8], 16)  # negative: never a token id
-        keys[position : position + image.num_soft_tokens] = [key] * image.num_soft_tokens
-        position += image.num_soft_tokens
+    keys = cache_keys(ids, inputs, image_starts(ids, inputs, image_id))
     return ids, MediaPrompt(embeddings, per_layer, blocks), keys
+
+
+def conversation_suffix(
+    target, prompt_cache, ids: list[int], images: Sequence[Media]
+) -> tuple[list[int], list]:
+    """For a whole conversation (``ids`` with its placeholders, all its ``images``): roll
+    ``prompt_cache`` back to what it shares with the conversation (images compared by content,
+    never cut inside an image's ``boi`` .. ``eoi``) and return the ``(ids, images)`` to feed."""
+    if not images:
+        return trim_to_common_prefix(prompt_cache, ids), []
+    towers, inputs = prepare_images(target, images)
+    config = towers.config
+    expanded = expand_placeholders(list(ids), [i.num_soft_tokens for i in inputs], config)
+    starts = image_starts(expanded, inputs, config["image_token_id"])
+    keys = cache_keys(expanded, inputs, starts)
+    keep = min(common_prefix_length(prompt_cache.tokens, keys), len(keys) - 1)
+    for image, start in zip(inputs, starts, strict=True):
+        if start - 1 < keep <= start + image.num_soft_tokens:  # inside boi .. eoi
+            keep = start - 1
+    fed = len(trim_to_common_prefix(prompt_cache, keys, keep_at_most=keep))
+    first = len(keys) - fed
+    new_ids, new_images, position = [], [], first
+    for item, image, start in zip(images, inputs, starts, strict=True):
+        if start - 1 >= first:
+            new_ids += expanded[position : start - 1] + [config["image_token_id"]]
+            new_images.append(item)
+            position = start + image.num_soft_tokens + 1
+    return new_ids + expanded[position:], new_images
 
 
 def preprocess_with_name(item: Media, processor) -> ImageInputs:

@@ -6,6 +6,8 @@ bidirectional attention inside image blocks; the converter keeps the tower; bad 
 the file named.
 """
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from mlx_gemma_mtp.generation import make_prompt_cache, stream_generate  # noqa:
 from mlx_gemma_mtp.media import (  # noqa: E402
     MediaError,
     build_media_prompt,
+    conversation_suffix,
     image_embeddings,
     load_towers,
     preprocess_image,
@@ -50,15 +53,34 @@ def assert_close(ours, expected, what: str) -> None:
     assert error <= bound, f"{what}: max abs difference {error:.3g} > {bound:.3g}"
 
 
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """``cases(bidirectional)``: (target dir, assistant dir, image paths, prompt ids, reference),
+    built once per module."""
+    made = {}
+
+    def get(bidirectional: bool):
+        if bidirectional not in made:
+            folder = tmp_path_factory.mktemp("multimodal")
+            target_dir, assistant_dir = make_multimodal_pair(folder, bidirectional)
+            images = random_images(folder, SIZES)
+            ids = prompt_ids(3)
+            pictures = [Image.open(p).convert("RGB") for p in images]
+            ref = reference(target_dir, pictures, ids, GENERATED)
+            made[bidirectional] = target_dir, assistant_dir, images, ids, ref
+        return made[bidirectional]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["bidirectional", "causal"])
-def case(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("multimodal")
-    target_dir, assistant_dir = make_multimodal_pair(folder, bidirectional=request.param)
-    images = random_images(folder, SIZES)
-    ids = prompt_ids(3)
-    pictures = [Image.open(p).convert("RGB") for p in images]
-    ref = reference(target_dir, pictures, ids, GENERATED)
-    return target_dir, assistant_dir, images, ids, ref
+def case(request, cases):
+    return cases(request.param)
+
+
+@pytest.fixture(scope="module")
+def bidirectional_case(cases):
+    return cases(True)
 
 
 def test_soft_tokens_and_prompt_logits_match_transformers(case):
@@ -100,21 +122,19 @@ def test_greedy_mtp_generation_equals_transformers(case):
     assert responses[-1].drafted > 0 and responses[-1].prompt_tokens == len(ref["ids"])
 
 
-def test_bidirectional_blocks_change_the_logits(case):
+def test_bidirectional_blocks_change_the_logits(bidirectional_case):
     """The bidirectional variant's parity above is not causal attention passing by chance."""
-    target_dir, _, images, ids, ref = case
+    target_dir, _, images, ids, ref = bidirectional_case
     target, _, _ = load(str(target_dir), dtype="float32")
     expanded, media, _ = build_media_prompt(target, ids, images)
-    if media.blocks is None:
-        pytest.skip("causal variant")
     media.blocks = None
     logits = target.logits(media.forward(target.backbone, target.make_cache(), 0, len(expanded)))
     error, bound = max_diff(logits[0], ref["logits"])
     assert error > 100 * bound
 
 
-def test_converted_target_keeps_the_float_vision_tower(case, tmp_path):
-    target_dir, assistant_dir, images, ids, ref = case
+def test_converted_target_keeps_the_float_vision_tower(bidirectional_case, tmp_path):
+    target_dir, assistant_dir, images, ids, ref = bidirectional_case
     out = convert(str(target_dir), str(tmp_path / "q4"), quantize=True, q_group_size=32)
     target, _, _ = load(str(out))
     towers = load_towers(target)
@@ -126,8 +146,8 @@ def test_converted_target_keeps_the_float_vision_tower(case, tmp_path):
     assert tokens == ref["generated"][:6]
 
 
-def test_prompt_cache_is_keyed_on_image_content(case, tmp_path):
-    target_dir, _, images, ids, _ = case
+def test_prompt_cache_is_keyed_on_image_content(bidirectional_case, tmp_path):
+    target_dir, _, images, ids, _ = bidirectional_case
     target, _, _ = load(str(target_dir), dtype="float32")
     cache = make_prompt_cache(target)
     list(stream_generate(target, None, ids, 2, images=images, prompt_cache=cache))
@@ -142,8 +162,8 @@ def test_prompt_cache_is_keyed_on_image_content(case, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def vision_target(case):
-    target, _, _ = load(str(case[0]), dtype="float32")
+def vision_target(bidirectional_case):
+    target, _, _ = load(str(bidirectional_case[0]), dtype="float32")
     return target
 
 
@@ -152,9 +172,11 @@ def write(path, data: bytes):
     return path
 
 
-def test_bad_images_name_the_file_and_the_reason(vision_target, case, tmp_path, monkeypatch):
+def test_bad_images_name_the_file_and_the_reason(
+    vision_target, bidirectional_case, tmp_path, monkeypatch
+):
     ids = [2, 5, IMAGE, 6]
-    png = case[2][0].read_bytes()
+    png = bidirectional_case[2][0].read_bytes()
     bad = {
         tmp_path / "missing.png": "cannot read it",
         write(tmp_path / "cut.png", png[: len(png) // 2]): "damaged or truncated",
@@ -165,13 +187,61 @@ def test_bad_images_name_the_file_and_the_reason(vision_target, case, tmp_path, 
         with pytest.raises(MediaError, match=f"{path.name}.*{reason}"):
             build_media_prompt(vision_target, ids, [path])
     with pytest.raises(MediaError, match="1 image placeholders but 2 images"):
-        build_media_prompt(vision_target, ids, case[2])
+        build_media_prompt(vision_target, ids, bidirectional_case[2])
     monkeypatch.setattr("mlx_gemma_mtp.media.MAX_IMAGE_PIXELS", 100)
     with pytest.raises(MediaError, match="image0.png: image too large"):
-        build_media_prompt(vision_target, ids, [case[2][0]])
+        build_media_prompt(vision_target, ids, [bidirectional_case[2][0]])
 
 
-def test_model_without_vision_tower_says_so(case):
+def test_model_without_vision_tower_says_so(bidirectional_case):
     target, _, _ = load(str(FIXTURE / "target"))
     with pytest.raises(MediaError, match="image0.png: this model has no vision tower"):
-        list(stream_generate(target, None, [2, 5, 6], 2, images=[case[2][0]]))
+        list(stream_generate(target, None, [2, 5, 6], 2, images=[bidirectional_case[2][0]]))
+
+
+def test_cli_image_flag_generates_as_the_api_and_names_a_bad_file(bidirectional_case, tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_gemma_mtp.generate import main
+
+    target_dir, assistant_dir, images, ids, ref = bidirectional_case
+    base = ["--model", str(target_dir), "--draft-model", str(assistant_dir)]
+    base += ["--prompt-tokens", " ".join(map(str, ids)), "--max-tokens", "4"]
+    stats = tmp_path / "stats.json"
+    image_args = [arg for path in images for arg in ("--image", str(path))]
+    result = CliRunner().invoke(main, [*base, *image_args, "--stats-json", str(stats)])
+    assert result.exit_code == 0, result.output
+    target, drafter, _ = load(str(target_dir), str(assistant_dir))
+    api = [r.token for r in stream_generate(target, None, ids, 4, drafter, images=images)]
+    assert json.loads(stats.read_text())["tokens"] == api
+    result = CliRunner().invoke(main, [*base, "--image", str(tmp_path / "nope.png")])
+    assert result.exit_code == 1 and "nope.png: cannot read it" in result.output
+
+
+def test_a_conversation_reuses_the_cache_of_its_images(bidirectional_case, tmp_path):
+    """A follow-up question about the same images feeds only the new text; another image
+    (same size, other content) is fed again from its ``boi``."""
+    target_dir, _, images, ids, _ = bidirectional_case
+    target, _, _ = load(str(target_dir), dtype="float32")
+    cache = make_prompt_cache(target)
+    new, new_images = conversation_suffix(target, cache, ids, images)
+    assert (new, new_images) == (ids, images)
+    replies = [
+        r.token
+        for r in stream_generate(target, None, new, 3, images=new_images, prompt_cache=cache)
+    ]
+    follow_up = ids + replies + [7, 8, 9]
+    new, new_images = conversation_suffix(target, cache, follow_up, images)
+    assert (new, new_images) == ([7, 8, 9], [])
+    flipped = tmp_path / "flipped.png"
+    Image.open(images[1]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
+    new, new_images = conversation_suffix(target, cache, follow_up, [images[0], flipped])
+    second = ids.index(IMAGE, ids.index(IMAGE) + 1)
+    assert new == follow_up[second:] and new_images == [flipped]
+    fresh = make_prompt_cache(target)
+    expected = list(
+        stream_generate(target, None, follow_up, 3, images=[images[0], flipped], prompt_cache=fresh)
+    )
+    ours = list(stream_generate(target, None, new, 3, images=new_images, prompt_cache=cache))
+    assert [r.token for r in ours] == [r.token for r in expected]
+    assert cache.tokens == fresh.tokens
