@@ -7,6 +7,12 @@ the file named.
 """
 
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -31,6 +37,7 @@ from mlx_gemma_mtp.media import (  # noqa: E402
     preprocess_image,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-4
 GENERATED = 16
 SIZES = [(40, 56), (64, 48)]  # width, height: two aspect ratios, 63 soft tokens each
@@ -245,3 +252,30 @@ def test_a_conversation_reuses_the_cache_of_its_images(bidirectional_case, tmp_p
     ours = list(stream_generate(target, None, new, 3, images=new_images, prompt_cache=cache))
     assert [r.token for r in ours] == [r.token for r in expected]
     assert cache.tokens == fresh.tokens
+
+
+@pytest.mark.slow
+def test_readme_tiny_e2b_image_commands_run_as_written(tmp_path):
+    """The README's local walkthrough: write a tiny pair with a vision tower, convert both (the
+    target quantized), generate about the picture with MTP."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "tiny-e2b" in b)
+    commands = [line for line in block.strip().splitlines() if not line.startswith("pip ")]
+    assert len(commands) == 4 and "--image tiny-e2b/picture.png" in commands[-1]
+    # This checkout's package, wherever the environment's editable install points.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    for command in commands:
+        args = shlex.split(command.replace("python scripts/", f"python {ROOT}/scripts/"))
+        result = subprocess.run(
+            [sys.executable, *args[1:]],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    assert "tokens per target forward" in result.stderr
