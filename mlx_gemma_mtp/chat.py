@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokens = encode_chat(tokenizer, messages)
         reply, response = "", None
         try:
-            new, new_images = conversation_suffix(model, cache, tokens, images + pending)
+            new, new_images, _ = conversation_suffix(model, cache, tokens, images + pending)
             for response in stream_generate(
                 model,
                 tokenizer,

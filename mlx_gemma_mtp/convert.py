@@ -22,9 +22,11 @@ from tqdm import tqdm
 
 from .config import ConfigError, is_assistant, normalize_target_config, read_config
 from .loading import (
+    AUDIO_PREFIXES,
     DTYPES,
     VISION_PREFIXES,
     cast,
+    has_audio_tower,
     has_vision_tower,
     load_drafter_model,
     load_target_model,
@@ -82,7 +84,7 @@ def convert(
     source = resolve_path(hf_path)
     check_apart(source, destination)
     model, config = prepare_model(source, dtype, quantize, q_bits, q_group_size)
-    towers = vision_weights(source, config)
+    towers = tower_weights_to_keep(source, config)
     staging = make_staging(destination)
     try:
         write_model(staging, model, config, source, progress, towers)
@@ -259,15 +261,22 @@ def load_for_conversion(source: Path, config: dict) -> tuple[nn.Module, dict]:
     return model, normalize_target_config(config, str(source / "config.json"))
 
 
-def vision_weights(source: Path, config: dict) -> dict:
-    """A gemma4 checkpoint's image encoder, kept in floating point (never quantized: it is small
-    and its errors would reach every image token) in the converted model's dtype."""
-    if not has_vision_tower(config):
+def tower_weights_to_keep(source: Path, config: dict) -> dict:
+    """A gemma4 checkpoint's vision and audio towers, kept in floating point (never quantized:
+    they are small and their error would reach every media token) in the converted model's
+    dtype, under their names without ``model.`` and in their own (PyTorch) layout."""
+    prefixes = VISION_PREFIXES if has_vision_tower(config) else ()
+    prefixes += AUDIO_PREFIXES if has_audio_tower(config) else ()
+    if not prefixes:
         return {}
     dtype = config.get("dtype")
-    weights = tower_weights(source, VISION_PREFIXES)
+    weights = tower_weights(source, prefixes)
     if dtype in DTYPES:
-        weights = {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()}
+        cast_to = getattr(mx, dtype)
+        weights = {
+            k: v.astype(cast_to) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
     return weights
 
 

@@ -39,9 +39,10 @@ def build_prompt(
     system_prompt,
     ignore_chat_template,
     num_images: int = 0,
+    num_audio: int = 0,
 ) -> list:
     """Token ids from ``--prompt`` (chat template applied unless ignored, with ``num_images``
-    image entries before the text) or ``--prompt-tokens``."""
+    image and ``num_audio`` audio entries before the text) or ``--prompt-tokens``."""
     if (prompt is None) == (prompt_tokens is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-tokens")
     if prompt_tokens is not None:
@@ -52,16 +53,17 @@ def build_prompt(
     if ignore_chat_template or not tokenizer.has_chat_template:
         return tokenizer.encode(prompt)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": user_content(prompt, num_images)})
+    messages.append({"role": "user", "content": user_content(prompt, num_images, num_audio)})
     return encode_chat(tokenizer, messages)
 
 
-def user_content(text: str, num_images: int) -> str | list:
-    """A user message's content: the text, after one entry per image (the chat template writes
-    each as the image placeholder)."""
-    if not num_images:
+def user_content(text: str, num_images: int = 0, num_audio: int = 0) -> str | list:
+    """A user message's content: the text, after one entry per image and audio clip (the chat
+    template writes each as its placeholder)."""
+    if not num_images and not num_audio:
         return text
-    return [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    media = [{"type": "image"}] * num_images + [{"type": "audio"}] * num_audio
+    return [*media, {"type": "text", "text": text}]
 
 
 def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
@@ -113,6 +115,13 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
     metavar="PATH",
     help="An image for the prompt (repeatable; at the prompt's image placeholders, else first).",
 )
+@click.option(
+    "--audio",
+    "audio",
+    multiple=True,
+    metavar="PATH",
+    help="A 16 kHz PCM WAV clip for the prompt (repeatable; at audio placeholders, else first).",
+)
 @click.option("--system-prompt", help="System message for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt text as is.")
 @click.option("--no-draft", is_flag=True, help="Ignore --draft-model: plain decoding.")
@@ -140,6 +149,7 @@ def main(**args) -> None:
         args["system_prompt"],
         args["ignore_chat_template"],
         len(args["images"]),
+        len(args["audio"]),
     )
     if args["verbose"]:
         click.echo(f"Prompt: {len(prompt)} tokens: {prompt}", err=True)
@@ -158,6 +168,7 @@ def main(**args) -> None:
         top_k=args["top_k"],
         min_p=args["min_p"],
         images=args["images"] or None,
+        audio=args["audio"] or None,
     )
     try:
         for response in responses:

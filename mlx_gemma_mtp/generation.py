@@ -191,6 +191,7 @@ def stream_generate(
     eos_token_ids: Sequence[int] | None = None,
     costs: Costs | None = None,
     images: Sequence[Media] | None = None,
+    audio: Sequence[Media] | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield one ``GenerationResponse`` per generated token (the last one has a
     ``finish_reason``: ``"stop"`` for EOS or a stop string, ``"length"`` for ``max_tokens``).
@@ -205,9 +206,10 @@ def stream_generate(
     drafting), ``repetition_penalty``/
     ``repetition_context_size``, ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
     ``eos_token_ids`` (default: all of the tokenizer's), ``costs`` (``mlx_gemma_mtp.costs.Costs``
-    for the ``auto`` schedule instead of the measured ones), ``images`` (paths or encoded bytes,
-    one per image placeholder of the prompt, or put in front of a prompt without any; the prompt
-    cache keys their positions on their content). Closing the generator cancels.
+    for the ``auto`` schedule instead of the measured ones), ``images`` and ``audio`` (paths or
+    encoded bytes; audio as 16 kHz PCM WAV), one per placeholder of the prompt, or put in front of
+    a prompt without any; the prompt cache keys their positions on their content). Closing the
+    generator cancels.
     """
     if max_tokens == 0 or max_tokens < -1:
         raise ValueError(f"max_tokens must be >= 1, or -1 for no limit; got {max_tokens}")
@@ -219,8 +221,8 @@ def stream_generate(
         tokenizer = TokenizerWrapper(tokenizer)
     ids = encode_prompt(tokenizer, prompt, target.args.vocab_size)
     media, cache_keys = None, ids
-    if images:
-        ids, media, cache_keys = build_media_prompt(target, ids, images)
+    if images or audio:
+        ids, media, cache_keys = build_media_prompt(target, ids, images or (), audio or ())
     if eos_token_ids is None:
         eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
     if prompt_cache is not None:

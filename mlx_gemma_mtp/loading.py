@@ -35,8 +35,9 @@ MULTIMODAL_PREFIXES = (
     "multi_modal_projector",
     "vision_embedder",
 )
-# Loaded from the target's folder when images arrive (media.py), for gemma4 checkpoints.
+# Loaded from the target's folder when media arrive (media.py), for gemma4 checkpoints.
 VISION_PREFIXES = ("vision_tower", "embed_vision")
+AUDIO_PREFIXES = ("audio_tower", "embed_audio")
 
 
 def has_vision_tower(config: dict) -> bool:
@@ -115,7 +116,7 @@ def load_target_model(model_path: Path, config: dict, lazy: bool = False) -> nn.
             f"{model_path / 'config.json'}: model_type {config['model_type']!r} is an assistant "
             "drafter; pass it as the draft model, and a Gemma 4 target as the model"
         )
-    report_skipped_towers(model_path, weight_names(model_path), has_vision_tower(config))
+    report_skipped_towers(model_path, weight_names(model_path), config)
     normalized = normalize_target_config(config, str(model_path / "config.json"))
     try:
         model, _ = load_model(model_path, lazy=lazy, model_config=normalized)
@@ -137,24 +138,28 @@ def tower_weights(model_path: Path, prefixes: tuple[str, ...]) -> dict:
     return weights
 
 
-def report_skipped_towers(model_path: Path, names: set[str], vision: bool) -> None:
-    """Say (one line) which multimodal parts of a checkpoint are not used: all of them but a
-    gemma4 vision tower, which loads when images arrive."""
+def has_audio_tower(config: dict) -> bool:
+    """A ``gemma4`` checkpoint with the conformer audio encoder (E2B/E4B)."""
+    audio = config.get("audio_config")
+    return (
+        config.get("model_type") == "gemma4"
+        and isinstance(audio, dict)
+        and audio.get("model_type", "gemma4_audio") == "gemma4_audio"
+    )
+
+
+def report_skipped_towers(model_path: Path, names: set[str], config: dict) -> None:
+    """Say (one line) which multimodal parts of a checkpoint are never used: gemma4's vision and
+    audio towers load when media arrive, anything else (the 12B's embedders) is text only."""
     present = {
         p for n in names for p in MULTIMODAL_PREFIXES if n.removeprefix("model.").startswith(p)
     }
-    if vision and present & set(VISION_PREFIXES):
-        skipped = sorted(present - set(VISION_PREFIXES))
-        if skipped:
-            print(
-                f"{model_path}: text and images only, not loading {', '.join(skipped)}",
-                file=sys.stderr,
-            )
-    elif present:
-        print(
-            f"{model_path}: text generation only, not loading {', '.join(sorted(present))}",
-            file=sys.stderr,
-        )
+    used = set(VISION_PREFIXES) if has_vision_tower(config) else set()
+    used |= set(AUDIO_PREFIXES) if has_audio_tower(config) else set()
+    skipped = sorted(present - used)
+    if skipped:
+        what = "not loading" if used else "text generation only, not loading"
+        print(f"{model_path}: {what} {', '.join(skipped)}", file=sys.stderr)
 
 
 def drafter_classes(config: dict) -> tuple[type, type]:

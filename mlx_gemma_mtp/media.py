@@ -1,14 +1,16 @@
-"""Images in the prompt: reading, preprocessing as transformers' processor does, the image
+"""Images and audio in the prompt: reading, preprocessing as transformers' processor does, the
 encoders (loaded on first use) and the prompt's input embeddings for the prefill.
 
 The prompt stays a list of token ids in which each image is ``boi``, ``num_soft_tokens`` image
-placeholders and ``eoi`` (what ``Gemma4Processor`` writes); ``MediaPrompt`` holds the embeddings
-that replace the placeholders, the per-layer inputs of the E-series and the image blocks that
-attend to each other bidirectionally on sliding layers when the config says so.
+placeholders and ``eoi`` (each audio clip ``boa``, audio placeholders, ``eoa``), as
+``Gemma4Processor`` writes them; ``MediaPrompt`` holds the embeddings that replace the
+placeholders, the per-layer inputs of the E-series and the image blocks that attend to each other
+bidirectionally on sliding layers when the config says so.
 """
 
 import hashlib
 import io
+import wave
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +20,23 @@ import numpy as np
 
 from .config import ConfigError, text_config_of
 from .engine.prompt_cache import common_prefix_length, trim_to_common_prefix
-from .loading import VISION_PREFIXES, has_vision_tower, tower_weights
+from .loading import has_audio_tower, has_vision_tower, tower_weights
+from .models.gemma4_audio import AudioArgs, AudioTower
 from .models.gemma4_vision import MultimodalEmbedder, VisionArgs, VisionTower
 
 MAX_IMAGE_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 64_000_000
 DEFAULT_MAX_SOFT_TOKENS = 280
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-VISION_TYPES = (1, 2)  # mm_token_type_ids of image and video positions
+MAX_AUDIO_BYTES = 64 << 20
+MAX_AUDIO_SECONDS = 30  # the feature extractor's max_length: longer clips would be cut
+# WAV sample width (bytes) -> numpy type, offset and scale to [-1, 1]
+WAV_SCALES = {1: (np.uint8, 128.0, 128.0), 2: ("<i2", 0.0, 32768.0), 4: ("<i4", 0.0, 2.0**31)}
+# kind -> config.json keys of its placeholder, begin and end token ids
+PLACEHOLDERS = {
+    "image": ("image_token_id", "boi_token_id", "eoi_token_id"),
+    "audio": ("audio_token_id", "boa_token_id", "eoa_token_index"),
+}
 
 
 class MediaError(ValueError):
@@ -88,57 +99,93 @@ def open_image(data: bytes, name: str):
 
 @dataclass
 class Towers:
-    """The multimodal parts of one target, built on first use."""
+    """The multimodal parts of one target, each built when its first media arrive."""
 
+    model_path: Path
     config: dict
     vision: VisionTower | None = None
     embed_vision: MultimodalEmbedder | None = None
     image_processor: object | None = None
+    audio: AudioTower | None = None
+    embed_audio: MultimodalEmbedder | None = None
+    feature_extractor: object | None = None
 
 
-def load_towers(target) -> Towers:
-    """The target's image encoder (cached on the target); ``MediaError`` without one."""
-    if getattr(target, "towers", None) is not None:
-        return target.towers
-    source = getattr(target, "source", None)
-    if source is None:
-        raise MediaError("images need a model loaded with mlx_gemma_mtp.load (from its folder)")
-    model_path, config = source
-    towers = Towers(config)
-    vision_config = config.get("vision_config")
-    if vision_config:
-        towers.vision, towers.embed_vision = build_vision(model_path, config)
-        towers.image_processor = make_image_processor(model_path, config)
-    target.towers = towers
+def towers_of(target) -> Towers:
+    """The target's (cached) ``Towers``; their parts are built by ``vision_of``/``audio_of``."""
+    if getattr(target, "towers", None) is None:
+        source = getattr(target, "source", None)
+        if source is None:
+            raise MediaError("media need a model loaded with mlx_gemma_mtp.load (from its folder)")
+        target.towers = Towers(*source)
+    return target.towers
+
+
+def vision_of(target, item: Media) -> Towers:
+    towers = towers_of(target)
+    if towers.vision is None:
+        config = towers.config
+        if not config.get("vision_config"):
+            raise MediaError(f"{media_name(item)}: this model has no vision tower")
+        if not has_vision_tower(config):
+            raise MediaError(
+                f"{media_name(item)}: images are supported for gemma4 checkpoints with a vision "
+                "tower (E2B/E4B, 26B, 31B), not yet for the 12B's encoder-free embedder"
+            )
+        args = VisionArgs.from_dict(config["vision_config"])
+        vision, embed = VisionTower(args), embedder(config, args.hidden_size, args.rms_norm_eps)
+        load_parts(towers.model_path, {"vision_tower.": vision, "embed_vision.": embed})
+        towers.image_processor = make_image_processor(towers.model_path, config)
+        towers.vision, towers.embed_vision = vision, embed
     return towers
 
 
-def build_vision(model_path: Path, config: dict) -> tuple[VisionTower, MultimodalEmbedder]:
-    if not has_vision_tower(config):
-        raise MediaError(
-            f"{model_path}: image input is supported for gemma4 checkpoints with a vision tower "
-            "(E2B/E4B, 26B, 31B), not for the 12B's encoder-free embedder yet"
-        )
-    args = VisionArgs.from_dict(config["vision_config"])
-    vision = VisionTower(args)
-    embed = MultimodalEmbedder(
-        args.hidden_size, text_config_of(config)["hidden_size"], args.rms_norm_eps
-    )
-    weights = tower_weights(model_path, VISION_PREFIXES)
-    parts = {"vision_tower.": vision, "embed_vision.": embed}
+def audio_of(target, item: Media) -> Towers:
+    towers = towers_of(target)
+    if towers.audio is None:
+        config = towers.config
+        if not has_audio_tower(config):
+            raise MediaError(f"{media_name(item)}: this model has no audio tower")
+        args = AudioArgs.from_dict(config["audio_config"])
+        audio = AudioTower(args)
+        embed = embedder(config, args.output_proj_dims, args.rms_norm_eps)
+        load_parts(towers.model_path, {"audio_tower.": audio, "embed_audio.": embed})
+        towers.feature_extractor = make_feature_extractor(towers.model_path)
+        towers.audio, towers.embed_audio = audio, embed
+    return towers
+
+
+def embedder(config: dict, in_dims: int, eps: float) -> MultimodalEmbedder:
+    return MultimodalEmbedder(in_dims, text_config_of(config)["hidden_size"], eps)
+
+
+def load_parts(model_path: Path, parts: dict) -> None:
+    """Each module's weights (``prefix`` + its names) from the model's folder."""
+    weights = tower_weights(model_path, tuple(p[:-1] for p in parts))
     for prefix, module in parts.items():
         own = [(k.removeprefix(prefix), v) for k, v in weights.items() if k.startswith(prefix)]
         if not own:
             raise ConfigError(
-                f"{model_path}: config.json has a vision_config but no {prefix[:-1]} weights"
+                f"{model_path}: config.json promises {prefix[:-1]}, no weights have it"
             )
         try:
-            module.load_weights(own)
+            module.load_weights(sanitize_convolutions(own))
         except ValueError as e:
             raise ConfigError(
                 f"{model_path}: {prefix[:-1]} weights do not match config.json ({e})"
             ) from None
-    return vision, embed
+
+
+def sanitize_convolutions(weights: list) -> list:
+    """PyTorch convolution kernels ([out, in, *kernel]) in MLX's layout ([out, *kernel, in]).
+    Model folders, converted ones too (``convert`` copies the towers as they are), hold them in
+    PyTorch's layout."""
+    out = []
+    for name, value in weights:
+        if name.endswith(("conv.weight", "conv1d.weight")):
+            value = value.transpose(0, *range(2, value.ndim), 1)
+        out.append((name, value))
+    return out
 
 
 def make_image_processor(model_path: Path, config: dict):
@@ -156,33 +203,104 @@ def make_image_processor(model_path: Path, config: dict):
     )
 
 
+def make_feature_extractor(model_path: Path):
+    """transformers' Gemma 4 audio feature extractor with the checkpoint's settings."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import (
+        Gemma4AudioFeatureExtractor,
+    )
+
+    if any((model_path / name).exists() for name in PROCESSOR_FILES):
+        return Gemma4AudioFeatureExtractor.from_pretrained(model_path)
+    return Gemma4AudioFeatureExtractor()
+
+
 @dataclass
-class ImageInputs:
-    patches: np.ndarray  # [num real patches, 3·p²], pixels in [0, 1]
-    positions: np.ndarray  # [num real patches, 2] (x, y)
+class Prepared:
+    """One image or audio clip, preprocessed: ``inputs`` for its encoder."""
+
+    kind: str  # "image" or "audio"
+    item: Media
+    inputs: dict
     num_soft_tokens: int
     digest: str  # of the file's bytes: the prompt cache's key for its soft tokens
 
 
-def preprocess_image(item: Media, processor) -> ImageInputs:
+def prepare_image(target, item: Media) -> Prepared:
+    towers = vision_of(target, item)
     data = read_media_bytes(item, MAX_IMAGE_BYTES)
     image = open_image(data, media_name(item))
-    features = processor(images=[image], return_tensors="np")
+    try:
+        features = towers.image_processor(images=[image], return_tensors="np")
+    except ValueError as e:  # the processor's own checks
+        raise MediaError(f"{media_name(item)}: cannot be processed ({e})") from None
     positions = features["image_position_ids"][0]
     real = (positions != -1).all(axis=-1)
-    return ImageInputs(
-        patches=features["pixel_values"][0][real],
-        positions=positions[real],
-        num_soft_tokens=int(features["num_soft_tokens_per_image"][0]),
-        digest=hashlib.sha256(data).hexdigest(),
-    )
+    inputs = dict(patches=features["pixel_values"][0][real], positions=positions[real])
+    count = int(features["num_soft_tokens_per_image"][0])
+    return Prepared("image", item, inputs, count, hashlib.sha256(data).hexdigest())
 
 
-def image_embeddings(towers: Towers, image: ImageInputs) -> mx.array:
-    """[num_soft_tokens, text hidden] embeddings of one image."""
-    patches, positions = mx.array(image.patches), mx.array(image.positions.astype(np.int32))
-    soft = towers.vision(patches, positions)
-    return towers.embed_vision(soft)
+def prepare_audio(target, item: Media) -> Prepared:
+    towers = audio_of(target, item)
+    extractor = towers.feature_extractor
+    data = read_media_bytes(item, MAX_AUDIO_BYTES)
+    waveform = read_wav(data, media_name(item), extractor.sampling_rate)
+    features = extractor([waveform], sampling_rate=extractor.sampling_rate, return_tensors="np")
+    mask = features["input_features_mask"][0]
+    inputs = dict(features=features["input_features"][0], mask=mask)
+    count = int(subsampled(mask).sum())
+    if count == 0:
+        raise MediaError(f"{media_name(item)}: too short to give any audio token")
+    return Prepared("audio", item, inputs, count, hashlib.sha256(data).hexdigest())
+
+
+def subsampled(mask: np.ndarray) -> np.ndarray:
+    """The frame mask after the audio tower's two stride-2 convolutions (the processor's count)."""
+    for _ in range(2):
+        mask = mask[::2][: (len(mask) - 1) // 2 + 1]
+    return mask
+
+
+def read_wav(data: bytes, name: str, rate: int) -> np.ndarray:
+    """A mono float waveform from PCM WAV data at ``rate`` Hz."""
+    try:
+        with wave.open(io.BytesIO(data)) as wav:
+            channels, width, frames = wav.getnchannels(), wav.getsampwidth(), wav.getnframes()
+            file_rate, raw = wav.getframerate(), wav.readframes(frames)
+    except (wave.Error, EOFError) as e:
+        raise MediaError(
+            f"{name}: not a PCM WAV file ({e}); audio is read from WAV only (ffmpeg -i IN "
+            f"-ar {rate} -ac 1 OUT.wav converts one)"
+        ) from None
+    if width not in WAV_SCALES:
+        raise MediaError(f"{name}: {8 * width}-bit WAV samples (expected 8, 16 or 32)")
+    if len(raw) < frames * channels * width:
+        raise MediaError(
+            f"{name}: truncated WAV file ({len(raw)} of {frames * channels * width} bytes)"
+        )
+    if file_rate != rate:
+        raise MediaError(f"{name}: sampled at {file_rate} Hz; the model takes {rate} Hz audio")
+    if frames > MAX_AUDIO_SECONDS * rate:
+        raise MediaError(
+            f"{name}: too long ({frames / rate:.1f} s; the model takes at most "
+            f"{MAX_AUDIO_SECONDS} s)"
+        )
+    dtype, offset, scale = WAV_SCALES[width]
+    samples = (np.frombuffer(raw, dtype).astype(np.float32) - offset) / scale
+    return samples.reshape(-1, channels).mean(axis=1)
+
+
+def embeddings_of(target, prepared: Prepared) -> mx.array:
+    """[num_soft_tokens, text hidden] embeddings of one image or clip."""
+    towers = towers_of(target)
+    if prepared.kind == "image":
+        positions = mx.array(prepared.inputs["positions"].astype(np.int32))
+        soft = towers.vision(mx.array(prepared.inputs["patches"]), positions)
+        return towers.embed_vision(soft)
+    features = mx.array(prepared.inputs["features"])[None]
+    soft, _ = towers.audio(features, mx.array(prepared.inputs["mask"])[None])
+    real = mx.array(np.flatnonzero(subsampled(prepared.inputs["mask"])))
+    return towers.embed_audio(soft[0][real])
 
 
 @dataclass
@@ -252,123 +370,123 @@ def is_sliding(layer, layer_cache) -> bool:
     return layer.layer_type == "sliding_attention" and layer_cache is not None
 
 
-def vision_blocks(ids: np.ndarray, image_token_id: int) -> np.ndarray:
-    """transformers' ``get_block_sequence_ids_for_mask``: each run of image positions numbered."""
-    is_image = ids == image_token_id
-    starts = is_image & ~np.concatenate([[False], is_image[:-1]])
-    return np.where(is_image, np.cumsum(starts) - 1, -1)
+def placeholder_ids(config: dict, kind: str) -> tuple[int, int, int]:
+    """(placeholder, begin, end) token ids of ``kind``, from the model's config.json."""
+    names = PLACEHOLDERS[kind]
+    try:
+        return tuple(config[name] for name in names)
+    except KeyError as e:
+        raise ConfigError(f"config.json has no {e.args[0]} ({kind} placeholders)") from None
 
 
-def expand_placeholders(ids: list[int], counts: list[int], config: dict) -> list[int]:
-    """Each image placeholder becomes ``boi``, its soft tokens and ``eoi``, as the processor
-    writes them. A prompt without placeholders gets them in front (after BOS)."""
-    image_id = config["image_token_id"]
-    found = ids.count(image_id)
-    if found == 0:
-        at = 1 if ids and ids[0] == text_config_of(config).get("bos_token_id", 2) else 0
-        ids = ids[:at] + [image_id] * len(counts) + ids[at:]
-    elif found != len(counts):
-        raise MediaError(
-            f"the prompt has {found} image placeholders but {len(counts)} images were given"
-        )
-    out, images = [], iter(counts)
+def expand_placeholders(
+    ids: list[int], prepared: list[Prepared], config: dict
+) -> tuple[list, list]:
+    """``(expanded ids, start of each item's soft tokens)``: each placeholder becomes begin, the
+    item's soft tokens, end, as the processor writes them. A kind without placeholders in the
+    prompt gets one per item in front (after BOS), images first."""
+    ids = list(ids)
+    at = 1 if ids and ids[0] == text_config_of(config).get("bos_token_id", 2) else 0
+    queues = {}
+    for kind in PLACEHOLDERS:
+        items = [p for p in prepared if p.kind == kind]
+        if not items:
+            continue
+        token = placeholder_ids(config, kind)[0]
+        found = ids.count(token)
+        if found == 0:
+            ids[at:at] = [token] * len(items)
+            at += len(items)
+        elif found != len(items):
+            raise MediaError(
+                f"the prompt has {found} {kind} placeholders but {len(items)} {kind} items "
+                "were given"
+            )
+        queues[token] = (kind, iter(items))
+    out, starts = [], {}
     for token in ids:
-        if token == image_id:
-            out += [config["boi_token_id"], *[image_id] * next(images), config["eoi_token_id"]]
-        else:
+        if token not in queues:
             out.append(token)
-    return out
+            continue
+        kind, items = queues[token]
+        item = next(items)
+        _, begin, end = placeholder_ids(config, kind)
+        starts[id(item)] = len(out) + 1
+        out += [begin, *[token] * item.num_soft_tokens, end]
+    return out, [starts[id(p)] for p in prepared]
 
 
-def prepare_images(target, images: Sequence[Media]) -> tuple[Towers, list[ImageInputs]]:
-    towers = load_towers(target)
-    if towers.vision is None:
-        raise MediaError(
-            f"{media_name(images[0])}: this model has no vision tower (config.json has no "
-            "vision_config)"
-        )
-    return towers, [preprocess_with_name(item, towers.image_processor) for item in images]
+def prepare_media(target, images: Sequence[Media], audio: Sequence[Media]) -> list[Prepared]:
+    return [prepare_image(target, i) for i in images] + [prepare_audio(target, a) for a in audio]
 
 
-def image_starts(ids: list[int], inputs: list[ImageInputs], image_id: int) -> list[int]:
-    """The position of each image's first soft token in expanded ``ids``."""
-    starts, position = [], 0
-    for image in inputs:
-        position = ids.index(image_id, position)
-        starts.append(position)
-        position += image.num_soft_tokens
-    return starts
-
-
-def cache_keys(ids: list[int], inputs: list[ImageInputs], starts: list[int]) -> list[int]:
-    """``ids`` with each image's soft tokens replaced by a key of its content (negative: never a
-    token id), so that a prompt cache reuses them only for the same image."""
+def cache_keys(ids: list[int], prepared: list[Prepared], starts: list[int]) -> list[int]:
+    """``ids`` with each item's soft tokens replaced by a key of its content (negative: never a
+    token id), so that a prompt cache reuses them only for the same file."""
     keys = list(ids)
-    for image, start in zip(inputs, starts, strict=True):
-        key = -1 - int(image.digest[:8], 16)
-        keys[start : start + image.num_soft_tokens] = [key] * image.num_soft_tokens
+    for item, start in zip(prepared, starts, strict=True):
+        keys[start : start + item.num_soft_tokens] = [-1 - int(item.digest[:8], 16)] * (
+            item.num_soft_tokens
+        )
     return keys
 
 
 def build_media_prompt(
-    target, ids: list[int], images: Sequence[Media]
+    target, ids: list[int], images: Sequence[Media] = (), audio: Sequence[Media] = ()
 ) -> tuple[list, MediaPrompt, list]:
-    """``(expanded ids, MediaPrompt, cache keys)`` for a prompt with ``images``."""
-    towers, inputs = prepare_images(target, images)
-    config = towers.config
-    ids = expand_placeholders(list(ids), [i.num_soft_tokens for i in inputs], config)
-    ids_np = np.array(ids)
-    image_id = config["image_token_id"]
-    is_image = ids_np == image_id
+    """``(expanded ids, MediaPrompt, cache keys)`` for a prompt with ``images`` and ``audio``."""
+    prepared = prepare_media(target, images, audio)
+    config = towers_of(target).config
+    ids, starts = expand_placeholders(ids, prepared, config)
+    index = np.full(len(ids), -1)
+    offset, blocks = 0, np.full(len(ids), -1)
+    for number, (item, start) in enumerate(zip(prepared, starts, strict=True)):
+        index[start : start + item.num_soft_tokens] = np.arange(
+            offset, offset + item.num_soft_tokens
+        )
+        offset += item.num_soft_tokens
+        if item.kind == "image":
+            blocks[start : start + item.num_soft_tokens] = number
+    is_media = index >= 0
     pad = text_config_of(config).get("pad_token_id", 0)
-    text_ids = mx.array(np.where(is_image, pad, ids_np).astype(np.int32))[None]
+    text_ids = mx.array(np.where(is_media, pad, np.array(ids)).astype(np.int32))[None]
     backbone = target.backbone
     embeddings = backbone.embed_tokens(text_ids)
-    features = mx.concatenate([image_embeddings(towers, i) for i in inputs])
+    features = mx.concatenate([embeddings_of(target, item) for item in prepared])
     features = (features / backbone.embed_scale).astype(embeddings.dtype)
-    index = mx.array(np.cumsum(is_image) - 1)
-    embeddings = mx.where(mx.array(is_image)[None, :, None], features[index][None], embeddings)
+    rows = mx.array(np.maximum(index, 0))
+    embeddings = mx.where(mx.array(is_media)[None, :, None], features[rows][None], embeddings)
     per_layer = None
     if backbone.hidden_size_per_layer_input:
         per_layer = backbone._get_per_layer_inputs(text_ids)
     bidirectional = text_config_of(config).get("use_bidirectional_attention") == "vision"
-    blocks = vision_blocks(ids_np, image_id) if bidirectional else None
-    keys = cache_keys(ids, inputs, image_starts(ids, inputs, image_id))
-    return ids, MediaPrompt(embeddings, per_layer, blocks), keys
+    keys = cache_keys(ids, prepared, starts)
+    return ids, MediaPrompt(embeddings, per_layer, blocks if bidirectional else None), keys
 
 
 def conversation_suffix(
-    target, prompt_cache, ids: list[int], images: Sequence[Media]
-) -> tuple[list[int], list]:
-    """For a whole conversation (``ids`` with its placeholders, all its ``images``): roll
-    ``prompt_cache`` back to what it shares with the conversation (images compared by content,
-    never cut inside an image's ``boi`` .. ``eoi``) and return the ``(ids, images)`` to feed."""
-    if not images:
-        return trim_to_common_prefix(prompt_cache, ids), []
-    towers, inputs = prepare_images(target, images)
-    config = towers.config
-    expanded = expand_placeholders(list(ids), [i.num_soft_tokens for i in inputs], config)
-    starts = image_starts(expanded, inputs, config["image_token_id"])
-    keys = cache_keys(expanded, inputs, starts)
+    target, prompt_cache, ids: list[int], images: Sequence[Media] = (), audio: Sequence[Media] = ()
+) -> tuple[list[int], list, list]:
+    """For a whole conversation (``ids`` with its placeholders, all its ``images`` and
+    ``audio``): roll ``prompt_cache`` back to what it shares with the conversation (media compared
+    by content, never cut between an item's begin and end tokens) and return the ``(ids, images,
+    audio)`` to feed."""
+    if not images and not audio:
+        return trim_to_common_prefix(prompt_cache, ids), [], []
+    prepared = prepare_media(target, images, audio)
+    config = towers_of(target).config
+    expanded, starts = expand_placeholders(ids, prepared, config)
+    keys = cache_keys(expanded, prepared, starts)
     keep = min(common_prefix_length(prompt_cache.tokens, keys), len(keys) - 1)
-    for image, start in zip(inputs, starts, strict=True):
-        if start - 1 < keep <= start + image.num_soft_tokens:  # inside boi .. eoi
+    for item, start in zip(prepared, starts, strict=True):
+        if start - 1 < keep <= start + item.num_soft_tokens:  # inside begin .. end
             keep = start - 1
-    fed = len(trim_to_common_prefix(prompt_cache, keys, keep_at_most=keep))
-    first = len(keys) - fed
-    new_ids, new_images, position = [], [], first
-    for item, image, start in zip(images, inputs, starts, strict=True):
+    first = len(keys) - len(trim_to_common_prefix(prompt_cache, keys, keep_at_most=keep))
+    new_ids, new_media, position = [], {"image": [], "audio": []}, first
+    for item, start in sorted(zip(prepared, starts, strict=True), key=lambda p: p[1]):
         if start - 1 >= first:
-            new_ids += expanded[position : start - 1] + [config["image_token_id"]]
-            new_images.append(item)
-            position = start + image.num_soft_tokens + 1
-    return new_ids + expanded[position:], new_images
-
-
-def preprocess_with_name(item: Media, processor) -> ImageInputs:
-    try:
-        return preprocess_image(item, processor)
-    except MediaError:
-        raise
-    except ValueError as e:  # the processor's own checks (an image too small to patch, say)
-        raise MediaError(f"{media_name(item)}: cannot be processed ({e})") from None
+            token = placeholder_ids(config, item.kind)[0]
+            new_ids += expanded[position : start - 1] + [token]
+            new_media[item.kind].append(item.item)
+            position = start + item.num_soft_tokens + 1
+    return new_ids + expanded[position:], new_media["image"], new_media["audio"]

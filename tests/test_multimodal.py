@@ -6,12 +6,15 @@ bidirectional attention inside image blocks; the converter keeps the tower; bad 
 the file named.
 """
 
+import io
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import wave
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,7 +23,14 @@ import pytest
 from conftest import FIXTURE
 
 pytest.importorskip("PIL")
-from hf_multimodal import IMAGE, make_multimodal_pair, random_images, reference  # noqa: E402
+from hf_multimodal import (  # noqa: E402
+    AUDIO,
+    IMAGE,
+    make_multimodal_pair,
+    random_clips,
+    random_images,
+    reference,
+)
 from hf_reference import VOCAB  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -32,21 +42,43 @@ from mlx_gemma_mtp.media import (  # noqa: E402
     MediaError,
     build_media_prompt,
     conversation_suffix,
-    image_embeddings,
-    load_towers,
-    preprocess_image,
+    embeddings_of,
+    prepare_audio,
+    prepare_image,
+    towers_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-4
 GENERATED = 16
 SIZES = [(40, 56), (64, 48)]  # width, height: two aspect ratios, 63 soft tokens each
+SECONDS = [1.3, 0.7]  # 33 and 18 audio soft tokens
+# (bidirectional image attention, what the prompt holds); the default suite runs two of them
+CASES = [
+    pytest.param((True, "images"), id="images-bidirectional"),
+    pytest.param((True, "both"), id="both-bidirectional"),
+    pytest.param((False, "images"), id="images-causal", marks=pytest.mark.slow),
+    pytest.param((True, "audio"), id="audio-bidirectional", marks=pytest.mark.slow),
+]
 
 
-def prompt_ids(seed: int) -> list[int]:
-    """BOS, text, an image, text, another image, text."""
-    words = np.random.default_rng(seed).integers(3, VOCAB - 5, 12).tolist()
-    return [2, *words[:3], IMAGE, *words[3:6], IMAGE, *words[6:]]
+@dataclass
+class Case:
+    target: Path
+    assistant: Path
+    images: list
+    clips: list
+    ids: list
+    ref: dict
+
+
+def prompt_ids(media: str, seed: int = 3) -> list[int]:
+    """BOS, text, a media item, text, another item, text."""
+    words = np.random.default_rng(seed).integers(3, VOCAB - 8, 12).tolist()
+    first, second = {"images": (IMAGE, IMAGE), "audio": (AUDIO, AUDIO), "both": (IMAGE, AUDIO)}[
+        media
+    ]
+    return [2, *words[:3], first, *words[3:6], second, *words[6:]]
 
 
 def max_diff(ours, expected) -> tuple[float, float]:
@@ -62,99 +94,111 @@ def assert_close(ours, expected, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-    """``cases(bidirectional)``: (target dir, assistant dir, image paths, prompt ids, reference),
-    built once per module."""
-    made = {}
+    """``cases(bidirectional, media)``: a ``Case``; each pair and reference built once."""
+    pairs, made = {}, {}
 
-    def get(bidirectional: bool):
-        if bidirectional not in made:
+    def get(bidirectional: bool, media: str) -> Case:
+        if bidirectional not in pairs:
             folder = tmp_path_factory.mktemp("multimodal")
-            target_dir, assistant_dir = make_multimodal_pair(folder, bidirectional)
-            images = random_images(folder, SIZES)
-            ids = prompt_ids(3)
-            pictures = [Image.open(p).convert("RGB") for p in images]
-            ref = reference(target_dir, pictures, ids, GENERATED)
-            made[bidirectional] = target_dir, assistant_dir, images, ids, ref
-        return made[bidirectional]
+            pair = make_multimodal_pair(folder, bidirectional)
+            pairs[bidirectional] = (
+                *pair,
+                random_images(folder, SIZES),
+                random_clips(folder, SECONDS),
+            )
+        if (bidirectional, media) not in made:
+            target, assistant, images, clips = pairs[bidirectional]
+            images = {"images": images, "audio": [], "both": images[:1]}[media]
+            clips = {"images": [], "audio": clips, "both": clips[:1]}[media]
+            ids = prompt_ids(media)
+            ref = reference(target, images, clips, ids, GENERATED)
+            made[bidirectional, media] = Case(target, assistant, images, clips, ids, ref)
+        return made[bidirectional, media]
 
     return get
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["bidirectional", "causal"])
+@pytest.fixture(scope="module", params=CASES)
 def case(request, cases):
-    return cases(request.param)
+    return cases(*request.param)
 
 
 @pytest.fixture(scope="module")
 def bidirectional_case(cases):
-    return cases(True)
+    return cases(True, "images")
 
 
 def test_soft_tokens_and_prompt_logits_match_transformers(case):
-    target_dir, _, images, ids, ref = case
-    target, _, _ = load(str(target_dir), dtype="float32")
-    assert getattr(target, "towers", None) is None  # text-only use never builds the tower
-    towers = load_towers(target)
-    for i, (path, expected) in enumerate(zip(images, ref["features"], strict=True)):
-        inputs = preprocess_image(path, towers.image_processor)
-        assert_close(image_embeddings(towers, inputs), expected, f"image {i} soft tokens")
-    expanded, media, _ = build_media_prompt(target, ids, images)
-    assert expanded == ref["ids"]
+    target, _, _ = load(str(case.target), dtype="float32")
+    assert getattr(target, "towers", None) is None  # text-only use never builds the towers
+    prepared = [prepare_image(target, p) for p in case.images]
+    prepared += [prepare_audio(target, c) for c in case.clips]
+    for item, expected in zip(prepared, case.ref["features"], strict=True):
+        assert_close(embeddings_of(target, item), expected, f"{item.item} soft tokens")
+    expanded, media, _ = build_media_prompt(target, case.ids, case.images, case.clips)
+    assert expanded == case.ref["ids"]
     cache = target.make_cache()
     logits = target.logits(media.forward(target.backbone, cache, 0, len(expanded)))[0]
-    assert_close(logits, ref["logits"], "prompt logits")
+    assert_close(logits, case.ref["logits"], "prompt logits")
     for step in (5, 40):  # 5: a chunk end falls inside each image block and is moved
         cache = target.make_cache()
         hidden = prefill(target, cache, mx.array(expanded), step, media=media)
-        assert_close(target.logits(hidden)[0, -1], ref["logits"][-1], f"chunks of {step}")
+        assert_close(target.logits(hidden)[0, -1], case.ref["logits"][-1], f"chunks of {step}")
 
 
 def test_greedy_mtp_generation_equals_transformers(case):
-    target_dir, assistant_dir, images, ids, ref = case
-    target, drafter, _ = load(str(target_dir), str(assistant_dir), dtype="float32")
+    target, drafter, _ = load(str(case.target), str(case.assistant), dtype="float32")
     responses = list(
         stream_generate(
             target,
             None,
-            ids,
+            case.ids,
             GENERATED,
             drafter,
-            images=images,
+            images=case.images,
+            audio=case.clips,
             draft_schedule="constant",
             num_draft_tokens=3,
         )
     )
-    assert len(set(ref["generated"])) > GENERATED // 2  # not a degenerate repetition
-    assert [r.token for r in responses] == ref["generated"]
-    assert responses[-1].drafted > 0 and responses[-1].prompt_tokens == len(ref["ids"])
+    assert len(set(case.ref["generated"])) > 3  # not one token repeated
+    assert [r.token for r in responses] == case.ref["generated"]
+    assert responses[-1].drafted > 0 and responses[-1].prompt_tokens == len(case.ref["ids"])
 
 
 def test_bidirectional_blocks_change_the_logits(bidirectional_case):
     """The bidirectional variant's parity above is not causal attention passing by chance."""
-    target_dir, _, images, ids, ref = bidirectional_case
-    target, _, _ = load(str(target_dir), dtype="float32")
-    expanded, media, _ = build_media_prompt(target, ids, images)
+    case = bidirectional_case
+    target, _, _ = load(str(case.target), dtype="float32")
+    expanded, media, _ = build_media_prompt(target, case.ids, case.images)
     media.blocks = None
     logits = target.logits(media.forward(target.backbone, target.make_cache(), 0, len(expanded)))
-    error, bound = max_diff(logits[0], ref["logits"])
+    error, bound = max_diff(logits[0], case.ref["logits"])
     assert error > 100 * bound
 
 
-def test_converted_target_keeps_the_float_vision_tower(bidirectional_case, tmp_path):
-    target_dir, assistant_dir, images, ids, ref = bidirectional_case
-    out = convert(str(target_dir), str(tmp_path / "q4"), quantize=True, q_group_size=32)
+def test_converted_target_keeps_the_float_towers(cases, tmp_path):
+    case = cases(True, "both")
+    out = convert(str(case.target), str(tmp_path / "q4"), quantize=True, q_group_size=32)
     target, _, _ = load(str(out))
-    towers = load_towers(target)
+    prepare_image(target, case.images[0]), prepare_audio(target, case.clips[0])
+    towers = towers_of(target)
     assert towers.vision.patch_embedder.input_proj.weight.dtype == mx.float32
     assert "scales" not in towers.vision.encoder.layers[0].mlp.gate_proj.linear
-    out = convert(str(target_dir), str(tmp_path / "f32"), dtype="float32")
-    target, drafter, _ = load(str(out), str(assistant_dir))
-    tokens = [r.token for r in stream_generate(target, None, ids, 6, drafter, images=images)]
-    assert tokens == ref["generated"][:6]
+    assert "scales" not in towers.audio.layers[0].self_attn.q_proj.linear
+    out = convert(str(case.target), str(tmp_path / "f32"), dtype="float32")
+    target, drafter, _ = load(str(out), str(case.assistant))
+    media = dict(images=case.images, audio=case.clips)
+    tokens = [r.token for r in stream_generate(target, None, case.ids, 6, drafter, **media)]
+    assert tokens == case.ref["generated"][:6]
 
 
 def test_prompt_cache_is_keyed_on_image_content(bidirectional_case, tmp_path):
-    target_dir, _, images, ids, _ = bidirectional_case
+    target_dir, images, ids = (
+        bidirectional_case.target,
+        bidirectional_case.images,
+        bidirectional_case.ids,
+    )
     target, _, _ = load(str(target_dir), dtype="float32")
     cache = make_prompt_cache(target)
     list(stream_generate(target, None, ids, 2, images=images, prompt_cache=cache))
@@ -170,7 +214,7 @@ def test_prompt_cache_is_keyed_on_image_content(bidirectional_case, tmp_path):
 
 @pytest.fixture(scope="module")
 def vision_target(bidirectional_case):
-    target, _, _ = load(str(bidirectional_case[0]), dtype="float32")
+    target, _, _ = load(str(bidirectional_case.target), dtype="float32")
     return target
 
 
@@ -183,7 +227,7 @@ def test_bad_images_name_the_file_and_the_reason(
     vision_target, bidirectional_case, tmp_path, monkeypatch
 ):
     ids = [2, 5, IMAGE, 6]
-    png = bidirectional_case[2][0].read_bytes()
+    png = bidirectional_case.images[0].read_bytes()
     bad = {
         tmp_path / "missing.png": "cannot read it",
         write(tmp_path / "cut.png", png[: len(png) // 2]): "damaged or truncated",
@@ -193,17 +237,17 @@ def test_bad_images_name_the_file_and_the_reason(
     for path, reason in bad.items():
         with pytest.raises(MediaError, match=f"{path.name}.*{reason}"):
             build_media_prompt(vision_target, ids, [path])
-    with pytest.raises(MediaError, match="1 image placeholders but 2 images"):
-        build_media_prompt(vision_target, ids, bidirectional_case[2])
+    with pytest.raises(MediaError, match="1 image placeholders but 2 image items"):
+        build_media_prompt(vision_target, ids, bidirectional_case.images)
     monkeypatch.setattr("mlx_gemma_mtp.media.MAX_IMAGE_PIXELS", 100)
     with pytest.raises(MediaError, match="image0.png: image too large"):
-        build_media_prompt(vision_target, ids, [bidirectional_case[2][0]])
+        build_media_prompt(vision_target, ids, [bidirectional_case.images[0]])
 
 
 def test_model_without_vision_tower_says_so(bidirectional_case):
     target, _, _ = load(str(FIXTURE / "target"))
     with pytest.raises(MediaError, match="image0.png: this model has no vision tower"):
-        list(stream_generate(target, None, [2, 5, 6], 2, images=[bidirectional_case[2][0]]))
+        list(stream_generate(target, None, [2, 5, 6], 2, images=[bidirectional_case.images[0]]))
 
 
 def test_cli_image_flag_generates_as_the_api_and_names_a_bad_file(bidirectional_case, tmp_path):
@@ -211,7 +255,8 @@ def test_cli_image_flag_generates_as_the_api_and_names_a_bad_file(bidirectional_
 
     from mlx_gemma_mtp.generate import main
 
-    target_dir, assistant_dir, images, ids, ref = bidirectional_case
+    case = bidirectional_case
+    target_dir, assistant_dir, images, ids = case.target, case.assistant, case.images, case.ids
     base = ["--model", str(target_dir), "--draft-model", str(assistant_dir)]
     base += ["--prompt-tokens", " ".join(map(str, ids)), "--max-tokens", "4"]
     stats = tmp_path / "stats.json"
@@ -228,21 +273,25 @@ def test_cli_image_flag_generates_as_the_api_and_names_a_bad_file(bidirectional_
 def test_a_conversation_reuses_the_cache_of_its_images(bidirectional_case, tmp_path):
     """A follow-up question about the same images feeds only the new text; another image
     (same size, other content) is fed again from its ``boi``."""
-    target_dir, _, images, ids, _ = bidirectional_case
+    target_dir, images, ids = (
+        bidirectional_case.target,
+        bidirectional_case.images,
+        bidirectional_case.ids,
+    )
     target, _, _ = load(str(target_dir), dtype="float32")
     cache = make_prompt_cache(target)
-    new, new_images = conversation_suffix(target, cache, ids, images)
+    new, new_images, _ = conversation_suffix(target, cache, ids, images)
     assert (new, new_images) == (ids, images)
     replies = [
         r.token
         for r in stream_generate(target, None, new, 3, images=new_images, prompt_cache=cache)
     ]
     follow_up = ids + replies + [7, 8, 9]
-    new, new_images = conversation_suffix(target, cache, follow_up, images)
+    new, new_images, _ = conversation_suffix(target, cache, follow_up, images)
     assert (new, new_images) == ([7, 8, 9], [])
     flipped = tmp_path / "flipped.png"
     Image.open(images[1]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
-    new, new_images = conversation_suffix(target, cache, follow_up, [images[0], flipped])
+    new, new_images, _ = conversation_suffix(target, cache, follow_up, [images[0], flipped])
     second = ids.index(IMAGE, ids.index(IMAGE) + 1)
     assert new == follow_up[second:] and new_images == [flipped]
     fresh = make_prompt_cache(target)
@@ -279,3 +328,44 @@ def test_readme_tiny_e2b_image_commands_run_as_written(tmp_path):
         )
         assert result.returncode == 0, (command, result.stderr[-2000:])
     assert "tokens per target forward" in result.stderr
+
+
+def wav_bytes(samples: np.ndarray, rate: int = 16_000) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(samples.astype("<i2").tobytes())
+    return out.getvalue()
+
+
+def test_bad_audio_names_the_file_and_the_reason(vision_target, bidirectional_case, tmp_path):
+    ids = [2, 5, AUDIO, 6]
+    clip = wav_bytes(np.zeros(16_000))
+    bad = {
+        write(tmp_path / "voice.m4a", b"\x00\x00\x00\x20ftypM4A "): "not a PCM WAV file",
+        write(tmp_path / "cut.wav", clip[: len(clip) // 2]): "truncated WAV file",
+        write(tmp_path / "phone.wav", wav_bytes(np.zeros(8_000), 8_000)): "sampled at 8000 Hz",
+        write(tmp_path / "long.wav", wav_bytes(np.zeros(16_000 * 31))): r"too long \(31.0 s",
+        write(tmp_path / "blip.wav", wav_bytes(np.zeros(100))): "too short",
+    }
+    for path, reason in bad.items():
+        with pytest.raises(MediaError, match=f"{path.name}.*{reason}"):
+            build_media_prompt(vision_target, ids, audio=[path])
+    target, _, _ = load(str(FIXTURE / "target"))
+    with pytest.raises(MediaError, match="ok.wav: this model has no audio tower"):
+        build_media_prompt(target, ids, audio=[write(tmp_path / "ok.wav", clip)])
+
+
+def test_cli_audio_flag_generates_as_transformers(cases, tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_gemma_mtp.generate import main
+
+    case, stats = cases(True, "both"), tmp_path / "stats.json"
+    args = ["--model", str(case.target), "--prompt-tokens", " ".join(map(str, case.ids))]
+    args += ["--image", str(case.images[0]), "--audio", str(case.clips[0]), "--max-tokens", "4"]
+    result = CliRunner().invoke(main, [*args, "--stats-json", str(stats)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(stats.read_text())["tokens"] == case.ref["generated"][:4]
