@@ -305,12 +305,12 @@ def test_a_conversation_reuses_the_cache_of_its_images(bidirectional_case, tmp_p
 
 @pytest.mark.slow
 def test_readme_tiny_e2b_image_commands_run_as_written(tmp_path):
-    """The README's local walkthrough: write a tiny pair with a vision tower, convert both (the
-    target quantized), generate about the picture with MTP."""
+    """The README's local walkthrough: write a tiny pair with both towers, convert both (the
+    target quantized), generate about the picture and the clip with MTP."""
     readme = (ROOT / "README.md").read_text()
     block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "tiny-e2b" in b)
     commands = [line for line in block.strip().splitlines() if not line.startswith("pip ")]
-    assert len(commands) == 4 and "--image tiny-e2b/picture.png" in commands[-1]
+    assert len(commands) == 4 and "--image tiny-e2b/picture.png --audio" in commands[-1]
     # This checkout's package, wherever the environment's editable install points.
     env = {
         **os.environ,
