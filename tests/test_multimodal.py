@@ -37,6 +37,7 @@ from PIL import Image  # noqa: E402
 from mlx_gemma_mtp import load  # noqa: E402
 from mlx_gemma_mtp.convert import convert  # noqa: E402
 from mlx_gemma_mtp.engine.loop import prefill  # noqa: E402
+from mlx_gemma_mtp.engine.prompt_cache import trim_to_common_prefix  # noqa: E402
 from mlx_gemma_mtp.generation import make_prompt_cache, stream_generate  # noqa: E402
 from mlx_gemma_mtp.media import (  # noqa: E402
     MediaError,
@@ -369,3 +370,26 @@ def test_cli_audio_flag_generates_as_transformers(cases, tmp_path):
     result = CliRunner().invoke(main, [*args, "--stats-json", str(stats)])
     assert result.exit_code == 0, result.output
     assert json.loads(stats.read_text())["tokens"] == case.ref["generated"][:4]
+
+
+def test_a_prefill_interrupted_between_images_settles_the_cache(bidirectional_case):
+    """Cancelled during the prefill, the prompt cache still stands for the whole prompt: the rest
+    is fed with its image embeddings, so the next turn sees what a full prefill gives."""
+    case = bidirectional_case
+    target, _, _ = load(str(case.target), dtype="float32")
+
+    def stop_after_a_chunk(done: int, total: int) -> None:
+        if 0 < done < total:
+            raise KeyboardInterrupt
+
+    cache = make_prompt_cache(target)
+    options = dict(prefill_step_size=40, prompt_progress_callback=stop_after_a_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        list(stream_generate(target, None, case.ids, 4, images=case.images, prompt_cache=cache,
+                             **options))  # fmt: skip
+    assert cache[0].offset == len(case.ref["ids"]) == len(cache.tokens)
+    fresh = make_prompt_cache(target)
+    list(stream_generate(target, None, case.ids, 1, images=case.images, prompt_cache=fresh))
+    assert trim_to_common_prefix(fresh, [*cache.tokens, 7]) == [7]  # back to the prompt alone
+    after = [r.token for r in stream_generate(target, None, [7], 4, prompt_cache=cache)]
+    assert after == [r.token for r in stream_generate(target, None, [7], 4, prompt_cache=fresh)]

@@ -475,16 +475,13 @@ class SpeculativeGenerator:
         if held > tokens.size:
             for c in self.cache:
                 c.trim(held - tokens.size)
-        elif held < tokens.size:
-            media = self.media if held < self.prompt.size else None
-            prefill(
-                self.target,
-                self.cache,
-                tokens[held:],
-                self.prefill_step_size,
-                media=media,
-                first=held,
-            )
+        else:
+            if self.media is not None and held < self.prompt.size:  # media embeddings first
+                rest, step = self.prompt[held:], self.prefill_step_size
+                prefill(self.target, self.cache, rest, step, media=self.media, first=held)
+                held = self.prompt.size
+            if held < tokens.size:
+                prefill(self.target, self.cache, tokens[held:], self.prefill_step_size)
         mx.eval([c.state for c in self.cache])
 
     def _generate(self, prompt: mx.array, max_tokens: int) -> Generator[Block, None, None]:
