@@ -134,7 +134,7 @@ def vision_of(target, item: Media) -> Towers:
             )
         args = VisionArgs.from_dict(config["vision_config"])
         vision, embed = VisionTower(args), embedder(config, args.hidden_size, args.rms_norm_eps)
-        load_parts(towers.model_path, {"vision_tower.": vision, "embed_vision.": embed})
+        load_parts(target, {"vision_tower.": vision, "embed_vision.": embed})
         towers.image_processor = make_image_processor(towers.model_path, config)
         towers.vision, towers.embed_vision = vision, embed
     return towers
@@ -149,7 +149,7 @@ def audio_of(target, item: Media) -> Towers:
         args = AudioArgs.from_dict(config["audio_config"])
         audio = AudioTower(args)
         embed = embedder(config, args.output_proj_dims, args.rms_norm_eps)
-        load_parts(towers.model_path, {"audio_tower.": audio, "embed_audio.": embed})
+        load_parts(target, {"audio_tower.": audio, "embed_audio.": embed})
         towers.feature_extractor = make_feature_extractor(towers.model_path)
         towers.audio, towers.embed_audio = audio, embed
     return towers
@@ -159,8 +159,10 @@ def embedder(config: dict, in_dims: int, eps: float) -> MultimodalEmbedder:
     return MultimodalEmbedder(in_dims, text_config_of(config)["hidden_size"], eps)
 
 
-def load_parts(model_path: Path, parts: dict) -> None:
-    """Each module's weights (``prefix`` + its names) from the model's folder."""
+def load_parts(target, parts: dict) -> None:
+    """Each module's weights (``prefix`` + its names) from the target's folder, in the text
+    model's floating-point dtype (``load``'s ``dtype``, or the checkpoint's)."""
+    model_path = towers_of(target).model_path
     weights = tower_weights(model_path, tuple(p[:-1] for p in parts))
     for prefix, module in parts.items():
         own = [(k.removeprefix(prefix), v) for k, v in weights.items() if k.startswith(prefix)]
@@ -174,6 +176,7 @@ def load_parts(model_path: Path, parts: dict) -> None:
             raise ConfigError(
                 f"{model_path}: {prefix[:-1]} weights do not match config.json ({e})"
             ) from None
+        module.set_dtype(target.backbone.norm.weight.dtype)
 
 
 def sanitize_convolutions(weights: list) -> list:

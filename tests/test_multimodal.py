@@ -194,6 +194,14 @@ def test_converted_target_keeps_the_float_towers(cases, tmp_path):
     assert tokens == case.ref["generated"][:6]
 
 
+def test_towers_take_the_dtype_load_gives_the_text_model(bidirectional_case):
+    target, _, _ = load(str(bidirectional_case.target), dtype="bfloat16")
+    prepare_image(target, bidirectional_case.images[0])
+    towers = towers_of(target)
+    assert towers.vision.patch_embedder.input_proj.weight.dtype == mx.bfloat16
+    assert towers.embed_vision.embedding_projection.weight.dtype == mx.bfloat16
+
+
 def test_prompt_cache_is_keyed_on_image_content(bidirectional_case, tmp_path):
     target_dir, images, ids = (
         bidirectional_case.target,
