@@ -401,3 +401,17 @@ def test_a_prefill_interrupted_between_images_settles_the_cache(bidirectional_ca
     assert trim_to_common_prefix(fresh, [*cache.tokens, 7]) == [7]  # back to the prompt alone
     after = [r.token for r in stream_generate(target, None, [7], 4, prompt_cache=cache)]
     assert after == [r.token for r in stream_generate(target, None, [7], 4, prompt_cache=fresh)]
+
+
+def test_bench_multimodal_runs(bidirectional_case, tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_multimodal
+
+    pair, out = bidirectional_case.target.parent, tmp_path / "rows.json"
+    args = ["--pair", str(pair), "--image", str(bidirectional_case.images[0]), "--out", str(out)]
+    rows = bench_multimodal.main([*args, "--max-tokens", "4", "--repeats", "1", "--k", "2"])
+    assert [(r["kind"], r["arm"]) for r in rows] == [
+        (kind, arm) for kind in bench_multimodal.KINDS for arm in bench_multimodal.ARMS
+    ]
+    text, image = rows[0]["prompt_tokens"], rows[2]["prompt_tokens"]
+    assert text == image and json.loads(out.read_text()) == rows
