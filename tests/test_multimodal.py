@@ -415,3 +415,18 @@ def test_bench_multimodal_runs(bidirectional_case, tmp_path):
     ]
     text, image = rows[0]["prompt_tokens"], rows[2]["prompt_tokens"]
     assert text == image and json.loads(out.read_text()) == rows
+
+
+def test_chat_image_on_a_model_without_vision_tower_is_one_error_and_the_chat_goes_on(
+    bidirectional_case, monkeypatch, capsys
+):
+    from mlx_gemma_mtp import chat
+
+    picture = bidirectional_case.images[0]
+    stdin = f"/image {picture}\nwhat is this?\nhello\nq\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    chat.main(["--model", str(FIXTURE / "target"), "--max-tokens", "4", "--dtype", "float32"])
+    result = capsys.readouterr()
+    assert "[INFO] 1 image(s) for the next message" in result.err
+    assert f"[ERROR] {picture}: this model has no vision tower" in result.err
+    assert len([line for line in result.err.splitlines() if "tokens/s" in line]) == 1  # "hello"
