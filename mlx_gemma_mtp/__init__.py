@@ -1,7 +1,12 @@
 """Gemma 4 multi-token-prediction speculative decoding in MLX."""
 
 from .config import ConfigError
-from .engine.prompt_cache import PromptCache, trim_to_common_prefix
+from .engine.prompt_cache import (
+    PromptCache,
+    load_prompt_cache,
+    save_prompt_cache,
+    trim_to_common_prefix,
+)
 from .generation import (
     GenerationResponse,
     batch_generate,
@@ -20,7 +25,9 @@ __all__ = [
     "batch_generate",
     "generate",
     "load",
+    "load_prompt_cache",
     "make_prompt_cache",
+    "save_prompt_cache",
     "stream_generate",
     "trim_to_common_prefix",
 ]

@@ -1,20 +1,35 @@
 """``python -m mlx_gemma_mtp.chat --model T --draft-model D``: multi-turn chat, as mlx_lm.chat.
 
 The conversation's prompt cache is kept between turns: each turn feeds only what the chat
-template adds after what the cache already holds.
+template adds after what the cache already holds. ``--save-cache FILE`` writes the conversation
+(its cache and messages) after every turn; ``--load-cache FILE`` resumes it in a later session
+without feeding the history again.
 """
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Sequence
 
 import mlx.core as mx
 
 from .config import ConfigError
-from .generate import user_content
-from .generation import DEFAULT_NUM_DRAFT_TOKENS, encode_chat, make_prompt_cache, stream_generate
+from .engine.prompt_cache import (
+    PromptCache,
+    check_prompt_cache,
+    load_prompt_cache,
+    save_prompt_cache,
+)
+from .generation import (
+    DEFAULT_NUM_DRAFT_TOKENS,
+    as_target,
+    encode_chat,
+    make_prompt_cache,
+    stream_generate,
+)
 from .loading import load
-from .media import MediaError, conversation_suffix
+from .media import MediaError, conversation_suffix, user_content
 
 HELP = (
     "[INFO] Type a message. '/image PATH' adds an image to the next message, 'q' quits, "
@@ -33,13 +48,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--system-prompt")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"))
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--save-cache",
+        metavar="FILE.safetensors",
+        help="Save the conversation (prompt cache and messages) here after every turn.",
+    )
+    parser.add_argument(
+        "--load-cache",
+        metavar="FILE.safetensors",
+        help="Resume the conversation saved there (with the model it was saved with).",
+    )
+    args = parser.parse_args(argv)
+    for flag, path in (("--save-cache", args.save_cache), ("--load-cache", args.load_cache)):
+        if path is not None and not path.endswith(".safetensors"):
+            parser.error(f"{flag}: the file name must end in .safetensors, got {path}")
+    if args.load_cache and args.system_prompt:
+        parser.error("--system-prompt: a conversation from --load-cache keeps its own")
+    return args
+
+
+def resume(path: str, model) -> tuple[list, PromptCache]:
+    """The messages (none if the file has none: a cache saved from Python) and cache saved at
+    ``path``, checked against ``model``."""
+    tic = time.perf_counter()
+    cache, metadata = load_prompt_cache(path, return_metadata=True)
+    check_prompt_cache(cache, as_target(model))
+    messages = json.loads(metadata.get("messages", "[]"))
+    print(
+        f"[INFO] Resumed {len(messages)} messages ({len(cache.tokens)} tokens) from {path} in "
+        f"{time.perf_counter() - tic:.3f} s",
+        file=sys.stderr,
+    )
+    return messages, cache
 
 
 def turn_stats(response, new_tokens: int, total_tokens: int) -> str:
     line = (
         f"[{response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s; "
-        f"prompt: {new_tokens} new of {total_tokens}"
+        f"prompt: {new_tokens} new of {total_tokens}, first token after "
+        f"{new_tokens / response.prompt_tps:.3f} s"
     )
     if response.mode == "mtp":
         line += (
@@ -60,7 +107,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if tokenizer is None:
         raise SystemExit(f"Error: {args.model} has no tokenizer: chat needs one")
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    messages, cache = list(system), make_prompt_cache(model, drafter)
+    messages, cache = list(system), make_prompt_cache(model, draft_model=drafter)
+    if args.load_cache:
+        try:
+            messages, cache = resume(args.load_cache, model)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"Error: {e}") from None
+        system = [m for m in messages[:1] if m["role"] == "system"]
     images, pending = [], []  # the conversation's images; those for the next message
     print(HELP, file=sys.stderr)
     while True:
@@ -72,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             break
         if query in ("r", "h"):
             if query == "r":
-                messages, cache = list(system), make_prompt_cache(model, drafter)
+                messages, cache = list(system), make_prompt_cache(model, draft_model=drafter)
                 images, pending = [], []
             print(HELP, file=sys.stderr)
             continue
@@ -109,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         images, pending = images + pending, []
         print()
         messages.append({"role": "assistant", "content": reply})
+        if args.save_cache:
+            save_prompt_cache(args.save_cache, cache, {"messages": json.dumps(messages)})
         if response is not None:
             print(turn_stats(response, len(new), len(tokens)), file=sys.stderr, flush=True)
 

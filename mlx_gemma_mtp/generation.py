@@ -4,10 +4,12 @@
 ``draft_model=None`` (or ``num_draft_tokens=0``) they decode plainly through the same code.
 """
 
+import functools
 import inspect
 import numbers
 import sys
 import time
+import warnings
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +32,7 @@ from .engine.prompt_cache import (
     check_prompt_cache,
     make_cache_for,
 )
-from .engine.sampling import SamplingParams, TokenPolicy
+from .engine.sampling import SamplingParams, TokenPolicy, make_sampler_params
 from .loading import validate_pair
 from .media import Media, build_media_prompt
 from .models.gemma4_assistant import Model as Drafter
@@ -81,19 +83,40 @@ def make_policy(
     repetition_penalty: float | None = None,
     repetition_context_size: int = 20,
 ) -> TokenPolicy:
-    """A ``TokenPolicy`` from mlx-lm's options. A custom ``sampler`` is honoured exactly, but
+    """A ``TokenPolicy`` from mlx-lm's options. The options (``temp``, ``top_p``, ...) sample
+    coupled, which a seed fixes whatever the draft schedule; so does a ``sampler`` from mlx-lm's
+    ``make_sampler`` (its options are taken over). Any other ``sampler`` is honoured exactly, but
     its draws depend on how many rows each round verifies (it draws from MLX's random state), so
-    a seed fixes its output only for one draft schedule; the options (``temp``, ``top_p``, ...)
-    sample coupled, which a seed fixes whatever the schedule.
+    a seed fixes its output only for one draft schedule (a warning says so, once).
     mlx-lm's repetition penalty reads only the last ``repetition_context_size`` tokens, so it
     keeps the pipelined loop; custom ``logits_processors`` may read the whole history."""
     params = SamplingParams(temp, top_p, min_p, min_tokens_to_keep, top_k)
+    if sampler is not None and params.greedy:
+        taken_over = make_sampler_params(sampler)
+        if taken_over is not None:
+            sampler, params = None, taken_over
+        else:
+            warn_once(CUSTOM_SAMPLER_WARNING)
     processors = list(logits_processors or [])
     window = None if processors else repetition_context_size
     processors += make_logits_processors(
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
     )
     return TokenPolicy(sampler, params, processors, window, repetition_penalty)
+
+
+CUSTOM_SAMPLER_WARNING = (
+    "mlx_gemma_mtp: this sampler is not one of mlx_lm.sample_utils.make_sampler's without XTC, so "
+    "its options cannot be taken over for coupled sampling. It is honoured exactly (drafts are "
+    "accepted when they equal its draws), but drafts are accepted less often and a seed "
+    "reproduces the output only for one draft schedule. Pass temp/top_p/min_p/top_k instead to "
+    "sample coupled."
+)
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def check_token_ids(ids: Sequence[int] | mx.array, vocab_size: int) -> list[int]:
@@ -152,16 +175,49 @@ def as_target(model) -> Target:
     return kept_for("target", lambda: Target(model, hold=False), model)
 
 
+def check_drafter(target: Target, draft_model) -> None:
+    """``draft_model`` must be ``None`` or a Gemma 4 assistant that fits ``target``."""
+    if isinstance(draft_model, Drafter):
+        validate_pair(target, draft_model)
+    elif isinstance(draft_model, nn.Module):
+        args = getattr(draft_model, "args", None)
+        kind = getattr(args, "model_type", None) or type(draft_model).__name__
+        raise TypeError(
+            f"draft_model must be a Gemma 4 assistant drafter (model_type gemma4_assistant, "
+            f"loaded with mlx_gemma_mtp.load(target_path, drafter_path)); got a {kind} model. "
+            "A classic draft model drafts with mlx-lm's own loop: "
+            "mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=...)"
+        )
+
+
+def check_max_kv_size(max_kv_size: int | None) -> None:
+    if max_kv_size is not None:
+        raise ValueError(
+            f"max_kv_size={max_kv_size} is not supported: a Gemma 4 target's sliding-attention "
+            "layers keep only their window and its full-attention layers the whole context "
+            "(mlx-lm ignores max_kv_size for Gemma 4 too: the model's make_cache decides). "
+            "Leave it unset: the context is bounded by the prompt and max_tokens."
+        )
+
+
 def make_prompt_cache(
-    model, draft_model=None, max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS
+    model,
+    max_kv_size: int | None = None,
+    *,
+    draft_model=None,
+    max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS,
 ) -> PromptCache:
     """A cache an app keeps between turns (mlx-lm's meaning): after each call it stands for the
     prompt and every emitted token, and the next call's prompt is only what comes after them.
-    Drafting with up to ``max_draft_tokens`` tokens per round can roll it back. ``draft_model``
-    only checks the pair (the drafter reads the target's cache and keeps none)."""
+    mlx-lm's signature: ``max_kv_size`` must be ``None`` (see ``check_max_kv_size``). Drafting
+    with up to ``max_draft_tokens`` tokens per round can roll it back. ``draft_model`` only
+    checks the pair (the drafter reads the target's cache and keeps none); passed second, as
+    this package's first releases took it, it is still the drafter."""
+    if isinstance(max_kv_size, nn.Module):
+        max_kv_size, draft_model = None, max_kv_size
+    check_max_kv_size(max_kv_size)
     target = as_target(model)
-    if isinstance(draft_model, Drafter):
-        validate_pair(target, draft_model)
+    check_drafter(target, draft_model)
     return make_cache_for(target, max_draft_tokens)
 
 
@@ -185,6 +241,7 @@ def stream_generate(
     repetition_penalty: float | None = None,
     repetition_context_size: int = 20,
     prompt_cache: list | None = None,
+    max_kv_size: int | None = None,
     prefill_step_size: int = 512,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
     stop: Sequence[str] = (),
@@ -199,8 +256,9 @@ def stream_generate(
     mlx-lm's call shape and meanings: ``model`` from ``load`` or ``mlx_lm.load``, ``prompt`` text
     (needs ``tokenizer``) or token ids, ``max_tokens=-1`` for no limit, ``draft_model`` the Gemma 4
     assistant (``None`` or ``num_draft_tokens=0``: plain decoding), ``sampler``,
-    ``logits_processors``, ``prompt_cache`` (from ``make_prompt_cache``: afterwards it stands for
-    the prompt and every emitted token, also when the caller stops early), ``prefill_step_size``,
+    ``logits_processors``, ``prompt_cache`` (from ``make_prompt_cache`` or ``load_prompt_cache``:
+    afterwards it stands for the prompt and every emitted token, also when the caller stops
+    early), ``max_kv_size`` (``None`` only: see ``check_max_kv_size``), ``prefill_step_size``,
     ``prompt_progress_callback(processed, total)``. Ours: ``temp``/``top_p``/``min_p``/
     ``min_tokens_to_keep``/``top_k`` (coupled sampling: a seed fixes the output, whatever the
     drafting), ``repetition_penalty``/
@@ -214,9 +272,9 @@ def stream_generate(
     if max_tokens == 0 or max_tokens < -1:
         raise ValueError(f"max_tokens must be >= 1, or -1 for no limit; got {max_tokens}")
     limit = sys.maxsize if max_tokens == -1 else max_tokens
+    check_max_kv_size(max_kv_size)
     target = as_target(model)
-    if isinstance(draft_model, Drafter):
-        validate_pair(target, draft_model)
+    check_drafter(target, draft_model)
     if tokenizer is not None and not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     ids = encode_prompt(tokenizer, prompt, target.args.vocab_size)

@@ -373,6 +373,15 @@ def is_sliding(layer, layer_cache) -> bool:
     return layer.layer_type == "sliding_attention" and layer_cache is not None
 
 
+def user_content(text: str, num_images: int = 0, num_audio: int = 0) -> str | list:
+    """A user message's content: the text, after one entry per image and audio clip (the chat
+    template writes each as its placeholder)."""
+    if not num_images and not num_audio:
+        return text
+    media = [{"type": "image"}] * num_images + [{"type": "audio"}] * num_audio
+    return [*media, {"type": "text", "text": text}]
+
+
 def placeholder_ids(config: dict, kind: str) -> tuple[int, int, int]:
     """(placeholder, begin, end) token ids of ``kind``, from the model's config.json."""
     names = PLACEHOLDERS[kind]

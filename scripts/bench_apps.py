@@ -58,7 +58,7 @@ def first_token_seconds(model, drafter, prompt: list, cache=None) -> float:
 def ttft_turn_two(model, drafter, prompts: list, args) -> dict:
     """Turn 1: ``history`` tokens and the reply; turn 2 adds one more prompt's tokens."""
     history = long_prompts(prompts, 1, args.history)[0]
-    cache = make_prompt_cache(model, drafter)
+    cache = make_prompt_cache(model, draft_model=drafter)
     list(stream_generate(model, None, history, args.reply, drafter, prompt_cache=cache))
     conversation = list(cache.tokens)
     new = prompts[-1][1:17]

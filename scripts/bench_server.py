@@ -145,6 +145,17 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def peak_rss(pid: int) -> int:
+    """The server's peak resident memory so far (bytes; Linux), 0 where unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measure(args, prompts: list[str]) -> dict:
     arms = args.arms.split(",")
     servers = {arm: start(arm, args) for arm in arms}
@@ -156,6 +167,7 @@ def measure(args, prompts: list[str]) -> dict:
             for _ in range(args.repeats):
                 for arm in random.sample(arms, len(arms)):
                     result = run_clients(servers[arm][1], prompts, clients, args)
+                    result["peak_rss"] = peak_rss(servers[arm][0].pid)
                     samples.setdefault((clients, arm), []).append(result)
                     print(clients, arm, round(result["tokens_per_second"], 1), flush=True)
     finally:
@@ -173,6 +185,7 @@ def measure(args, prompts: list[str]) -> dict:
             "itl_p50": percentile(itl, 0.5),
             "itl_p95": percentile(itl, 0.95),
             "errors": sum(len(r["errors"]) for r in runs),
+            "peak_rss_mib": max(r["peak_rss"] for r in runs) / 2**20,
         }
     return table
 
@@ -184,7 +197,12 @@ def report(result: dict) -> str:
         f"requests x {result['max_tokens']} tokens per client, {result['repeats']} repeats"
     )
     lines = bc.report_head("Server: many clients at once", result)
-    lines += ["", f"Regime: {regime}.", ""]
+    lines += [
+        "",
+        f"Regime: {regime}. Peak RSS: the server process's high-water mark after the "
+        "runs of that many clients (client counts run in increasing order).",
+        "",
+    ]
     rows = []
     for clients, arms in result["table"].items():
         base = arms.get("mlx-lm", {}).get("tokens_per_second")
@@ -195,10 +213,10 @@ def report(result: dict) -> str:
                 f"{ratio:.2f}" if ratio else "-",
                 f"{1000 * stat['ttft_p50']:.0f} / {1000 * stat['ttft_p95']:.0f}",
                 f"{1000 * stat['itl_p50']:.1f} / {1000 * stat['itl_p95']:.1f}",
-                str(stat["errors"]),
+                f"{stat['peak_rss_mib']:.0f}", str(stat["errors"]),
             ])  # fmt: skip
     headers = ["clients", "server", "tokens/s", "vs mlx-lm", "TTFT ms p50/p95",
-               "ITL ms p50/p95", "errors"]  # fmt: skip
+               "ITL ms p50/p95", "peak RSS MiB", "errors"]  # fmt: skip
     lines.append(bc.markdown_table(headers, rows))
     return "\n".join(lines) + "\n"
 

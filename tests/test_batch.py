@@ -72,7 +72,9 @@ def test_greedy_rows_joining_and_leaving_equal_their_output_alone(fixture_pair, 
         prefill_step_size=48,
         costs=DRAFTING,
     )
-    prompts = [p + p[1:] if i % 2 == 0 else p[: 20 + 9 * i] for i, p in enumerate(prompts)]
+    prompts = [
+        p + p[1:] * (2 - i // 2) if i % 2 == 0 else p[: 20 + 9 * i] for i, p in enumerate(prompts)
+    ]
     for prompt, limit in zip(prompts[:3], limits[:3], strict=True):
         engine.insert(prompt, max_tokens=limit)
     late = {3: [(prompts[3], dict(max_tokens=limits[3])), (prompts[4], dict(max_tokens=limits[4]))]}

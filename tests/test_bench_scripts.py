@@ -19,6 +19,7 @@ import bench_apps  # noqa: E402
 import bench_mtp  # noqa: E402
 import bench_projection  # noqa: E402
 import bench_quant  # noqa: E402
+import bench_server  # noqa: E402
 import replay_schedules  # noqa: E402
 
 from mlx_gemma_mtp import benchmarks as bc  # noqa: E402
@@ -270,3 +271,17 @@ def test_bench_apps_runs(tmp_path):
     saved = json.loads((tmp_path / "bench_apps.json").read_text())
     assert saved["ttft"] == result["ttft"]
     assert "Server / direct" in (tmp_path / "bench_apps.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_server_runs(tmp_path):
+    """Three servers side by side, two client counts, one short request per client."""
+    result = bench_server.main(
+        [*("--clients", "1,2", "--requests", "1", "--repeats", "1", "--max-tokens", "8"),
+         *("--out", str(tmp_path))]
+    )  # fmt: skip
+    assert set(result["table"]) == {"1", "2"}
+    for arms in result["table"].values():
+        assert set(arms) == {"ours", "ours-serial", "mlx-lm"}
+        assert all(a["errors"] == 0 and a["tokens_per_second"] > 0 for a in arms.values())
+    assert "| 2 | ours |" in (tmp_path / "bench_server_reference_t0.md").read_text()

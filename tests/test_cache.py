@@ -147,3 +147,28 @@ def test_target_forward_with_rollbacks_matches_full_recompute(small_step):
         accepted += block[:keep] + [rng.randrange(50)]  # the last one is pending (not fed yet)
         shared = target.shared_kv(cache)["sliding_attention"][0]
         assert shared.shape[2] >= min(len(accepted) - 1, WINDOW + 1)
+
+
+def test_round_trips_through_mlx_lm_save_and_load(tmp_path, small_step):
+    """mlx-lm's own save_prompt_cache/load_prompt_cache rebuild the window cache (empty or past
+    its window, after a rollback), and it goes on exactly as the one that was saved."""
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    mx.random.seed(0)
+    used = SlidingWindowCache(WINDOW, slack=4)
+    for n in (5, 9, 13, 1, 3):
+        attend(used, *random_kv(n), WINDOW)
+    used.trim(2)
+    path = str(tmp_path / "cache.safetensors")
+    save_prompt_cache(path, [used, SlidingWindowCache(WINDOW, slack=4)])
+    loaded, empty = load_prompt_cache(path)
+    assert type(loaded) is SlidingWindowCache and empty.empty() and empty.window == WINDOW
+    assert (loaded.offset, loaded.window, loaded.retain) == (used.offset, WINDOW, WINDOW + 5)
+    assert all(
+        mx.array_equal(a, b).item() for a, b in zip(loaded.state[:2], used.state[:2], strict=True)
+    )
+    for n in (1, 6, 2):
+        keys, values, queries = random_kv(n)
+        out = attend(loaded, keys, values, queries, WINDOW)
+        assert mx.array_equal(out, attend(used, keys, values, queries, WINDOW)).item()
+        assert loaded.trim(1) == used.trim(1)

@@ -301,3 +301,74 @@ def test_the_cli_module_does_not_hide_the_generate_function(pair):
     assert mlx_gemma_mtp.generate(target, tokenizer, PROMPT, max_tokens=6, draft_model=drafter) == (
         expected
     )
+
+
+# -- mlx_lm.generate's flags -------------------------------------------------------------------
+
+
+def test_cli_takes_mlx_lm_flags(pair, tmp_path):
+    target, drafter, tokenizer = pair
+    common = ["--model", TARGET, "--draft-model", ASSISTANT, "-p", PROMPT, "-m", "10"]
+    result, stats = invoke(
+        *common, "--verbose", "False", "--prefill-step-size", "4", "--trust-remote-code",
+        "--min-tokens-to-keep", "2", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    expected = list(stream_generate(target, tokenizer, chat_prompt(tokenizer, PROMPT), 10, drafter))
+    assert stats["tokens"] == [r.token for r in expected]
+    assert result.stdout.strip() == "".join(r.text for r in expected).strip()
+    assert "Generation:" not in result.stderr  # --verbose False: the text only
+
+
+def test_cli_prefill_response_extra_eos_and_xtc(pair, tmp_path):
+    """A prefilled reply is continued; --extra-eos-token ends generation at that token."""
+    target, drafter, tokenizer = pair
+    common = ["--model", TARGET, "--draft-model", ASSISTANT, "-p", PROMPT, "-m", "10"]
+    messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "import"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    prefilled = tokenizer.encode(text, add_special_tokens=False)
+    reference = [r.token for r in stream_generate(target, tokenizer, prefilled, 10, drafter)]
+    eos = reference[4]
+    result, stats = invoke(
+        *common, "--prefill-response", "import", "--chat-template-config", '{"x": 1}',
+        "--extra-eos-token", str(eos), tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert stats["prompt_tokens"] == len(prefilled)
+    assert stats["tokens"] == reference[: reference.index(eos) + 1]
+    assert stats["finish_reason"] == "stop"
+    # XTC is honoured exactly by mlx-lm's sampler, with the match rule (and a warning, once).
+    result, stats = invoke(
+        *common, "--temp", "0.8", "--xtc-probability", "0.5", "--seed", "1", tmp_path=tmp_path
+    )
+    assert result.exit_code == 0, result.output
+    assert stats["acceptance_rule"] == "match"
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (["--adapter-path", "adapters"], "adapters are not supported"),
+        (["--prompt-cache-file", "c.safetensors"], "c.safetensors: no such prompt cache file"),
+        (["-qa"], "activation quantization is not supported"),
+        (["--kv-bits", "4"], "quantized K/V cache is not supported"),
+        (["--kv-group-size", "64"], "quantized K/V cache is not supported"),
+        (["--quantized-kv-start", "0"], "quantized K/V cache is not supported"),
+        (["--use-default-chat-template"], "no default chat templates"),
+        (["--max-kv-size", "4096"], "max_kv_size=4096 is not supported"),
+        (["--chat-template-config", "{x"], "--chat-template-config: not JSON"),
+        (["--chat-template-config", "[1]"], "must be a JSON object"),
+        (["--ignore-chat-template", "--prefill-response", "x"], "needs the chat template"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, list) else None,
+)
+def test_cli_refuses_mlx_lm_flags_that_cannot_apply(flag, message):
+    result, _ = invoke("--model", TARGET, "-p", "hi", *flag)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_cli_image_on_a_model_without_vision_tower_names_the_file():
+    result, _ = invoke("--model", TARGET, "-p", "hi", "--image", "cat.png")
+    assert result.exit_code == 1, result.output
+    assert "cat.png: this model has no vision tower" in result.output

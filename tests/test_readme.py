@@ -40,19 +40,19 @@ def test_second_command_is_what_ci_runs():
     assert second in (ROOT / ".ci" / "run").read_text()
 
 
-def run_python_example(example: str) -> dict:
+def run_python_example(example: str, namespace: dict | None = None) -> dict:
     example = example.replace("google/gemma-4-E2B-it-assistant", f"{ROOT / FIXTURE}/assistant")
     example = example.replace("google/gemma-4-E2B-it", f"{ROOT / FIXTURE}/target")
     for long, short in (("max_tokens=256", "max_tokens=24"), ("max_tokens=100", "max_tokens=24"),
                         (", 256,", ", 24,")):  # fmt: skip
         example = example.replace(long, short)
-    namespace: dict = {}
+    namespace = {} if namespace is None else namespace
     exec(compile(example, "README.md", "exec"), namespace)
     return namespace
 
 
-def test_python_api_examples_run_on_the_fixture_pair():
-    api, conversation = [
+def test_python_api_examples_run_on_the_fixture_pair(tmp_path, monkeypatch):
+    api, conversation, on_disk = [
         b
         for b in code_blocks("python")
         if "from mlx_gemma_mtp import" in b and "batch" not in b and "images=" not in b
@@ -64,6 +64,11 @@ def test_python_api_examples_run_on_the_fixture_pair():
     cache, r = namespace["cache"], namespace["r"]
     assert r.finish_reason in ("length", "stop")
     assert len(cache.tokens) == cache[0].offset > r.prompt_tokens + r.generation_tokens
+    monkeypatch.chdir(tmp_path)  # the example saves its conversation in the working folder
+    held = len(cache.tokens)
+    namespace = run_python_example(on_disk, namespace)
+    assert (tmp_path / "conversation.safetensors").is_file()
+    assert len(namespace["cache"].tokens) > held and namespace["cache"] is not cache
 
 
 def test_batch_example_runs_on_the_fixture_pair():

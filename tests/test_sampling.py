@@ -21,7 +21,7 @@ from mlx_gemma_mtp.engine.sampling import (
     gumbel_from_bits,
     match_accept,
 )
-from mlx_gemma_mtp.generation import make_policy, stream_generate
+from mlx_gemma_mtp.generation import make_policy, stream_generate, warn_once
 from mlx_gemma_mtp.models import gemma4_assistant
 from mlx_gemma_mtp.models.target import Target
 
@@ -319,8 +319,13 @@ def test_mtp_sampling_distribution_equals_plain(options):
 def test_policy_options():
     assert make_policy().coupled is False
     assert make_policy(temp=0.5).coupled is True
-    custom = make_policy(sampler=make_sampler(0.5))
-    assert custom.coupled is False  # any sampler: lossless by matching its draws
+    # mlx-lm's make_sampler: its options are taken over; any other sampler: lossless by
+    # matching its draws.
+    assert make_policy(sampler=make_sampler(0.5)).coupled is True
+    warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="coupled sampling"):
+        custom = make_policy(sampler=lambda logprobs: logprobs.argmax(-1))
+    assert custom.coupled is False
     # mlx-lm's repetition penalty reads a window: it stays on the pipelined, compiled path.
     assert make_policy(repetition_penalty=1.2, repetition_context_size=9).history_window == 9
     assert make_policy().history_window == 0

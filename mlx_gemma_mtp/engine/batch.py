@@ -43,21 +43,30 @@ from .sampling import TokenPolicy, log_softmax
 
 class RaggedCache(_BaseCache):
     """One attention layer's K/V for a batch of rows of different lengths: row ``b`` holds
-    positions ``0 .. lengths[b] - 1``, position ``p`` at slot ``p`` (full attention) or at slot
-    ``p % ring`` (sliding attention: a ring that keeps the window, the widest update and the
-    slack a settled row's cache needs). Queries see their own row's positions through masks."""
+    positions ``0 .. positions[b] - 1``, position ``p`` at slot ``p`` (full attention) or at
+    slot ``p % ring`` (sliding attention: a ring that keeps the window, the widest update and
+    the slack a settled row's cache needs). Queries see their own row's positions through masks.
+
+    ``positions`` may be lazy (a row rolls back by the drafts it rejected, known only on the
+    device when the next round is built); ``bound`` is a host upper bound of them, which sizes
+    the buffers and the K/V each query reads (masked beyond a row's own positions)."""
 
     step = 256
 
     def __init__(self, window: int | None = None, ring: int = 0):
         self.window, self.ring = window, ring if window is not None else 0
         self.keys = self.values = None
-        self.lengths: list[int] = []
+        self.positions = mx.zeros((0,), mx.int32)
+        self.bound = 0
 
     @property
     def offset(self) -> mx.array:
         """Per row, the position of its next entry (RoPE reads it)."""
-        return mx.array(self.lengths, mx.int32)
+        return self.positions
+
+    @property
+    def rows(self) -> int:
+        return self.positions.shape[0]
 
     def _capacity(self, needed: int) -> int:
         if self.ring:
@@ -66,11 +75,10 @@ class RaggedCache(_BaseCache):
 
     def _grow(self, needed: int, like: mx.array, value_dim: int) -> None:
         capacity = self._capacity(needed)
-        B, H = len(self.lengths), like.shape[1]
         if self.keys is not None and self.keys.shape[2] >= capacity:
             return
-        new_k = mx.zeros((B, H, capacity, like.shape[3]), like.dtype)
-        new_v = mx.zeros((B, H, capacity, value_dim), like.dtype)
+        new_k = mx.zeros((self.rows, like.shape[1], capacity, like.shape[3]), like.dtype)
+        new_v = mx.zeros((self.rows, like.shape[1], capacity, value_dim), like.dtype)
         if self.keys is not None:
             held = self.keys.shape[2]
             new_k[..., :held, :] = self.keys
@@ -86,17 +94,28 @@ class RaggedCache(_BaseCache):
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         num_new = keys.shape[2]
-        end = max(self.lengths) + num_new
+        end = self.bound + num_new
         self._grow(end, keys, values.shape[3])
-        positions = self.offset[:, None] + mx.arange(num_new)  # [B, N]
-        slots = self._slots(positions)[:, None, :, None]
+        slots = self._slots(self.positions[:, None] + mx.arange(num_new))[:, None, :, None]
         self.keys = mx.put_along_axis(self.keys, mx.broadcast_to(slots, keys.shape), keys, axis=2)
         self.values = mx.put_along_axis(
             self.values, mx.broadcast_to(slots, values.shape), values, axis=2
         )
-        self.lengths = [n + num_new for n in self.lengths]
+        self.positions, self.bound = self.positions + num_new, end
         visible = self._visible(end)
         return self.keys[..., :visible, :], self.values[..., :visible, :]
+
+    def roll_back(self, drafts_rejected: mx.array) -> None:
+        """Drop each row's newest ``drafts_rejected[b]`` entries (lazy; ``bound`` stays)."""
+        self.positions = self.positions - drafts_rejected
+
+    def known(self, lengths: list[int], in_flight: int = 0) -> None:
+        """The rows' lengths as read on the host, before ``in_flight`` more tokens a round
+        already queued writes: ``bound`` tightens to them (and ``positions`` become them, when
+        nothing is in flight)."""
+        self.bound = max(lengths, default=0) + in_flight
+        if not in_flight:
+            self.positions = mx.array(lengths, mx.int32)
 
     def key_positions(self, ends: mx.array, visible: int) -> mx.array:
         """``[B, 1, 1, visible]``: the position each slot holds when row ``b`` has written up to
@@ -111,10 +130,9 @@ class RaggedCache(_BaseCache):
         self, N: int, window_size: int | None = None, return_array: bool = False
     ) -> mx.array:
         """For ``N`` new queries per row against what ``update_and_fetch`` will return."""
-        lengths = self.offset
-        visible = self._visible(max(self.lengths) + N)
-        keys = self.key_positions(lengths + N, visible)
-        queries = lengths[:, None, None, None] + mx.arange(N)[:, None]  # [B, 1, N, 1]
+        visible = self._visible(self.bound + N)
+        keys = self.key_positions(self.positions + N, visible)
+        queries = self.positions[:, None, None, None] + mx.arange(N)[:, None]  # [B, 1, N, 1]
         mask = (keys <= queries) & (keys >= 0)
         if window_size is not None:
             mask &= keys > queries - window_size
@@ -122,12 +140,11 @@ class RaggedCache(_BaseCache):
 
     def drafter_view(self, sliding_window: int | None) -> tuple[tuple, mx.array]:
         """The ``(keys, values)`` a drafter attends to at each row's pending position
-        (``lengths[b]``) and the mask ``[B, 1, 1, S]`` of what it sees there: every earlier
+        (``positions[b]``) and the mask ``[B, 1, 1, S]`` of what it sees there: every earlier
         position, or in sliding layers the last ``sliding_window + 1`` (the reference mask)."""
-        lengths = self.offset
-        visible = self._visible(max(self.lengths))
-        keys = self.key_positions(lengths, visible)
-        position = lengths[:, None, None, None]
+        visible = self._visible(self.bound)
+        keys = self.key_positions(self.positions, visible)
+        position = self.positions[:, None, None, None]
         mask = (keys < position) & (keys >= 0)
         if sliding_window is not None:
             mask &= keys >= position - (sliding_window + 1)
@@ -139,12 +156,11 @@ class RaggedCache(_BaseCache):
         """Append a row holding what a single-row cache (``KVCache`` or ``SlidingWindowCache``)
         holds."""
         keys, values, length = row_kv(layer_cache)
-        kept = keys.shape[2] if not self.ring else min(keys.shape[2], self.ring)
-        keys, values = (
-            keys[..., keys.shape[2] - kept :, :],
-            values[..., values.shape[2] - kept :, :],
-        )
-        capacity = self._capacity(max([length, *self.lengths]))
+        held = keys.shape[2]
+        kept = held if not self.ring else min(held, self.ring)
+        keys, values = keys[..., held - kept :, :], values[..., held - kept :, :]
+        self.bound = max(self.bound, length)
+        capacity = self._capacity(self.bound)
         if self.keys is not None:
             capacity = max(capacity, self.keys.shape[2])
         row_k = mx.zeros((1, keys.shape[1], capacity, keys.shape[3]), keys.dtype)
@@ -159,15 +175,16 @@ class RaggedCache(_BaseCache):
             self._grow(capacity, self.keys, self.values.shape[3])
             self.keys = mx.concatenate([self.keys, row_k])
             self.values = mx.concatenate([self.values, row_v])
-        self.lengths.append(length)
+        self.positions = mx.concatenate([self.positions, mx.array([length], mx.int32)])
 
     def remove_rows(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` (in that order)."""
-        self.lengths = [self.lengths[i] for i in keep]
+        index = mx.array(keep, mx.int32)
+        self.positions = self.positions[index] if keep else mx.zeros((0,), mx.int32)
         if not keep:
             self.keys = self.values = None
+            self.bound = 0
         elif self.keys is not None:
-            index = mx.array(keep, mx.int32)
             self.keys, self.values = self.keys[index], self.values[index]
 
     def extract(self, row: int, length: int, like):
@@ -178,7 +195,8 @@ class RaggedCache(_BaseCache):
             keys = mx.contiguous(self.keys[row : row + 1, :, slots])
             values = mx.contiguous(self.values[row : row + 1, :, slots])
             cache = SlidingWindowCache(like.window, like.retain - like.window - 1)
-            cache.state = (keys, values, length) if kept else (None, None, length)
+            held = (keys, values) if kept else (None, None)
+            cache.state = (*held, length, like.window, like.retain)
             return cache
         cache = KVCache()
         if length:
@@ -312,7 +330,7 @@ class RowOutput(NamedTuple):
     cache: list | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     uid: int
     policy: TokenPolicy
@@ -325,10 +343,21 @@ class Row:
     start: int  # positions ``cache`` held when inserted
     keep_cache: bool  # the caller wants the settled cache back
     k_limit: int  # drafts per round it may accept
-    history: mx.array | None = None  # the processors' window (see TokenPolicy)
-    pending: int | None = None  # the last emitted token (not fed yet)
+    history: mx.array | None = None  # the processors' window (see TokenPolicy), maybe lazy
+    length: int = 0  # positions its K/V holds after the last round read (the pending excluded)
     emitted: list = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
+
+
+@dataclass(eq=False)
+class Round:
+    """A round dispatched (lazy): ``result`` is ``[B, 1 + k + 1]`` (accepted count, then the
+    target's tokens) for the ``rows`` of the batch when it was built."""
+
+    rows: list
+    k: int
+    result: mx.array
+    logprobs: mx.array | list
 
 
 class BatchGenerator:
@@ -338,7 +367,13 @@ class BatchGenerator:
     ``max_rows`` (mlx-lm's ``completion_batch_size``, the server's ``--decode-concurrency``):
     rows decoding at once; more wait. ``prompt_concurrency`` (``--prompt-concurrency``): prompts
     prefilled at once (a chunk each per step). ``draft_schedule``: ``auto`` (default) or
-    ``constant``."""
+    ``constant``.
+
+    Rounds are pipelined as the single-stream loop's are: the next round (drafts and
+    verification) is built from the current one's lazy result, the accepted counts included, and
+    queued before the current one is read, so the host's work of a round (reading, emitting,
+    building the next graph) overlaps the device's. A finished row's share of the queued round is
+    dropped."""
 
     def __init__(
         self,
@@ -371,8 +406,12 @@ class BatchGenerator:
         self.filling: list[Row] = []
         self.rows: list[Row] = []  # decoding, in batch order
         self.layers: list[RaggedCache] = self._make_layers()
-        self.hidden: mx.array | None = None  # [B, 1, H]: the target's hidden state per row
+        # Per row, in batch order (lazy): the pending token and the target's hidden state there.
+        self.pending = mx.zeros((0,), mx.int32)
+        self.hidden: mx.array | None = None
+        self.in_flight: Round | None = None
         self._costs, self._schedule, self._next_uid = costs, None, 0
+        self._clock = time.perf_counter()
         self.counters = BatchCounters()
 
     def _make_layers(self) -> list[RaggedCache]:
@@ -451,42 +490,43 @@ class BatchGenerator:
             for row in queue:
                 if row.uid == uid:
                     queue.remove(row)
-                    return self._settle(row, None, 0) if row.keep_cache else None
+                    return self._settle(row, None) if row.keep_cache else None
         for i, row in enumerate(self.rows):
             if row.uid == uid:
                 if num_emitted is not None:
                     del row.emitted[num_emitted:]
-                return self._leave([i])[0]
+                caches = self._leave([i])
+                if not self.rows:
+                    self.in_flight = None
+                return caches[0]
         raise KeyError(f"no row {uid}")
 
     def _leave(self, indices: list[int]) -> list:
         """Rows ``indices`` leave the batch; their settled caches (None where not kept)."""
-        caches = [
-            self._settle(self.rows[i], i, self.layers[0].lengths[i])
-            if self.rows[i].keep_cache
-            else None
-            for i in indices
-        ]
+        caches = [self._settle(self.rows[i], i) if self.rows[i].keep_cache else None
+                  for i in indices]  # fmt: skip
         keep = [i for i in range(len(self.rows)) if i not in indices]
         for layer in self.layers:
             layer.remove_rows(keep)
         self.rows = [self.rows[i] for i in keep]
-        self.hidden = self.hidden[mx.array(keep, mx.int32)] if keep else None
+        index = mx.array(keep, mx.int32)
+        self.pending = self.pending[index] if keep else mx.zeros((0,), mx.int32)
+        self.hidden = self.hidden[index] if keep else None
         return caches
 
-    def _settle(self, row: Row, index: int | None, held: int) -> list:
+    def _settle(self, row: Row, index: int | None) -> list:
         """``row``'s cache standing for what it held, its prompt and every emitted token
-        (mlx-lm's prompt-cache meaning): taken from the batch (row ``index``) or from its own
-        cache (``index`` None: it never joined), K/V computed past them dropped, the tokens
-        not fed yet fed now."""
+        (mlx-lm's prompt-cache meaning): taken from the batch (row ``index``; its K/V up to
+        what the last round read holds, entries a queued round wrote after them dropped) or from
+        its own cache (``index`` None: it never joined), the tokens not fed yet fed now."""
         sequence = row.prompt + row.emitted
         length = row.start + len(sequence)
         if index is not None:
-            held = min(held, length)
+            held = min(row.length, length)
             for j, layer in enumerate(self.layers):
                 row.cache[j] = layer.extract(index, held, row.cache[j])
         else:
-            held = length - len(sequence) + (len(row.prompt) - row.todo.size)
+            held = row.start + len(row.prompt) - row.todo.size
         if held < length:
             todo = mx.array(sequence[len(sequence) - (length - held) :], mx.int32)
             prefill(self.target, row.cache, todo, self.prefill_step_size)
@@ -515,11 +555,23 @@ class BatchGenerator:
         now = time.perf_counter()
         counters.prompt_time += now - clock
         if self.rows:
-            outputs += self._finish_rows(self._round())
+            if self.in_flight is None:
+                self.in_flight = self._dispatch()
+            upcoming = self._dispatch() if self._pipelined() else None
+            outputs += self._finish_rows(self._read(self.in_flight))
+            self.in_flight = upcoming if self.rows else None
+            in_flight = self.in_flight.k + 1 if self.in_flight else 0
+            for layer in self.layers:
+                layer.known([row.length for row in self.rows], in_flight)
             counters.decode_time += time.perf_counter() - now
             counters.generation_steps += 1
         counters.generation_tokens += sum(len(out.tokens) for out in outputs)
         return outputs
+
+    def _pipelined(self) -> bool:
+        """Whether the next round can be built before this one is read: not when a row's
+        processors read its whole history (known only on the host)."""
+        return all(row.policy.history_window is not None for row in self.rows)
 
     def _prefill_chunk(self, row: Row) -> RowOutput | None:
         """Feed the next chunk of ``row``'s prompt; after its last token, choose the first token
@@ -539,20 +591,24 @@ class BatchGenerator:
         _, tokens = row.policy.accept([], logprobs, row.seed, row.cache[0].offset)
         token = tokens[0].item()
         row.stats.target_forwards += 1
+        row.length = row.cache[0].offset
         self.filling.remove(row)
-        self._join(row, hidden)
-        return self._emit(len(self.rows) - 1, [token], logprobs, 0)
+        self._join(row, hidden, token)
+        out = self._emit(row, [token], logprobs, 0)
+        if row.policy.processors:
+            row.history = history_after(row.policy, row.history, mx.array([token], mx.int32))
+        return out
 
-    def _join(self, row: Row, hidden: mx.array) -> None:
+    def _join(self, row: Row, hidden: mx.array, token: int) -> None:
         for layer, layer_cache in zip(self.layers, row.cache, strict=True):
             layer.add_row(layer_cache)
         last = hidden[:, -1:]
         self.hidden = last if self.hidden is None else mx.concatenate([self.hidden, last])
+        self.pending = mx.concatenate([self.pending, mx.array([token], mx.int32)])
         self.rows.append(row)
 
-    def _emit(self, i: int, tokens: list, logprobs: mx.array, from_draft: int) -> RowOutput:
-        """Row ``i``'s tokens of this step, cut after EOS or at its limit."""
-        row = self.rows[i]
+    def _emit(self, row: Row, tokens: list, logprobs: mx.array, from_draft: int) -> RowOutput:
+        """``row``'s tokens of this step, cut after EOS or at its limit."""
         room = row.max_tokens - len(row.emitted)
         finish = None
         for j, token in enumerate(tokens[:room]):
@@ -563,9 +619,6 @@ class BatchGenerator:
             tokens = tokens[:room]
             finish = "length" if len(tokens) == room else None
         row.emitted += tokens
-        row.pending = tokens[-1]
-        if row.policy.processors:
-            row.history = history_after(row.policy, row.history, mx.array(tokens, mx.int32))
         count = len(tokens)
         return RowOutput(row.uid, tokens, logprobs[:count], min(from_draft, count), finish)
 
@@ -581,7 +634,7 @@ class BatchGenerator:
         return outputs
 
     def row_stats(self, uid: int) -> Stats:
-        """The counters of a row still in the generator."""
+        """The counters of a row still in the generator (the object stays valid after)."""
         for row in (*self.waiting, *self.filling, *self.rows):
             if row.uid == uid:
                 return row.stats
@@ -601,36 +654,61 @@ class BatchGenerator:
         """The pair's single-stream costs (given, cached on disk, or measured now on a copy of
         the first row's cache, as ``SpeculativeGenerator`` does): the first guess for batches."""
         if self._costs is None:
-            row, length = self.rows[0], self.layers[0].lengths[0]
-            cache = [layer.extract(0, length, like)
+            row = self.rows[0]
+            cache = [layer.extract(0, row.length, like)
                      for layer, like in zip(self.layers, row.cache, strict=True)]  # fmt: skip
             engine = SpeculativeGenerator(self.target, self.drafter, TokenPolicy(),
                                           num_draft_tokens=self.k_max, cache=cache)  # fmt: skip
             self._costs = engine._costs()
+            self._clock = time.perf_counter()
         return self._costs
 
-    def _round(self) -> list[RowOutput]:
-        rows = self.rows
+    def _dispatch(self) -> Round:
+        """Build the next round on the batch's (lazy) state and queue it; the state then
+        stands for its result: each row rolled back past its rejected drafts, its pending token
+        and hidden state those after its accepted ones."""
+        rows = list(self.rows)
         limit = max(row.max_tokens - len(row.emitted) for row in rows) - 1
-        schedule = self._schedule_for()
-        k = schedule.choose_for(len(rows), min(limit, self.k_max))
-        clock = time.perf_counter()
+        k = self._schedule_for().choose_for(len(rows), min(limit, self.k_max))
+        first = self.layers[0].positions  # the pending tokens' positions
         drafts = self._draft(k)
-        result, logprobs, hidden = self._verify(drafts)
-        mx.eval(result)
-        values = result.tolist()
-        accepted = [
-            min(row_values[0], row.k_limit) for row, row_values in zip(rows, values, strict=True)
-        ]
-        outputs = []
-        for i, (row, n, (_, *tokens)) in enumerate(zip(rows, accepted, values, strict=True)):
-            for layer in self.layers:
-                layer.lengths[i] -= k - n
-            count(row.stats, k, n)
-            outputs.append(self._emit(i, tokens[: n + 1], logprobs[i], n))
-        index = mx.array(accepted, mx.int32)
-        self.hidden = hidden[mx.arange(len(rows)), index][:, None]
-        schedule.observe_rows(k, accepted, time.perf_counter() - clock)
+        result, logprobs, hidden = self._verify(drafts, first)
+        mx.async_eval(result)
+        limits = mx.array([row.k_limit for row in rows], mx.int32)
+        accepted = mx.minimum(result[:, 0], limits)
+        for layer in self.layers:
+            layer.roll_back(k - accepted)
+        batch = mx.arange(len(rows))
+        self.pending = result[batch, accepted + 1]
+        self.hidden = hidden[batch, accepted][:, None]
+        for b, row in enumerate(rows):
+            if row.policy.processors and row.policy.history_window is not None:
+                tokens = result[b, 1:]
+                joined = mx.concatenate([row.history, tokens.astype(row.history.dtype)])
+                window = mx.arange(row.policy.history_window) + accepted[b] + 1
+                row.history = mx.take(joined, window)
+        return Round(rows, k, result, logprobs)
+
+    def _read(self, done: Round) -> list[RowOutput]:
+        """Read a round's result: each row still in the batch emits its tokens."""
+        values = done.result.tolist()
+        now = time.perf_counter()
+        outputs, accepted = [], []
+        for b, row in enumerate(done.rows):
+            if row not in self.rows:  # removed while the round ran
+                continue
+            n = min(values[b][0], row.k_limit)
+            tokens = values[b][1 : n + 2]
+            row.length += n + 1
+            count(row.stats, done.k, n)
+            if row.policy.processors and row.policy.history_window is None:
+                row.history = history_after(row.policy, row.history, mx.array(tokens, mx.int32))
+            accepted.append(n)
+            logprobs = done.logprobs[b]
+            outputs.append(self._emit(row, tokens, logprobs, n))
+        if accepted:
+            self._schedule_for().observe_rows(done.k, accepted, now - self._clock)
+        self._clock = now
         return outputs
 
     def _draft(self, k: int) -> list[mx.array]:
@@ -644,9 +722,9 @@ class BatchGenerator:
             views[layer_type] = self.layers[i].drafter_view(window)
         shared_kv = {t: view[0] for t, view in views.items()}
         masks = {t: view[1] for t, view in views.items()}
-        positions = self.layers[0].offset
-        token = mx.array([row.pending for row in rows], mx.int32)
-        hidden, histories, drafts = self.hidden, [row.history for row in rows], []
+        positions = self.layers[0].positions
+        token, hidden = self.pending, self.hidden
+        histories, drafts = [row.history for row in rows], []
         for i in range(k):
             inputs = mx.concatenate([self.target.embed(token[:, None]), hidden], axis=-1)
             out = self.drafter(inputs, shared_kv, positions, self.full_vocab_draft, masks=masks)
@@ -677,23 +755,17 @@ class BatchGenerator:
             after.append(history_after(policy, histories[b], token.reshape(1)))
         return mx.concatenate(picked).astype(mx.int32), after
 
-    def _verify(self, drafts: list) -> tuple[mx.array, list, mx.array]:
-        """One target forward over every row's ``[pending, drafts]``: ``[B, 1 + k + 1]``
-        results (``n``, then the target's tokens), each row's log-probabilities and the hidden
-        states."""
+    def _verify(self, drafts: list, first: mx.array) -> tuple[mx.array, list, mx.array]:
+        """One target forward over every row's ``[pending, drafts]`` (the pending tokens at
+        positions ``first``): ``[B, 1 + k + 1]`` results (``n``, then the target's tokens), each
+        row's log-probabilities and the hidden states."""
         rows = self.rows
-        first = self.layers[0].lengths  # the pending tokens' positions
-        pending = mx.array([row.pending for row in rows], mx.int32)[:, None]
-        inputs = mx.concatenate([pending, *[d[:, None] for d in drafts]], axis=1)
+        inputs = mx.concatenate([self.pending[:, None], *[d[:, None] for d in drafts]], axis=1)
         out = self.target(inputs, self.layers)
         if all(plain_argmax(row.policy) for row in rows):
             logprobs = log_softmax(out.logits)
             tokens = mx.argmax(logprobs, axis=-1).astype(mx.int32)
-            n = (
-                matched(mx.stack(drafts, axis=1), tokens)
-                if drafts
-                else mx.zeros(len(rows), mx.int32)
-            )
+            n = matched(mx.stack(drafts, axis=1), tokens) if drafts else mx.zeros(len(rows))
             result = mx.concatenate([n[:, None].astype(mx.int32), tokens], axis=1)
             return result, logprobs, out.hidden
         results, row_logprobs = [], []

@@ -7,6 +7,7 @@ compacts (drops the oldest) only when its buffer is full, so trimming is always 
 """
 
 import mlx.core as mx
+import mlx_lm.models.cache
 from mlx_lm.models.cache import KVCache, _BaseCache
 
 
@@ -95,13 +96,14 @@ class SlidingWindowCache(_BaseCache):
 
     @property
     def state(self):
-        if self.keys is None:
-            return None, None, self.offset
-        return *self.ordered_kv(), self.offset
+        """``(keys, values, offset, window, retain)``: what ``from_state`` (and so mlx-lm's
+        ``load_prompt_cache``) needs to rebuild the cache."""
+        keys, values = self.ordered_kv() if self.keys is not None else (None, None)
+        return keys, values, self.offset, self.window, self.retain
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, self.offset = v
+        self.keys, self.values, self.offset, self.window, self.retain = v
         self.length = 0 if self.keys is None else self.keys.shape[2]
 
     def empty(self) -> bool:
@@ -112,6 +114,11 @@ class SlidingWindowCache(_BaseCache):
         if self.keys is None:
             return 0
         return self.keys.nbytes + self.values.nbytes
+
+
+# mlx-lm's load_prompt_cache finds a cache class by its name in its own module: registered
+# there, files holding window caches load with mlx-lm's loader as with ours.
+mlx_lm.models.cache.SlidingWindowCache = SlidingWindowCache
 
 
 def make_target_cache(args, slack: int = 16) -> list:

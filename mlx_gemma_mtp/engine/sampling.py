@@ -63,6 +63,27 @@ class SamplingParams:
         return log_softmax(scaled * (1.0 / self.temp))
 
 
+def make_sampler_params(sampler: Sampler) -> SamplingParams | None:
+    """The options of a sampler made by mlx-lm's ``make_sampler``, read from its closure (the
+    names of its parameters), so that it can sample coupled; ``None`` for any other sampler and
+    for XTC, whose coin flip has no distribution."""
+    if sampler is greedy_sampler:
+        return SamplingParams()
+    made_by = (getattr(sampler, "__module__", None), getattr(sampler, "__qualname__", None))
+    if made_by != ("mlx_lm.sample_utils", "make_sampler.<locals>.sampler"):
+        return None
+    options = closure_values(sampler)
+    for method in options.pop("sampling_methods", ()):
+        options.update(closure_values(method))
+    names = {"temp", "top_p", "min_p", "min_tokens_to_keep", "top_k"}
+    return SamplingParams(**options) if set(options) <= names else None
+
+
+def closure_values(function) -> dict:
+    names, cells = function.__code__.co_freevars, function.__closure__ or ()
+    return {name: cell.cell_contents for name, cell in zip(names, cells, strict=True)}
+
+
 def kth_largest(logprobs: mx.array, k: mx.array) -> mx.array:
     """Per row, the ``k``-th largest entry (``k`` >= 1, an array), as ``[..., 1]``."""
     size = logprobs.shape[-1]
@@ -236,15 +257,20 @@ class TokenPolicy:
         scaled = self.scaled(log_softmax(logits), values)
         return coupled_choice(scaled, noise[0], noise[1:2], ids)
 
-    def choose(self, logprobs: mx.array, seed: mx.array, first_position: int) -> mx.array:
+    def choose(
+        self, logprobs: mx.array, seed: mx.array, first_position: int | mx.array
+    ) -> mx.array:
         """The target's tokens for rows ``[L, V]`` predicting sequence positions
-        ``first_position ..``: what plain decoding would pick at each of them."""
+        ``first_position ..`` (an int, or a lazy scalar in a batch whose rows roll back on the
+        device): what plain decoding would pick at each of them."""
         if not self.coupled:
             return self.sampler(logprobs)
-        positions = mx.arange(first_position, first_position + logprobs.shape[0])
+        positions = first_position + mx.arange(logprobs.shape[0])
         return coupled_choice(self.scaled(logprobs, self.values), seed, positions)
 
-    def accept(self, drafts: list, logprobs: mx.array, seed: mx.array, first_position: int):
+    def accept(
+        self, drafts: list, logprobs: mx.array, seed: mx.array, first_position: int | mx.array
+    ):
         """``(n, tokens)`` for drafts ``[k]`` and target log-probabilities ``[k+1, V]`` whose
         first row predicts ``first_position``: ``n`` drafts equal the target's picks."""
         tokens = self.choose(logprobs, seed, first_position)
