@@ -330,14 +330,16 @@ class MediaPrompt:
         return first + int((self.blocks == block).sum())
 
     def forward(self, backbone, cache: list, start: int, end: int) -> mx.array:
-        """The backbone over prompt positions ``start:end`` (relative to the cache's offset
-        ``base`` where the prompt begins)."""
+        """The backbone over prompt positions ``start:end`` (the cache holds what comes before
+        the prompt and its first ``start`` positions)."""
         kwargs = {"input_embeddings": self.embeddings[:, start:end]}
         if self.per_layer_inputs is not None:
             kwargs["per_layer_inputs"] = self.per_layer_inputs[:, start:end]
         if self.blocks is None or (self.blocks[start:end] < 0).all():
             return backbone(None, cache=cache, **kwargs)
-        base = cache[0].offset - start
+        base = cache[0].offset - start  # the prompt's first position in the cache
+        # mlx-lm's backbone builds its masks in ``_make_masks``: replacing it for this call gives
+        # the sliding layers the image blocks without a copy of its forward.
         make_masks = backbone._make_masks
         backbone._make_masks = lambda h, c: self._masks(make_masks, backbone, h, c, base)
         try:
@@ -359,7 +361,7 @@ class MediaPrompt:
         query_pos = np.arange(c.offset, c.offset + n)[:, None]
         key_pos = np.arange(c.offset + n - num_keys, c.offset + n)[None]
         blocks = np.concatenate([np.full(max(base, 0), -1), self.blocks])
-        query_block, key_block = blocks[query_pos], np.where(key_pos >= 0, blocks[key_pos], -1)
+        query_block, key_block = blocks[query_pos], blocks[key_pos]
         same = (query_block == key_block) & (query_block >= 0)
         same &= key_pos > query_pos - backbone.window_size
         mask = causal | mx.array(same)
