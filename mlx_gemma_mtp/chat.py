@@ -20,7 +20,6 @@ from .engine.prompt_cache import (
     check_prompt_cache,
     load_prompt_cache,
     save_prompt_cache,
-    trim_to_common_prefix,
 )
 from .generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
@@ -30,8 +29,12 @@ from .generation import (
     stream_generate,
 )
 from .loading import load
+from .media import MediaError, conversation_suffix, user_content
 
-HELP = "[INFO] Type a message. 'q' quits, 'r' starts a new conversation, 'h' shows this."
+HELP = (
+    "[INFO] Type a message. '/image PATH' adds an image to the next message, 'q' quits, "
+    "'r' starts a new conversation, 'h' shows this."
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -111,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (OSError, ValueError) as e:
             raise SystemExit(f"Error: {e}") from None
         system = [m for m in messages[:1] if m["role"] == "system"]
+    images, pending = [], []  # the conversation's images; those for the next message
     print(HELP, file=sys.stderr)
     while True:
         try:
@@ -122,13 +126,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if query in ("r", "h"):
             if query == "r":
                 messages, cache = list(system), make_prompt_cache(model, draft_model=drafter)
+                images, pending = [], []
             print(HELP, file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": query})
+        if query.startswith("/image "):
+            pending.append(query.removeprefix("/image ").strip())
+            print(f"[INFO] {len(pending)} image(s) for the next message", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": user_content(query, len(pending))})
         tokens = encode_chat(tokenizer, messages)
-        new = trim_to_common_prefix(cache, tokens)
         reply, response = "", None
         try:
+            new, new_images, _ = conversation_suffix(model, cache, tokens, images + pending)
             for response in stream_generate(
                 model,
                 tokenizer,
@@ -139,11 +148,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 temp=args.temp,
                 top_p=args.top_p,
                 prompt_cache=cache,
+                images=new_images or None,
             ):
                 print(response.text, end="", flush=True)
                 reply += response.text
+        except MediaError as e:  # the message is dropped; the conversation goes on
+            print(f"[ERROR] {e}", file=sys.stderr)
+            messages.pop()
+            pending = []
+            continue
         except KeyboardInterrupt:  # stops the reply; the cache keeps what was emitted
             pass
+        images, pending = images + pending, []
         print()
         messages.append({"role": "assistant", "content": reply})
         if args.save_cache:

@@ -22,11 +22,16 @@ from tqdm import tqdm
 
 from .config import ConfigError, is_assistant, normalize_target_config, read_config
 from .loading import (
+    AUDIO_PREFIXES,
     DTYPES,
+    VISION_PREFIXES,
     cast,
+    has_audio_tower,
+    has_vision_tower,
     load_drafter_model,
     load_target_model,
     resolve_path,
+    tower_weights,
     weight_files,
 )
 
@@ -38,6 +43,8 @@ EXTRA_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
 )
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 # Every file the converter writes: the only files it accepts in, and deletes from, a destination.
@@ -77,9 +84,10 @@ def convert(
     source = resolve_path(hf_path)
     check_apart(source, destination)
     model, config = prepare_model(source, dtype, quantize, q_bits, q_group_size)
+    towers = tower_weights_to_keep(source, config)
     staging = make_staging(destination)
     try:
-        write_model(staging, model, config, source, progress)
+        write_model(staging, model, config, source, progress, towers)
         put_in_place(staging, destination, force)
     except BaseException:
         remove_output(staging)  # the new model, or once exchanged the old one
@@ -253,11 +261,35 @@ def load_for_conversion(source: Path, config: dict) -> tuple[nn.Module, dict]:
     return model, normalize_target_config(config, str(source / "config.json"))
 
 
+def tower_weights_to_keep(source: Path, config: dict) -> dict:
+    """A gemma4 checkpoint's vision and audio towers, kept in floating point (never quantized:
+    they are small and their error would reach every media token) in the converted model's
+    dtype, under their names without ``model.`` and in their own (PyTorch) layout."""
+    prefixes = VISION_PREFIXES if has_vision_tower(config) else ()
+    prefixes += AUDIO_PREFIXES if has_audio_tower(config) else ()
+    if not prefixes:
+        return {}
+    dtype = config.get("dtype")
+    weights = tower_weights(source, prefixes)
+    if dtype in DTYPES:
+        cast_to = getattr(mx, dtype)
+        weights = {
+            k: v.astype(cast_to) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+    return weights
+
+
 def write_model(
-    folder: Path, model: nn.Module, config: dict, source: Path, progress: bool = False
+    folder: Path,
+    model: nn.Module,
+    config: dict,
+    source: Path,
+    progress: bool = False,
+    towers: dict | None = None,
 ) -> None:
     shard_bytes = min(MAX_SHARD_BYTES, max(f.stat().st_size for f in weight_files(source)))
-    save_weights(folder, model, shard_bytes, progress)
+    save_weights(folder, model, shard_bytes, progress, towers or {})
     config = {k: v for k, v in config.items() if k != "_name_or_path"}
     if "quantization" in config:
         config["quantization_config"] = config["quantization"]
@@ -267,12 +299,14 @@ def write_model(
             shutil.copy(source / name, folder / name)
 
 
-def save_weights(folder: Path, model: nn.Module, shard_bytes: int, progress: bool) -> None:
+def save_weights(
+    folder: Path, model: nn.Module, shard_bytes: int, progress: bool, towers: dict
+) -> None:
     """mlx-lm's ``save_model`` with ``donate_model=True``, in shards of at most ``shard_bytes``
     (as large as the largest source file, so memory peaks near one shard, not at mlx-lm's 5 GB)
     and a progress bar. The model's weights are lazy (loaded, cast, quantized on demand): each
     tensor is computed alone, a shard is written and freed before the next one is computed."""
-    weights = dict(tree_flatten(model.parameters()))
+    weights = dict(tree_flatten(model.parameters())) | towers
     shards = split_shards(weights, shard_bytes)
     total = sum(w.nbytes for w in weights.values())
     index = {

@@ -13,7 +13,7 @@ from mlx_lm.sample_utils import make_sampler
 from .chat import resume
 from .config import ConfigError
 from .engine.loop import SCHEDULES
-from .engine.prompt_cache import PromptCache, trim_to_common_prefix
+from .engine.prompt_cache import PromptCache
 from .generation import (
     DEFAULT_NUM_DRAFT_TOKENS,
     GenerationResponse,
@@ -23,12 +23,12 @@ from .generation import (
     generate,
     stream_generate,
 )
+from .media import MediaError, conversation_suffix, user_content
 
 KV_QUANTIZATION = "a quantized K/V cache is not supported: the drafter reads the target's K/V"
 # mlx_lm.generate's flags that cannot apply here, and why (each one is refused when given).
 REFUSED = {
     "adapter_path": "adapters are not supported: fuse them into the model first (mlx_lm.fuse)",
-    "image": "text generation only: the vision tower is not loaded",
     "quantize_activations": "activation quantization is not supported",
     "kv_bits": KV_QUANTIZATION,
     "kv_group_size": KV_QUANTIZATION,
@@ -55,7 +55,8 @@ def build_prompt(
 ) -> list:
     """Token ids from ``--prompt`` (chat template applied unless ignored, as mlx_lm.generate
     applies it: system prompt, prefilled response, ``template_kwargs``, after the ``history``
-    messages of a saved conversation) or ``--prompt-tokens``."""
+    messages of a saved conversation; an entry for each ``--image`` and ``--audio`` before the
+    text) or ``--prompt-tokens``."""
     prompt, prompt_tokens = args["prompt"], args["prompt_tokens"]
     if (prompt is None) == (prompt_tokens is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-tokens")
@@ -70,7 +71,8 @@ def build_prompt(
         return tokenizer.encode(prompt)
     system = args["system_prompt"]
     messages = [{"role": "system", "content": system}] if system else list(history)
-    messages.append({"role": "user", "content": prompt})
+    content = user_content(prompt, len(args["images"]), len(args["audio"]))
+    messages.append({"role": "user", "content": content})
     prefill = args["prefill_response"] is not None
     if prefill:
         messages.append({"role": "assistant", "content": args["prefill_response"]})
@@ -197,6 +199,20 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
     show_default=True,
     help="auto: k chosen every round from measured costs and acceptance (0 parks drafting).",
 )
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    metavar="PATH",
+    help="An image for the prompt (repeatable; at the prompt's image placeholders, else first).",
+)
+@click.option(
+    "--audio",
+    "audio",
+    multiple=True,
+    metavar="PATH",
+    help="A 16 kHz PCM WAV clip for the prompt (repeatable; at audio placeholders, else first).",
+)
 @click.option("--system-prompt", help="System message for the chat template.")
 @click.option("--prefill-response", help="Start of the reply (continued by the model).")
 @click.option("--chat-template-config", help="JSON object of apply_chat_template keywords.")
@@ -228,7 +244,6 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
 )
 @click.option("--max-kv-size", type=int, help="Refused: Gemma 4 caches are sized by the model.")
 @click.option("--adapter-path", hidden=True)
-@click.option("--image", multiple=True, hidden=True)
 @click.option("--quantize-activations", "-qa", is_flag=True, hidden=True)
 @click.option("--kv-bits", type=int, hidden=True)
 @click.option("--kv-group-size", type=int, hidden=True)
@@ -237,8 +252,8 @@ def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
 def main(**args) -> None:
     """Generate text with a Gemma 4 model, drafted by its assistant (MTP speculative decoding).
 
-    mlx_lm.generate's flags for adapters, images, quantized K/V caches and activations are
-    refused with the reason."""
+    mlx_lm.generate's flags for adapters, quantized K/V caches and activations are refused with
+    the reason."""
     from . import load
 
     check_refused(args)
@@ -253,10 +268,14 @@ def main(**args) -> None:
     add_eos_tokens(tokenizer, args["extra_eos_token"])
     history, cache = saved_conversation(target, args)
     prompt = build_prompt(tokenizer, target.args.vocab_size, args, template_kwargs, history)
+    images, audio = args["images"], args["audio"]
     if cache is not None:
-        prompt = trim_to_common_prefix(cache, prompt)
+        try:
+            prompt, images, audio = conversation_suffix(target, cache, prompt, images, audio)
+        except (MediaError, ConfigError) as e:
+            raise click.ClickException(str(e)) from None
     tokens, response = [], None
-    for response in stream_generate(
+    responses = stream_generate(
         target,
         tokenizer,
         prompt,
@@ -268,10 +287,16 @@ def main(**args) -> None:
         prefill_step_size=args["prefill_step_size"],
         sampler=make_cli_sampler(tokenizer, args),
         prompt_cache=cache,
-    ):
-        tokens.append(response.token)
-        click.echo(response.text, nl=False)
-        sys.stdout.flush()
+        images=images or None,
+        audio=audio or None,
+    )
+    try:
+        for response in responses:
+            tokens.append(response.token)
+            click.echo(response.text, nl=False)
+            sys.stdout.flush()
+    except (MediaError, ConfigError) as e:  # raised before the first token
+        raise click.ClickException(str(e)) from None
     click.echo()
     if args["verbose"]:
         click.echo(format_stats(response), err=True)

@@ -35,6 +35,7 @@ from .engine.prompt_cache import (
 )
 from .engine.sampling import SamplingParams, TokenPolicy, make_sampler_params
 from .loading import validate_pair
+from .media import Media, build_media_prompt
 from .models.gemma4_assistant import Model as Drafter
 from .models.target import Target
 from .state import kept_for
@@ -269,6 +270,8 @@ def stream_generate(
     presence_context_size: int = 20,
     frequency_penalty: float | None = None,
     frequency_context_size: int = 20,
+    images: Sequence[Media] | None = None,
+    audio: Sequence[Media] | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield one ``GenerationResponse`` per generated token (the last one has a
     ``finish_reason``: ``"stop"`` for EOS or a stop string, ``"length"`` for ``max_tokens``).
@@ -288,7 +291,10 @@ def stream_generate(
     ``repetition_context_size``, mlx-lm's ``logit_bias`` and presence/frequency penalties (with
     their context sizes), ``draft_schedule``, ``full_vocab_draft``, ``stop`` strings and
     ``eos_token_ids`` (default: all of the tokenizer's), ``costs`` (``mlx_gemma_mtp.costs.Costs``
-    for the ``auto`` schedule instead of the measured ones). Closing the generator cancels.
+    for the ``auto`` schedule instead of the measured ones), ``images`` and ``audio`` (paths or
+    encoded bytes; audio as 16 kHz PCM WAV), one per placeholder of the prompt, or put in front of
+    a prompt without any; the prompt cache keys their positions on their content). Closing the
+    generator cancels.
     """
     if max_tokens == 0 or max_tokens < -1:
         raise ValueError(f"max_tokens must be >= 1, or -1 for no limit; got {max_tokens}")
@@ -299,6 +305,9 @@ def stream_generate(
     if tokenizer is not None and not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     ids = encode_prompt(tokenizer, prompt, target.args.vocab_size)
+    media, cache_keys = None, ids
+    if images or audio:
+        ids, media, cache_keys = build_media_prompt(target, ids, images or (), audio or ())
     if eos_token_ids is None:
         eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
     if prompt_cache is not None:
@@ -333,6 +342,7 @@ def stream_generate(
         prompt_progress_callback=progress,
         costs=costs,
         context=prompt_cache.tokens if isinstance(prompt_cache, PromptCache) else (),
+        media=media,
     )
     texts = TextStream(tokenizer, stop)
     count = 0
@@ -382,7 +392,7 @@ def stream_generate(
             elif prompt_cache is not None:
                 engine.settle(count)
                 if isinstance(prompt_cache, PromptCache):
-                    prompt_cache.tokens += ids + engine.emitted[:count]
+                    prompt_cache.tokens += cache_keys + engine.emitted[:count]
 
 
 # The engine's counters (``Stats``) that every response carries, under the same names.

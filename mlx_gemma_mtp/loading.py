@@ -35,6 +35,19 @@ MULTIMODAL_PREFIXES = (
     "multi_modal_projector",
     "vision_embedder",
 )
+# Loaded from the target's folder when media arrive (media.py), for gemma4 checkpoints.
+VISION_PREFIXES = ("vision_tower", "embed_vision")
+AUDIO_PREFIXES = ("audio_tower", "embed_audio")
+
+
+def has_vision_tower(config: dict) -> bool:
+    """A ``gemma4`` checkpoint with the SigLIP-like image encoder (not the 12B's embedder)."""
+    vision = config.get("vision_config")
+    return (
+        config.get("model_type") == "gemma4"
+        and isinstance(vision, dict)
+        and vision.get("model_type", "gemma4_vision") == "gemma4_vision"
+    )
 
 
 def resolve_path(path_or_repo: str) -> Path:
@@ -103,7 +116,7 @@ def load_target_model(model_path: Path, config: dict, lazy: bool = False) -> nn.
             f"{model_path / 'config.json'}: model_type {config['model_type']!r} is an assistant "
             "drafter; pass it as the draft model, and a Gemma 4 target as the model"
         )
-    report_skipped_towers(model_path, weight_names(model_path))
+    report_skipped_towers(model_path, weight_names(model_path), config)
     normalized = normalize_target_config(config, str(model_path / "config.json"))
     try:
         model, _ = load_model(model_path, lazy=lazy, model_config=normalized)
@@ -114,16 +127,39 @@ def load_target_model(model_path: Path, config: dict, lazy: bool = False) -> nn.
     return model
 
 
-def report_skipped_towers(model_path: Path, names: set[str]) -> None:
-    """Text generation only: say (one line) that a multimodal checkpoint's towers are not loaded."""
-    skipped = sorted(
-        {p for n in names for p in MULTIMODAL_PREFIXES if n.removeprefix("model.").startswith(p)}
+def tower_weights(model_path: Path, prefixes: tuple[str, ...]) -> dict:
+    """The named tower's weights, from an HF folder (``model.`` names) or a converted one."""
+    weights = {}
+    for file in weight_files(model_path):
+        for name, value in mx.load(str(file)).items():
+            short = name.removeprefix("model.")
+            if short.startswith(prefixes):
+                weights[short] = value
+    return weights
+
+
+def has_audio_tower(config: dict) -> bool:
+    """A ``gemma4`` checkpoint with the conformer audio encoder (E2B/E4B)."""
+    audio = config.get("audio_config")
+    return (
+        config.get("model_type") == "gemma4"
+        and isinstance(audio, dict)
+        and audio.get("model_type", "gemma4_audio") == "gemma4_audio"
     )
+
+
+def report_skipped_towers(model_path: Path, names: set[str], config: dict) -> None:
+    """Say (one line) which multimodal parts of a checkpoint are never used: gemma4's vision and
+    audio towers load when media arrive, anything else (the 12B's embedders) is text only."""
+    present = {
+        p for n in names for p in MULTIMODAL_PREFIXES if n.removeprefix("model.").startswith(p)
+    }
+    used = set(VISION_PREFIXES) if has_vision_tower(config) else set()
+    used |= set(AUDIO_PREFIXES) if has_audio_tower(config) else set()
+    skipped = sorted(present - used)
     if skipped:
-        print(
-            f"{model_path}: text generation only, not loading {', '.join(skipped)}",
-            file=sys.stderr,
-        )
+        what = "not loading" if used else "text generation only, not loading"
+        print(f"{model_path}: {what} {', '.join(skipped)}", file=sys.stderr)
 
 
 def drafter_classes(config: dict) -> tuple[type, type]:
@@ -249,6 +285,7 @@ def load(
     target_path = resolve_path(model)
     target_config = read_config(target_path)
     target = Target(load_target_model(target_path, target_config, lazy))
+    target.source = (target_path, target_config)  # where media.py finds the image encoder
     cast(target.model, dtype)
     drafter = None
     if draft_model is not None:

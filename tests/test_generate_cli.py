@@ -349,7 +349,6 @@ def test_cli_prefill_response_extra_eos_and_xtc(pair, tmp_path):
     "flag, message",
     [
         (["--adapter-path", "adapters"], "adapters are not supported"),
-        (["--image", "cat.png"], "text generation only"),
         (["--prompt-cache-file", "c.safetensors"], "c.safetensors: no such prompt cache file"),
         (["-qa"], "activation quantization is not supported"),
         (["--kv-bits", "4"], "quantized K/V cache is not supported"),
@@ -367,3 +366,9 @@ def test_cli_refuses_mlx_lm_flags_that_cannot_apply(flag, message):
     result, _ = invoke("--model", TARGET, "-p", "hi", *flag)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_cli_image_on_a_model_without_vision_tower_names_the_file():
+    result, _ = invoke("--model", TARGET, "-p", "hi", "--image", "cat.png")
+    assert result.exit_code == 1, result.output
+    assert "cat.png: this model has no vision tower" in result.output

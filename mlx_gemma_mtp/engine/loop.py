@@ -157,23 +157,34 @@ def prefill(
     prompt: mx.array,
     step_size: int,
     progress: Callable[[int, int], None] | None = None,
+    media=None,
+    first: int = 0,
 ) -> mx.array:
     """Feed ``prompt`` ``[P]`` in chunks; returns the final hidden state ``[1, 1, H]`` at P-1.
 
     As mlx-lm does, all but the last token only fill the cache (evaluated chunk by chunk, so no
     prompt-length activations outlive a chunk) and the last token runs alone. ``progress`` is
-    called with ``(tokens processed, P)`` after each chunk (mlx-lm's prompt_progress_callback)."""
+    called with ``(tokens processed, P)`` after each chunk (mlx-lm's prompt_progress_callback).
+    ``media`` (``media.MediaPrompt``): embeddings to feed instead of the tokens' (images), of a
+    prompt whose position ``first`` is ``prompt[0]``."""
     total, done = prompt.size, 0
-    while prompt.size > 1:
-        chunk = min(step_size, prompt.size - 1)
-        target.backbone(prompt[None, :chunk], cache=cache)
+    while total - done > 1:
+        end = min(done + step_size, total - 1)
+        if media is not None:
+            end = media.chunk_end(first + done, first + end) - first
+        feed(target, cache, prompt, done, end, media, first)
         mx.eval([c.state for c in cache])
-        prompt = prompt[chunk:]
-        done += chunk
+        done = end
         if progress is not None:
             progress(done, total)
         mx.clear_cache()
-    return target.backbone(prompt[None], cache=cache)
+    return feed(target, cache, prompt, done, total, media, first)
+
+
+def feed(target, cache: list, prompt: mx.array, start: int, end: int, media, first: int):
+    if media is None:
+        return target.backbone(prompt[None, start:end], cache=cache)
+    return media.forward(target.backbone, cache, first + start, first + end)
 
 
 def initial_history(policy: TokenPolicy, prompt: mx.array, context: Sequence[int] = ()) -> mx.array:
@@ -277,6 +288,7 @@ class SpeculativeGenerator:
         cache: list | None = None,
         prompt_progress_callback: Callable[[int, int], None] | None = None,
         context: Sequence[int] = (),
+        media=None,
     ):
         """``cache``: the target cache to continue from (``Target.make_cache``, with a slack of
         at least ``draft_slack(num_draft_tokens)``), kept by the caller between generations;
@@ -314,6 +326,7 @@ class SpeculativeGenerator:
         self.prompt, self.emitted = None, []
         self.prompt_progress_callback = prompt_progress_callback
         self.context = list(context)
+        self.media = media  # media.MediaPrompt of the prompt's images, if any
         # ``auto`` gets its controller once the prompt is in the cache (see ``generate``).
         self.schedule = DraftSchedule(num_draft_tokens, draft_schedule.replace("auto", "constant"))
         # Drafting before the round's result is read needs the whole token history the
@@ -355,7 +368,12 @@ class SpeculativeGenerator:
 
     def _first_round(self, prompt: mx.array) -> Round:
         hidden = prefill(
-            self.target, self.cache, prompt, self.prefill_step_size, self.prompt_progress_callback
+            self.target,
+            self.cache,
+            prompt,
+            self.prefill_step_size,
+            self.prompt_progress_callback,
+            media=self.media,
         )
         history = self._initial_history(prompt)
         logprobs = self.policy.target_logprobs(self.target.logits(hidden[0]), history, [])
@@ -465,8 +483,13 @@ class SpeculativeGenerator:
         if held > tokens.size:
             for c in self.cache:
                 c.trim(held - tokens.size)
-        elif held < tokens.size:
-            prefill(self.target, self.cache, tokens[held:], self.prefill_step_size)
+        else:
+            if self.media is not None and held < self.prompt.size:  # media embeddings first
+                rest, step = self.prompt[held:], self.prefill_step_size
+                prefill(self.target, self.cache, rest, step, media=self.media, first=held)
+                held = self.prompt.size
+            if held < tokens.size:
+                prefill(self.target, self.cache, tokens[held:], self.prefill_step_size)
         mx.eval([c.state for c in self.cache])
 
     def _generate(self, prompt: mx.array, max_tokens: int) -> Generator[Block, None, None]:

@@ -231,14 +231,19 @@ def can_trim(layer_cache, n: int) -> bool:
     return layer_cache.is_trimmable()
 
 
-def trim_to_common_prefix(prompt_cache: PromptCache, tokens: Sequence[int]) -> list[int]:
+def trim_to_common_prefix(
+    prompt_cache: PromptCache, tokens: Sequence[int], keep_at_most: int | None = None
+) -> list[int]:
     """Roll ``prompt_cache`` back to the longest common prefix of its tokens and ``tokens`` (a
-    whole conversation), leaving at least one token to feed, and return the tokens to feed.
+    whole conversation), leaving at least one token to feed (and keeping at most
+    ``keep_at_most``), and return the tokens to feed.
 
     Sliding-window caches can roll back only about their slack beyond the window; past that the
     cache is emptied and everything is fed again (slower, never wrong)."""
     tokens = list(tokens)
     keep = min(common_prefix_length(prompt_cache.tokens, tokens), len(tokens) - 1)
+    if keep_at_most is not None:
+        keep = min(keep, keep_at_most)
     drop = len(prompt_cache.tokens) - keep
     if not all(can_trim(c, drop) for c in prompt_cache):
         empty_prompt_cache(prompt_cache)
