@@ -22,7 +22,7 @@ from mlx_lm.generate_utils import BatchCountersSnapshot
 from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .config import TARGET_TYPES
+from .config import ASSISTANT_TYPES, TARGET_TYPES
 from .costs import Costs
 from .engine.batch import BatchGenerator
 from .engine.loop import DEFAULT_NUM_DRAFT_TOKENS, SpeculativeGenerator, Stats
@@ -197,9 +197,11 @@ def check_drafter(target: Target, draft_model) -> None:
     """``draft_model`` must be ``None`` or a Gemma 4 assistant that fits ``target``."""
     if isinstance(draft_model, Drafter):
         validate_pair(target, draft_model)
-    elif isinstance(draft_model, nn.Module):
-        args = getattr(draft_model, "args", None)
-        kind = getattr(args, "model_type", None) or type(draft_model).__name__
+        return
+    args = getattr(draft_model, "args", None)
+    kind = getattr(args, "model_type", None)
+    if isinstance(draft_model, nn.Module) and kind not in ASSISTANT_TYPES:  # a wrapper may pass
+        kind = kind or type(draft_model).__name__
         raise TypeError(
             f"draft_model must be a Gemma 4 assistant drafter (model_type gemma4_assistant, "
             f"loaded with mlx_gemma_mtp.load(target_path, drafter_path)); got a {kind} model. "
