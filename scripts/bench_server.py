@@ -44,7 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--openblas", action="store_true", help="Servers preload OpenBLAS.")
-    parser.add_argument("--arms", default="ours,ours-serial,mlx-lm")
+    parser.add_argument(
+        "--arms",
+        default="ours,ours-serial,mlx-lm",
+        help="Also ours-before: the server of the source tree --before (an earlier commit).",
+    )
+    parser.add_argument("--before", type=Path, help="A checkout of an earlier commit.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
     return parser.parse_args(argv)
 
@@ -79,7 +84,9 @@ def start(arm: str, args) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
     if args.openblas:
         env.update(LD_PRELOAD=OPENBLAS, OPENBLAS_NUM_THREADS="1")
-    process = subprocess.Popen(server_command(arm, args, port), env=env,
+    # python -m imports the package of the working folder first: ours-before runs that tree's.
+    folder = args.before if arm == "ours-before" else None
+    process = subprocess.Popen(server_command(arm, args, port), env=env, cwd=folder,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):

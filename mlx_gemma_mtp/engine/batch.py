@@ -30,6 +30,7 @@ from .loop import (
     SCHEDULES,
     SpeculativeGenerator,
     Stats,
+    compiled_for_pair,
     draft_slack,
     history_after,
     initial_history,
@@ -142,7 +143,7 @@ class RaggedCache(_BaseCache):
         """The ``(keys, values)`` a drafter attends to at each row's pending position
         (``positions[b]``) and the mask ``[B, 1, 1, S]`` of what it sees there: every earlier
         position, or in sliding layers the last ``sliding_window + 1`` (the reference mask)."""
-        visible = self._visible(self.bound)
+        visible = self.keys.shape[2]  # whole buffers: a compiled draft step keeps its shapes
         keys = self.key_positions(self.positions, visible)
         position = self.positions[:, None, None, None]
         mask = (keys < position) & (keys >= 0)
@@ -550,7 +551,8 @@ class BatchGenerator:
 
     def step(self) -> list[RowOutput]:
         """One prefill chunk for each prompt being filled, and one round for the decoding
-        rows; what every row emitted (a finished row has left the batch)."""
+        rows (unless a prompt was just filled: its first token is returned at once); what every
+        row emitted (a finished row has left the batch)."""
         while self.waiting and len(self.filling) < self.prompt_concurrency:
             if len(self.filling) + len(self.rows) >= self.max_rows:
                 break
@@ -560,7 +562,7 @@ class BatchGenerator:
         outputs = self._finish_rows(firsts)
         now = time.perf_counter()
         counters.prompt_time += now - clock
-        if self.rows:
+        if self.rows and not firsts:  # a first token goes out now, not after a round
             if self.in_flight is None:
                 self.in_flight = self._dispatch()
             upcoming = self._dispatch() if self._pipelined() else None
@@ -730,6 +732,14 @@ class BatchGenerator:
         masks = {t: view[1] for t, view in views.items()}
         positions = self.layers[0].positions
         token, hidden = self.pending, self.hidden
+        if all(not row.policy.coupled and not row.policy.processors for row in rows):
+            step = compiled_for_pair(self.target, self.drafter, ("batch", self.full_vocab_draft),
+                                     greedy_draft_step, self.full_vocab_draft)  # fmt: skip
+            drafts = []
+            for _ in range(k):
+                token, hidden = step(token, hidden, shared_kv, masks, positions)
+                drafts.append(token)
+            return drafts
         histories, drafts = [row.history for row in rows], []
         for i in range(k):
             inputs = mx.concatenate([self.target.embed(token[:, None]), hidden], axis=-1)
@@ -782,6 +792,15 @@ class BatchGenerator:
             results.append(mx.concatenate([n.reshape(1), tokens]).astype(mx.int32))
             row_logprobs.append(logprobs)
         return mx.stack(results), row_logprobs, out.hidden
+
+
+def greedy_draft_step(target, drafter, full_vocab: bool, token, hidden, shared_kv, masks,
+                      positions) -> tuple[mx.array, mx.array]:  # fmt: skip
+    """One draft position for a batch of greedy rows: the drafts ``[B]`` and the next hidden
+    states (compiled once per pair, see ``compiled_for_pair``)."""
+    inputs = mx.concatenate([target.embed(token[:, None]), hidden], axis=-1)
+    out = drafter(inputs, shared_kv, positions, full_vocab, masks=masks)
+    return out.tokens().reshape(-1).astype(mx.int32), out.hidden
 
 
 def plain_argmax(policy: TokenPolicy) -> bool:

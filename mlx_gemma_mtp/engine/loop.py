@@ -220,10 +220,16 @@ def draft_slack(num_draft_tokens: int) -> int:
 
 
 def compiled_draft_step(target, drafter, policy: TokenPolicy, full_vocab: bool):
-    """The compiled ``draft_step`` of a (target, drafter) pair for this kind of policy, built
-    once and kept in the pair's state (traces are per compiled function: a new one per call
-    would trace again). It holds weak proxies of the models: it keeps neither alive and makes
-    no reference cycle."""
+    """The compiled ``draft_step`` of a (target, drafter) pair for this kind of policy."""
+    key = (full_vocab, policy.kind)
+    return compiled_for_pair(target, drafter, key, draft_step, policy, full_vocab)
+
+
+def compiled_for_pair(target, drafter, key, step: Callable, *args):
+    """``step(target, drafter, *args, ...)`` compiled, built once per pair and ``key`` and kept
+    in the pair's state (traces are per compiled function: a new one per call would trace
+    again). It holds weak proxies of the models: it keeps neither alive and makes no reference
+    cycle."""
 
     def build():
         # A compiled function keeps unevaluated weights (lazy loads, casts) as graphs and would
@@ -231,13 +237,13 @@ def compiled_draft_step(target, drafter, policy: TokenPolicy, full_vocab: bool):
         mx.eval(drafter.parameters(), target.backbone.embed_tokens.parameters())
         prepare_head(drafter)  # the Metal kernels are probed before any is traced
         proxies = weakref.proxy(target), weakref.proxy(drafter)
-        return weakref.ref(target), mx.compile(partial(draft_step, *proxies, policy, full_vocab))
+        return weakref.ref(target), mx.compile(partial(step, *proxies, *args))
 
-    steps, key = pair_state(target.backbone, drafter).steps, (full_vocab, policy.kind)
-    built_for, step = steps.get(key, build)
+    steps = pair_state(target.backbone, drafter).steps
+    built_for, compiled = steps.get(key, build)
     if built_for() is not target:  # another wrapper of the same model: its proxy may be dead
-        built_for, step = steps.put(key, build())
-    return step
+        built_for, compiled = steps.put(key, build())
+    return compiled
 
 
 def check_slack(cache: list, slack: int) -> None:
