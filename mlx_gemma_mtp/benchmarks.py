@@ -268,3 +268,24 @@ def spell_factors(sigma: float, seed: int) -> Callable[[int], float]:
         return factors[token // SPELL_TOKENS]
 
     return factor
+
+
+def start_server(command: list[str], name: str = "the server", **popen) -> tuple:
+    """Start a server process (``command`` ends with its ``--port``) and wait until it
+    answers ``/v1/models``; ``(process, base URL)``. ``popen``: ``env``, ``cwd``."""
+    import subprocess
+
+    import httpx
+
+    port = command[command.index("--port") + 1]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            time.sleep(0.5)
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} did not start: {process.stderr.read().decode()[-2000:]}")
+    raise RuntimeError(f"{name} did not start")

@@ -86,22 +86,12 @@ def free_port() -> int:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     command = [
         sys.executable, "-m", "mlx_gemma_mtp.server", "--model", args.model, "--draft-model",
-        args.draft_model, "--dtype", args.dtype, "--port", str(port), "--prompt-cache-size", "0",
+        args.draft_model, "--dtype", args.dtype, "--port", str(free_port()),
+        "--prompt-cache-size", "0",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            time.sleep(0.5)
-        if process.poll() is not None:
-            raise RuntimeError(process.stderr.read().decode())
-    raise RuntimeError("the server did not start")
+    return bc.start_server(command)
 
 
 def server_against_direct(model, drafter, tokenizer, prompts: list, args) -> dict:

@@ -86,18 +86,7 @@ def start(arm: str, args) -> tuple[subprocess.Popen, str]:
         env.update(LD_PRELOAD=OPENBLAS, OPENBLAS_NUM_THREADS="1")
     # python -m imports the package of the working folder first: ours-before runs that tree's.
     folder = args.before if arm == "ours-before" else None
-    process = subprocess.Popen(server_command(arm, args, port), env=env, cwd=folder,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            time.sleep(0.5)
-        if process.poll() is not None:
-            raise RuntimeError(f"{arm} did not start: {process.stderr.read().decode()[-2000:]}")
-    raise RuntimeError(f"{arm} did not start")
+    return bc.start_server(server_command(arm, args, port), arm, env=env, cwd=folder)
 
 
 def stream_one(client: httpx.Client, body: dict) -> dict:

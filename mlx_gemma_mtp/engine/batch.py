@@ -708,7 +708,8 @@ class BatchGenerator:
             n = min(values[b][0], row.k_limit)
             tokens = values[b][1 : n + 2]
             row.length += n + 1
-            count(row.stats, done.k, n)
+            row.stats.target_forwards += 1
+            row.stats.count_round(done.k, n)
             if row.policy.processors and row.policy.history_window is None:
                 row.history = history_after(row.policy, row.history, mx.array(tokens, mx.int32))
             accepted.append(n)
@@ -806,20 +807,6 @@ def greedy_draft_step(target, drafter, full_vocab: bool, token, hidden, shared_k
 def plain_argmax(policy: TokenPolicy) -> bool:
     """Greedy without processors: a whole batch of such rows is verified in a few ops."""
     return not (policy.coupled or policy.processors or policy.custom_sampler)
-
-
-def count(stats: Stats, k: int, n: int) -> None:
-    """A round of ``k`` drafts, ``n`` accepted, in a row's counters."""
-    stats.target_forwards += 1
-    stats.draft_lengths.append(k)
-    stats.accepted_lengths.append(n)
-    stats.k_counts[k] += 1
-    if k:
-        stats.rounds += 1
-        stats.drafted += k
-        stats.accepted += n
-    else:
-        stats.plain_steps += 1
 
 
 def matched(drafts: mx.array, tokens: mx.array) -> mx.array:

@@ -82,6 +82,18 @@ class Stats:
     def k_histogram(self) -> dict:
         return dict(sorted(self.k_counts.items()))
 
+    def count_round(self, k: int, n: int) -> None:
+        """A round of ``k`` drafts (0: a plain step) of which ``n`` were accepted."""
+        self.draft_lengths.append(k)
+        self.accepted_lengths.append(n)
+        self.k_counts[k] += 1
+        if k:
+            self.rounds += 1
+            self.drafted += k
+            self.accepted += n
+        else:
+            self.plain_steps += 1
+
 
 class Block(NamedTuple):
     """Tokens emitted at once: ``logprobs[i]`` is the target's row for ``tokens[i]``; the first
@@ -549,19 +561,12 @@ class SpeculativeGenerator:
         stats.target_forwards += 1
         if stats.target_forwards == 1:  # the first token: prefill, no round
             return now
-        stats.draft_lengths.append(k)
-        stats.accepted_lengths.append(n)
-        stats.k_counts[k] += 1
+        stats.count_round(k, n)
         if k:
-            stats.rounds += 1
-            stats.drafted += k
-            stats.accepted += n
             for c in self.cache:
                 c.trim(k - n)
-        else:
-            stats.plain_steps += 1
-            if stats.mode == "mtp":
-                stats.parked_seconds += now - clock
+        elif stats.mode == "mtp":
+            stats.parked_seconds += now - clock
         self.schedule.observe(k, n, now - clock if current.timed else None)
         return now
 
