@@ -289,3 +289,11 @@ def start_server(command: list[str], name: str = "the server", **popen) -> tuple
         if process.poll() is not None:
             raise RuntimeError(f"{name} did not start: {process.stderr.read().decode()[-2000:]}")
     raise RuntimeError(f"{name} did not start")
+
+
+def add_pair_arguments(parser) -> None:
+    """The server benchmarks' pair, dtype and prompts (default: the fixture pair in float32)."""
+    parser.add_argument("--model", default=str(FIXTURE / "target"))
+    parser.add_argument("--draft-model", default=str(FIXTURE / "assistant"))
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prompts", type=Path, default=FIXTURE / "held_out_prompts.jsonl")

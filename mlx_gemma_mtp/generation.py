@@ -69,8 +69,7 @@ class GenerationResponse(MLXGenerationResponse):
     def mtp_stats(self) -> dict:
         """The speculative counters so far, with their rates: what ``--stats-json``, the server's
         ``usage.mtp`` and the benchmarks report."""
-        rates = ("acceptance_rate", "tokens_per_target_forward")
-        return {**counters(self), **{name: getattr(self, name) for name in rates}}
+        return mtp_stats(self, self.generation_tokens)
 
 
 def make_policy(
@@ -411,6 +410,17 @@ COUNTERS = (
 )
 
 
+def mtp_stats(source, generated: int) -> dict:
+    """``COUNTERS`` of ``source`` (a ``Stats`` or a response) for ``generated`` tokens, with the
+    acceptance rate and the tokens per target forward."""
+    forwards = source.target_forwards
+    rates = {
+        "acceptance_rate": source.acceptance_rate,
+        "tokens_per_target_forward": generated / forwards if forwards else 0.0,
+    }
+    return {**counters(source), **rates}
+
+
 def counters(source: Stats) -> dict:
     return {name: getattr(source, name) for name in COUNTERS}
 
@@ -513,8 +523,8 @@ def batch_generate(
     )
     eos = tokenizer.eos_token_ids if tokenizer is not None else ()
     uids = []
+    policy = make_policy(**sampling)  # rows keep their own history; the policy holds none
     for i, (prompt, limit, cache) in enumerate(zip(prompts, limits, caches, strict=True)):
-        policy = make_policy(**sampling)
         ids = encode_prompt(tokenizer, prompt, target.args.vocab_size)
         row_seed = None if seed is None else seed + i
         uids.append(engine.insert(ids, max_tokens=limit, policy=policy, eos_token_ids=eos,

@@ -19,17 +19,14 @@ import httpx
 
 from mlx_gemma_mtp import benchmarks as bc  # noqa: E402
 from mlx_gemma_mtp import generate, load, make_prompt_cache, stream_generate  # noqa: E402
-from mlx_gemma_mtp.benchmarks import FIXTURE, long_prompts, read_prompts  # noqa: E402
+from mlx_gemma_mtp.benchmarks import long_prompts, read_prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(FIXTURE / "target"))
-    parser.add_argument("--draft-model", default=str(FIXTURE / "assistant"))
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--prompts", type=Path, default=FIXTURE / "held_out_prompts.jsonl")
+    bc.add_pair_arguments(parser)
     parser.add_argument("--history", type=int, default=2000, help="Tokens before turn 2.")
     parser.add_argument("--reply", type=int, default=32, help="Tokens of the turn-1 reply.")
     parser.add_argument("--repeats", type=int, default=7)

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from mlx_gemma_mtp import benchmarks as bc
-from mlx_gemma_mtp.benchmarks import FIXTURE, read_prompts
+from mlx_gemma_mtp.benchmarks import read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
@@ -34,10 +34,7 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(FIXTURE / "target"))
-    parser.add_argument("--draft-model", default=str(FIXTURE / "assistant"))
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--prompts", type=Path, default=FIXTURE / "held_out_prompts.jsonl")
+    bc.add_pair_arguments(parser)
     parser.add_argument("--clients", default="1,2,4,8", help="Client counts, comma-separated.")
     parser.add_argument("--requests", type=int, default=2, help="Per client, one after another.")
     parser.add_argument("--max-tokens", type=int, default=128)

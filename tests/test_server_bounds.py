@@ -53,6 +53,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def worker():
     return Worker(lambda: load(TARGET, ASSISTANT, dtype="float32"), 8, 64 << 20,
+                  draft_schedule=DEFAULTS["draft_schedule"],
                   prefill_step_size=DEFAULTS["prefill_step_size"])  # fmt: skip
 
 

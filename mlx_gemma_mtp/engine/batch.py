@@ -23,7 +23,7 @@ from mlx_lm.generate_utils import BatchCounters
 from mlx_lm.models.cache import KVCache, _BaseCache
 
 from ..costs import MAX_AGE, Costs, DraftController, RoundTimes
-from ..models.target import Target
+from ..models.target import Target, ordered_kv
 from .cache import SlidingWindowCache
 from .loop import (
     DEFAULT_NUM_DRAFT_TOKENS,
@@ -35,9 +35,10 @@ from .loop import (
     history_after,
     initial_history,
     prefill,
+    windowed_history_after,
 )
 from .prompt_cache import DEFAULT_MAX_DRAFT_TOKENS
-from .sampling import TokenPolicy, log_softmax
+from .sampling import TokenPolicy, log_softmax, match_accept
 
 # -- the batch's caches -------------------------------------------------------------------------
 
@@ -227,12 +228,7 @@ def row_kv(layer_cache) -> tuple[mx.array, mx.array, int]:
     if layer_cache.keys is None:
         empty = mx.zeros((1, 1, 0, 1))
         return empty, empty, layer_cache.offset
-    if isinstance(layer_cache, SlidingWindowCache):
-        keys, values = layer_cache.ordered_kv()
-    else:
-        keys = layer_cache.keys[..., : layer_cache.offset, :]
-        values = layer_cache.values[..., : layer_cache.offset, :]
-    return keys, values, layer_cache.offset
+    return *ordered_kv(layer_cache), layer_cache.offset
 
 
 # -- the controller -----------------------------------------------------------------------------
@@ -690,11 +686,11 @@ class BatchGenerator:
         self.pending = result[batch, accepted + 1]
         self.hidden = hidden[batch, accepted][:, None]
         for b, row in enumerate(rows):
-            if row.policy.processors and row.policy.history_window is not None:
-                tokens = result[b, 1:]
-                joined = mx.concatenate([row.history, tokens.astype(row.history.dtype)])
-                window = mx.arange(row.policy.history_window) + accepted[b] + 1
-                row.history = mx.take(joined, window)
+            window = row.policy.history_window
+            if row.policy.processors and window is not None:
+                row.history = windowed_history_after(
+                    row.history, result[b, 1:], accepted[b], window
+                )
         return Round(rows, k, result, logprobs)
 
     def _read(self, done: Round) -> list[RowOutput]:
@@ -754,8 +750,6 @@ class BatchGenerator:
         """Each row's draft from the batched drafter's output, by its own policy (at
         ``positions``, for its noise); the processors' histories after them."""
         rows = self.rows
-        if all(not row.policy.coupled and not row.policy.processors for row in rows):
-            return out.tokens().reshape(len(rows)).astype(mx.int32), histories
         logits = out.logits.reshape(len(rows), -1)
         ids = None if out.candidates is None else out.candidates.reshape(len(rows), -1)
         picked, after = [], []
@@ -782,7 +776,7 @@ class BatchGenerator:
         if all(plain_argmax(row.policy) for row in rows):
             logprobs = log_softmax(out.logits)
             tokens = mx.argmax(logprobs, axis=-1).astype(mx.int32)
-            n = matched(mx.stack(drafts, axis=1), tokens) if drafts else mx.zeros(len(rows))
+            n = match_accept(mx.stack(drafts, axis=1), tokens) if drafts else mx.zeros(len(rows))
             result = mx.concatenate([n[:, None].astype(mx.int32), tokens], axis=1)
             return result, logprobs, out.hidden
         results, row_logprobs = [], []
@@ -807,9 +801,3 @@ def greedy_draft_step(target, drafter, full_vocab: bool, token, hidden, shared_k
 def plain_argmax(policy: TokenPolicy) -> bool:
     """Greedy without processors: a whole batch of such rows is verified in a few ops."""
     return not (policy.coupled or policy.processors or policy.custom_sampler)
-
-
-def matched(drafts: mx.array, tokens: mx.array) -> mx.array:
-    """Per row, the number of leading drafts ``[B, k]`` equal to the target's tokens."""
-    same = (drafts == tokens[:, : drafts.shape[1]]).astype(mx.int32)
-    return mx.cumprod(same, axis=1).sum(axis=1).astype(mx.int32)

@@ -223,6 +223,16 @@ def history_after(policy: TokenPolicy, history: mx.array, tokens: mx.array) -> m
     return joined if window is None else joined[-window:]
 
 
+def windowed_history_after(
+    history: mx.array, tokens: mx.array, accepted: mx.array, window: int
+) -> mx.array:
+    """The last ``window`` tokens of the history once a round's emitted tokens ``t_0..t_n``
+    are appended, from its tokens ``[k + 1]`` and its accepted count ``n`` (lazy: built on
+    the device before the round is read)."""
+    joined = mx.concatenate([history, tokens.astype(history.dtype)])
+    return mx.take(joined, mx.arange(window) + accepted + 1)
+
+
 def draft_slack(num_draft_tokens: int) -> int:
     """Entries a sliding-window cache keeps beyond ``window + 1`` so that every rollback stays
     possible: a round rejects up to ``k`` drafts, measuring the costs rolls back ``k + 1``
@@ -445,8 +455,7 @@ class SpeculativeGenerator:
         window = self.policy.history_window
         if window is None:  # the whole history: known only after the read
             return mx.concatenate([done.history, tokens[: done.result[0].item() + 1]])
-        joined = mx.concatenate([done.history, tokens])
-        return mx.take(joined, mx.arange(window) + done.result[0] + 1)
+        return windowed_history_after(done.history, tokens, done.result[0], window)
 
     def _verify(self, pending: mx.array, drafts: list, history) -> Round:
         """One target forward over ``[pending, *drafts]``, with its accept result (lazy)."""

@@ -179,9 +179,10 @@ def penalize_repeats(
 
 
 def match_accept(drafts: mx.array, target_tokens: mx.array) -> mx.array:
-    """Number of leading drafts equal to the target's own choices (``[k]`` vs ``[k+1]``)."""
-    same = (drafts == target_tokens[: drafts.shape[0]]).astype(mx.int32)
-    return mx.cumprod(same).sum()
+    """Number of leading drafts equal to the target's own choices (``[k]`` vs ``[k+1]``), per
+    row for a batch (``[B, k]`` vs ``[B, k+1]``)."""
+    same = (drafts == target_tokens[..., : drafts.shape[-1]]).astype(mx.int32)
+    return mx.cumprod(same, axis=-1).sum(axis=-1)
 
 
 class TokenPolicy:

@@ -168,8 +168,6 @@ def create_app(
             **penalties(body),
             "logit_bias": logit_bias,
             "num_draft_tokens": k if drafter is not None else 0,
-            "draft_schedule": defaults["draft_schedule"],
-            "prefill_step_size": defaults.get("prefill_step_size", 512),
             "stop": stop,
         }
 
@@ -602,13 +600,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"Error: {e}") from None
     defaults = {
         "num_draft_tokens": args.num_draft_tokens,
-        "draft_schedule": args.draft_schedule,
         "max_tokens": args.max_tokens,
         "temp": args.temp,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "min_p": args.min_p,
-        "prefill_step_size": args.prefill_step_size,
     }
     warn_if_exposed(args.host, args.api_key)
     access = Access.for_bind(args.host, args.allowed_hosts, api_key=args.api_key, docs=args.docs)

@@ -27,7 +27,7 @@ from ..engine.prompt_cache import (
     make_cache_for,
     trim_to_common_prefix,
 )
-from ..generation import counters, make_policy
+from ..generation import make_policy, mtp_stats
 from ..models.target import Target
 from ..text import TextStream
 from .protocol import usage
@@ -207,12 +207,7 @@ class RowUsage:
         self.stats, self.generation_tokens = stats, generated
 
     def mtp_stats(self) -> dict:
-        stats = self.stats
-        rates = {
-            "acceptance_rate": stats.acceptance_rate,
-            "tokens_per_target_forward": self.generation_tokens / max(stats.target_forwards, 1),
-        }
-        return {**counters(stats), **rates}
+        return mtp_stats(self.stats, self.generation_tokens)
 
 
 class Worker:
