@@ -43,11 +43,22 @@ class MediaError(ValueError):
     """A media file that cannot be used, named with the reason."""
 
 
+class NamedBytes(bytes):
+    """Encoded media held in memory with the name its errors give (a request's part, say)."""
+
+    def __new__(cls, data: bytes, name: str):
+        named = super().__new__(cls, data)
+        named.name = name
+        return named
+
+
 Media = str | Path | bytes
 
 
 def media_name(item: Media) -> str:
-    return f"<{len(item)} bytes>" if isinstance(item, bytes) else str(item)
+    if isinstance(item, bytes):
+        return getattr(item, "name", None) or f"<{len(item)} bytes>"
+    return str(item)
 
 
 def read_media_bytes(item: Media, limit: int) -> bytes:
@@ -121,17 +132,26 @@ def towers_of(target) -> Towers:
     return target.towers
 
 
+def missing_tower(config: dict, kind: str) -> str | None:
+    """Why a model with this config.json cannot take ``kind`` ("image" or "audio"), or None."""
+    if kind == "audio":
+        return None if has_audio_tower(config) else "this model has no audio tower"
+    if not config.get("vision_config"):
+        return "this model has no vision tower"
+    if not has_vision_tower(config):
+        return (
+            "images are supported for gemma4 checkpoints with a vision tower (E2B/E4B, 26B, "
+            "31B), not yet for the 12B's encoder-free embedder"
+        )
+    return None
+
+
 def vision_of(target, item: Media) -> Towers:
     towers = towers_of(target)
     if towers.vision is None:
         config = towers.config
-        if not config.get("vision_config"):
-            raise MediaError(f"{media_name(item)}: this model has no vision tower")
-        if not has_vision_tower(config):
-            raise MediaError(
-                f"{media_name(item)}: images are supported for gemma4 checkpoints with a vision "
-                "tower (E2B/E4B, 26B, 31B), not yet for the 12B's encoder-free embedder"
-            )
+        if reason := missing_tower(config, "image"):
+            raise MediaError(f"{media_name(item)}: {reason}")
         args = VisionArgs.from_dict(config["vision_config"])
         vision, embed = VisionTower(args), embedder(config, args.hidden_size, args.rms_norm_eps)
         load_parts(target, {"vision_tower.": vision, "embed_vision.": embed})
@@ -144,8 +164,8 @@ def audio_of(target, item: Media) -> Towers:
     towers = towers_of(target)
     if towers.audio is None:
         config = towers.config
-        if not has_audio_tower(config):
-            raise MediaError(f"{media_name(item)}: this model has no audio tower")
+        if reason := missing_tower(config, "audio"):
+            raise MediaError(f"{media_name(item)}: {reason}")
         args = AudioArgs.from_dict(config["audio_config"])
         audio = AudioTower(args)
         embed = embedder(config, args.output_proj_dims, args.rms_norm_eps)
@@ -431,7 +451,13 @@ def expand_placeholders(
 
 
 def prepare_media(target, images: Sequence[Media], audio: Sequence[Media]) -> list[Prepared]:
-    return [prepare_image(target, i) for i in images] + [prepare_audio(target, a) for a in audio]
+    """Each image, then each clip, preprocessed (an item given as ``Prepared`` is kept: a caller
+    that needs the items before ``conversation_suffix`` prepares them once)."""
+
+    def each(prepare, items: Sequence) -> list[Prepared]:
+        return [i if isinstance(i, Prepared) else prepare(target, i) for i in items]
+
+    return each(prepare_image, images) + each(prepare_audio, audio)
 
 
 def cache_keys(ids: list[int], prepared: list[Prepared], starts: list[int]) -> list[int]:
@@ -484,7 +510,7 @@ def conversation_suffix(
     """For a whole conversation (``ids`` with its placeholders, all its ``images`` and
     ``audio``): roll ``prompt_cache`` back to what it shares with the conversation (media compared
     by content, never cut between an item's begin and end tokens) and return the ``(ids, images,
-    audio)`` to feed."""
+    audio)`` to feed (the items as given)."""
     if not images and not audio:
         return trim_to_common_prefix(prompt_cache, ids), [], []
     prepared = prepare_media(target, images, audio)
@@ -497,10 +523,12 @@ def conversation_suffix(
             keep = start - 1
     first = len(keys) - len(trim_to_common_prefix(prompt_cache, keys, keep_at_most=keep))
     new_ids, new_media, position = [], {"image": [], "audio": []}, first
-    for item, start in sorted(zip(prepared, starts, strict=True), key=lambda p: p[1]):
+    given = [*images, *audio]  # in the order of ``prepared``
+    by_start = sorted(zip(prepared, given, starts, strict=True), key=lambda p: p[2])
+    for item, original, start in by_start:
         if start - 1 >= first:
             token = placeholder_ids(config, item.kind)[0]
             new_ids += expanded[position : start - 1] + [token]
-            new_media[item.kind].append(item.item)
+            new_media[item.kind].append(original)
             position = start + item.num_soft_tokens + 1
     return new_ids + expanded[position:], new_media["image"], new_media["audio"]

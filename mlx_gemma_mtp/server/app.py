@@ -33,7 +33,9 @@ from ..generation import (
     encode_prompt,
 )
 from ..loading import load
+from ..media import MAX_AUDIO_BYTES, MAX_IMAGE_BYTES
 from .access import API_KEY_VARIABLE, Access, Guard, served_name, warn_if_exposed
+from .attachments import MediaSources, attachments, check_model, read_attachments
 from .limits import (
     SHUTDOWN_GRACE,
     BodyLimit,
@@ -65,8 +67,13 @@ DISCONNECT_POLL = 0.25  # seconds between checks that a waiting client is still 
 
 def request_error(error: dict) -> tuple[str, str | None]:
     """A validation error's message and the field it names (pydantic's union and validator
-    tags left out of the path)."""
-    names = [str(p) for p in error["loc"] if p != "body" and not str(p).endswith("]")]
+    tags left out of the path, and the ``type`` tag of a content part)."""
+    loc, names = error["loc"], []
+    for i, p in enumerate(loc):
+        if i >= 2 and "tagged-union" in str(loc[i - 2]) and isinstance(loc[i - 1], int):
+            continue  # the part's type, which pydantic puts after its index
+        if p != "body" and not str(p).endswith("]"):
+            names.append(str(p))
     names = [n for n in names if n not in ("str", "int", "float", "bool", "dict", "list")]
     param = ".".join(names) or None
     if error["type"] == "extra_forbidden":
@@ -80,12 +87,14 @@ def create_app(
     defaults: dict,
     limits: Limits | None = None,
     access: Access | None = None,
+    media: MediaSources | None = None,
 ) -> FastAPI:
     """The FastAPI app; ``defaults`` are the server's sampling and drafting defaults, ``limits``
     its bounds on work (unset ceilings: the model's context), ``access`` who may call it
-    (default: loopback names only, no key, no ``/docs``)."""
+    (default: loopback names only, no key, no ``/docs``), ``media`` where images may come from
+    besides data URLs (default: nowhere)."""
     target, drafter, tokenizer, lru = worker.target, worker.drafter, worker.tokenizer, worker.lru
-    access = access or Access()
+    access, media = access or Access(), media or MediaSources()
     docs = {} if access.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="mlx-gemma-mtp", **docs)
     app.add_middleware(Guard, access=access)
@@ -106,7 +115,8 @@ def create_app(
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
             return error_response(400, f"the body is not valid JSON ({first['msg']})")
-        message, param = request_error(first)
+        # The deepest error: of a union's branches, the one the body followed furthest.
+        message, param = request_error(max(exc.errors(), key=lambda e: len(e["loc"])))
         return error_response(400, message, param)
 
     @app.exception_handler(BadRequest)
@@ -171,13 +181,13 @@ def create_app(
             "stop": stop,
         }
 
-    def fit_context(body: Sampling, tokens: list, opts: dict) -> None:
+    def fit_context(body: Sampling, prompt_tokens: int, opts: dict) -> None:
         """The prompt and the reply within the model's context: a ``max_tokens`` asked for
         must fit, the default is cut to what fits."""
-        room = context_size - len(tokens)
+        room = context_size - prompt_tokens
         if room < 1:
             raise BadRequest(
-                f"the prompt ({len(tokens)} tokens) fills the model's context of "
+                f"the prompt ({prompt_tokens} tokens) fills the model's context of "
                 f"{context_size} tokens",
                 "messages" if isinstance(body, ChatRequest) else "prompt",
             )
@@ -186,7 +196,7 @@ def create_app(
         asked = completion or body.max_tokens
         if asked is not None and asked > room:
             raise BadRequest(
-                f"{name}: the prompt ({len(tokens)} tokens) and {name} ({asked}) exceed the "
+                f"{name}: the prompt ({prompt_tokens} tokens) and {name} ({asked}) exceed the "
                 f"model's context of {context_size} tokens",
                 name,
             )
@@ -208,10 +218,12 @@ def create_app(
             out[token] = bias
         return out
 
-    async def submit(body: Sampling, tokens: list, opts: dict, top: int | None) -> Job:
+    async def submit(
+        body: Sampling, tokens: list, opts: dict, top: int | None, media=None, fit=None
+    ) -> Job:
         if worker.waiting() >= limits.max_queue:
             raise QueueFull(f"{limits.max_queue} requests are waiting already: retry later")
-        fit_context(body, tokens, opts)
+        fit_context(body, len(tokens), opts)
         job = Job(
             tokens,
             opts,
@@ -221,20 +233,41 @@ def create_app(
             namespace=cache_namespace(body),
             max_unread=limits.max_unread,
             stall_timeout=limits.stall_timeout,
+            media=media,
+            fit=fit,
         )
         worker.jobs.put(job)
         return job
 
-    def check_lengths(tokens: list, opts: dict, max_tokens_field: str, prompt_field: str):
+    async def admission(job: Job, request: Request) -> None:
+        """Wait for the generation thread to take a job with media: a 400 if it cannot use them
+        (before any reply is sent, streamed or not)."""
+        while not job.admitted.is_set():
+            try:
+                await asyncio.wait_for(job.admitted.wait(), timeout=DISCONNECT_POLL)
+            except TimeoutError:
+                if job.cancelled.is_set() or await request.is_disconnected():
+                    job.cancel()
+                    return
+        if job.invalid is not None:
+            raise job.invalid
+
+    def fit_prompt(body: ChatRequest, opts: dict, prompt_tokens: int) -> None:
+        """The length checks of a chat's prompt with its media's soft tokens (counted on the
+        generation thread)."""
+        check_lengths(prompt_tokens, opts, max_tokens_field(body), "messages")
+        fit_context(body, prompt_tokens, opts)
+
+    def check_lengths(prompt_tokens: int, opts: dict, max_tokens_field: str, prompt_field: str):
         if opts["max_tokens"] > limits.max_tokens:
             raise BadRequest(
                 f"{max_tokens_field} is {opts['max_tokens']}, over this server's limit of "
                 f"{limits.max_tokens}",
                 max_tokens_field,
             )
-        if len(tokens) > limits.max_prompt_tokens:
+        if prompt_tokens > limits.max_prompt_tokens:
             raise BadRequest(
-                f"the prompt is {len(tokens)} tokens, over this server's limit of "
+                f"the prompt is {prompt_tokens} tokens, over this server's limit of "
                 f"{limits.max_prompt_tokens}",
                 prompt_field,
             )
@@ -275,6 +308,7 @@ def create_app(
         opts = options(body, body.max_completion_tokens or body.max_tokens)
         if tokenizer is None:
             raise BadRequest("the model has no tokenizer: use /v1/completions with token ids")
+        found = attachments(body, limits.max_media_per_request)
         messages, rendering = template_messages(body), template_kwargs(body, tokenizer)
         start = forced_call(body, tokenizer)
         try:
@@ -282,9 +316,16 @@ def create_app(
         except TemplateError as e:  # the template refused these messages
             raise BadRequest(f"messages: the chat template failed ({e})", "messages") from None
         tokens += tokenizer.encode(start, add_special_tokens=False) if start else []
-        check_lengths(tokens, opts, max_tokens_field(body), "messages")
+        check_lengths(len(tokens), opts, max_tokens_field(body), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        job = await submit(body, tokens, opts, top)
+        if found:
+            check_model(target, found, tokens)
+            read = partial(read_attachments, found, media, limits.max_media_bytes)
+            job = await submit(body, tokens, opts, top, await asyncio.to_thread(read),
+                               partial(fit_prompt, body, opts))  # fmt: skip
+            await admission(job, request)
+        else:
+            job = await submit(body, tokens, opts, top)
         parallel = body.parallel_tool_calls is not False
         tools = [tool.model_dump() for tool in body.tools or []]
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -343,7 +384,7 @@ def create_app(
             tokens = await off_loop(encode_prompt, tokenizer, body.prompt, vocab_size)
         except ValueError as e:
             raise BadRequest(str(e), "prompt") from None
-        check_lengths(tokens, opts, "max_tokens", "prompt")
+        check_lengths(len(tokens), opts, "max_tokens", "prompt")
         job = await submit(body, tokens, opts, body.logprobs)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": created, "model": model_id}
@@ -471,6 +512,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "keeps web pages from reaching the server by DNS rebinding).",
     )
     parser.add_argument("--docs", action="store_true", help="Serve /docs and /openapi.json.")
+    parser.add_argument(
+        "--allowed-media-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="Directory whose files image_url parts may name (a path or file:// URL; "
+        "repeatable; default: none, data URLs only).",
+    )
+    parser.add_argument(
+        "--allow-remote-media",
+        action="store_true",
+        help="Fetch http(s) image URLs (the server then makes requests clients choose).",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.num_draft_tokens <= DEFAULT_MAX_DRAFT_TOKENS:
         parser.error(f"--num-draft-tokens must be in [0, {DEFAULT_MAX_DRAFT_TOKENS}]")
@@ -481,6 +535,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--draft-schedule heuristic is single-stream: use auto or constant")
     if args.max_tokens_limit is not None and args.max_tokens > args.max_tokens_limit:
         parser.error("--max-tokens must not be over --max-tokens-limit")
+    if args.max_media_bytes > min(MAX_IMAGE_BYTES, MAX_AUDIO_BYTES):
+        parser.error(f"--max-media-bytes must be at most {min(MAX_IMAGE_BYTES, MAX_AUDIO_BYTES)}")
+    try:
+        args.media = MediaSources.create(args.allowed_media_dir, args.allow_remote_media)
+    except ValueError as e:
+        parser.error(str(e))
     check_sampling_defaults(parser, args)
     return args
 
@@ -538,6 +598,18 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
         help="Seconds a paused stream waits for its client before it is dropped.",
     )
     limit(
+        "--max-media-per-request",
+        type=positive(int),
+        default=default.max_media_per_request,
+        help="Image and audio parts one chat request may hold.",
+    )
+    limit(
+        "--max-media-bytes",
+        type=positive(int),
+        default=default.max_media_bytes,
+        help="Largest image or audio file, decoded (data URLs are within --max-body-bytes too).",
+    )
+    limit(
         "--max-connections",
         type=positive(int),
         default=4096,
@@ -555,6 +627,8 @@ def limits_from(args: argparse.Namespace) -> Limits:
         max_body_bytes=args.max_body_bytes,
         max_unread=args.max_unread,
         stall_timeout=args.stall_timeout,
+        max_media_per_request=args.max_media_per_request,
+        max_media_bytes=args.max_media_bytes,
     )
 
 
@@ -609,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warn_if_exposed(args.host, args.api_key)
     access = Access.for_bind(args.host, args.allowed_hosts, api_key=args.api_key, docs=args.docs)
     model_id = served_name(args.model)
-    app = create_app(worker, model_id, defaults, limits_from(args), access)
+    app = create_app(worker, model_id, defaults, limits_from(args), access, args.media)
     files = raise_open_files_limit(args.max_connections + 256)
     if files < args.max_connections + 256:
         logger.warning("open files are limited to %d: fewer connections will be accepted", files)

@@ -33,6 +33,8 @@ class Limits:
     max_body_bytes: int = 16 << 20
     max_unread: int = 256
     stall_timeout: float = 30.0
+    max_media_per_request: int = 8
+    max_media_bytes: int = 16 << 20  # one image or clip, decoded
 
     def with_context(self, context: int) -> "Limits":
         """These limits, the unset ceilings filled with ``context``."""

@@ -116,6 +116,39 @@ class TextPart(Strict):
     text: Text
 
 
+class ImageURL(Strict):
+    url: Text = Field(min_length=1)  # a data URL; a local path or http(s) URL if the server allows
+    detail: Literal["auto", "low", "high"] | None = None  # accepted, ignored (see the README)
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(Strict):
+    data: str = Field(min_length=1)  # base64
+    format: str
+
+    @field_validator("format")
+    @classmethod
+    def wav_only(cls, audio_format: str) -> str:
+        if audio_format != "wav":
+            raise ValueError(
+                f"{audio_format!r} audio is not supported: send 16 kHz PCM WAV (format 'wav')"
+            )
+        return audio_format
+
+
+class AudioPart(Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+MEDIA_KINDS = {"image_url": "image", "input_audio": "audio"}  # part type -> the template's
+
+
 class FunctionCall(Strict):
     name: Text
     arguments: Text | dict = "{}"
@@ -141,7 +174,7 @@ class ToolCall(Strict):
 
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: Text | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: Text | None = None
@@ -152,10 +185,26 @@ class Message(Strict):
     audio: None = None
     annotations: list[None] | None = Field(None, max_length=0)
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
+    def media_parts(self) -> list[tuple[int, ImagePart | AudioPart]]:
+        """(index, part) of each image and audio part, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [(j, part) for j, part in enumerate(self.content) if part.type in MEDIA_KINDS]
+
+    def template_content(self) -> str | list[dict]:
+        """The content as the chat template reads it: the text, or with media a list in which
+        each image or clip is ``{"type": "image"}`` or ``{"type": "audio"}`` where it was sent
+        (Gemma 4's template writes its placeholder there)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        if not self.media_parts():
             return "".join(part.text for part in self.content)
-        return self.content or ""
+        return [
+            {"type": "text", "text": part.text}
+            if part.type == "text"
+            else {"type": MEDIA_KINDS[part.type]}
+            for part in self.content
+        ]
 
 
 class FunctionDefinition(Strict):

@@ -30,7 +30,7 @@ def template_messages(body: ChatRequest) -> list[dict]:
             raise BadRequest("only assistant messages have tool_calls", f"messages.{i}.tool_calls")
         if message.tool_call_id is not None and message.role != "tool":
             raise BadRequest("only tool messages have a tool_call_id", f"messages.{i}.tool_call_id")
-        entry = {"role": message.role, "content": message.text()}
+        entry = {"role": message.role, "content": message.template_content()}
         if message.name is not None:
             entry["name"] = message.name
         if message.tool_call_id is not None:

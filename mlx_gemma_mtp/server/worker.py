@@ -5,13 +5,14 @@ its tokens to the event loop through a bounded queue: a client that stops readin
 held back and, after a while, its job dropped."""
 
 import asyncio
+import contextlib
 import copy
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +29,19 @@ from ..engine.prompt_cache import (
     trim_to_common_prefix,
 )
 from ..generation import make_policy, mtp_stats
+from ..media import (
+    MediaError,
+    MediaPrompt,
+    build_media_prompt,
+    cache_keys,
+    conversation_suffix,
+    expand_placeholders,
+    prepare_media,
+    towers_of,
+)
 from ..models.target import Target
 from ..text import TextStream
-from .protocol import usage
+from .protocol import BadRequest, usage
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +135,12 @@ class Job:
     At most ``max_unread`` tokens wait there unread; more are held back on the generation thread
     (``send`` never blocks the batch), and once the client has read nothing for
     ``stall_timeout`` seconds the job is cancelled (``flush``). ``reason`` says why the server
-    (not the client) cancelled it; the client is then sent that as an error."""
+    (not the client) cancelled it; the client is then sent that as an error.
+
+    ``media``: the (images, audio) of a chat whose ``tokens`` hold their placeholders; such a job
+    is ``admitted`` once the generation thread has built its prompt, or found it ``invalid`` (a
+    400: media the model cannot read, or ``fit``, the request's bounds on the prompt's length
+    with its soft tokens, refusing it)."""
 
     tokens: list
     options: dict
@@ -137,6 +153,10 @@ class Job:
     items: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     reason: str | None = None
+    media: tuple[list, list] | None = None
+    fit: Callable[[int], None] | None = None
+    admitted: asyncio.Event = field(default_factory=asyncio.Event)
+    invalid: BadRequest | None = None
 
     def __post_init__(self):
         self.room = threading.Semaphore(self.max_unread)
@@ -178,6 +198,11 @@ class Job:
             self.room.release()
         return kind, value
 
+    def admit(self) -> None:
+        """The generation thread has taken the job (or found it ``invalid``)."""
+        with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody waits
+            self.loop.call_soon_threadsafe(self.admitted.set)
+
     def cancel(self, reason: str | None = None) -> None:
         if not self.cancelled.is_set():
             self.reason = reason
@@ -191,10 +216,12 @@ class Job:
 
 @dataclass(eq=False)
 class Running:
-    """A job in the batch: its text stream, how many tokens it sent, what its cache reused."""
+    """A job in the batch: its text stream, its prompt's length (media expanded), what its cache
+    reused, how many tokens it sent."""
 
     job: Job
     texts: TextStream
+    prompt_tokens: int
     cached: int
     stats: Stats
     sent: int = 0
@@ -311,6 +338,7 @@ class Worker:
             if self.stopping is not None:
                 job.cancel(self.stopping)
             self._settle_failures(job, self._insert, job)
+            job.admit()
 
     def _settle_failures(self, job: Job, action, *args) -> None:
         """Run ``action``; a failure is logged and reported to ``job``'s client only."""
@@ -326,8 +354,12 @@ class Worker:
 
     def _insert(self, job: Job) -> None:
         job.check()
-        cache = self.lru.take(job.tokens, job.namespace)
-        rest = job.tokens[len(cache.tokens) :]
+        try:
+            rest, cache, media, prompt_tokens = self._prompt(job)
+        except (MediaError, BadRequest) as e:  # this request's fault: a 400, the batch goes on
+            logger.warning("request refused: %s", e)
+            job.invalid = e if isinstance(e, BadRequest) else BadRequest(str(e), "messages")
+            return
         options = job.options
         policy = make_policy(**{name: options[name] for name in POLICY_OPTIONS if name in options})
         uid = self.engine.insert(
@@ -338,10 +370,34 @@ class Worker:
             cache=cache,
             seed=job.seed,
             num_draft_tokens=options["num_draft_tokens"],
+            media=media,
         )
         texts = TextStream(self.tokenizer, options.get("stop", ()))
-        cached = len(job.tokens) - len(rest)
-        self.running[uid] = Running(job, texts, cached, self.engine.row_stats(uid))
+        cached = prompt_tokens - len(rest)
+        stats = self.engine.row_stats(uid)
+        self.running[uid] = Running(job, texts, prompt_tokens, cached, stats)
+
+    def _prompt(self, job: Job) -> tuple[list, PromptCache, MediaPrompt | None, int]:
+        """``(tokens to feed, the cache they follow, their media or None, the prompt's length)``:
+        the cache is the namespace's that shares most with the prompt, media compared by
+        content (``media.conversation_suffix``), so a question about an image already asked
+        about feeds only its new text."""
+        if job.media is None:
+            cache = self.lru.take(job.tokens, job.namespace)
+            return job.tokens[len(cache.tokens) :], cache, None, len(job.tokens)
+        target, (images, audio) = self.target, job.media
+        prepared = prepare_media(target, images, audio)  # once: each later step takes them
+        expanded, starts = expand_placeholders(job.tokens, prepared, towers_of(target).config)
+        keys = cache_keys(expanded, prepared, starts)
+        if job.fit is not None:
+            job.fit(len(keys))
+        cache = self.lru.take(keys, job.namespace)
+        images, audio = prepared[: len(images)], prepared[len(images) :]
+        rest, images, audio = conversation_suffix(target, cache, job.tokens, images, audio)
+        media = None
+        if images or audio:
+            rest, media, _ = build_media_prompt(target, rest, images, audio)
+        return rest, cache, media, len(keys)
 
     def _flush(self) -> None:
         for run in list(self.running.values()):
@@ -393,7 +449,7 @@ class Worker:
     def _end(self, uid: int, run: Running, cache) -> None:
         """Answer the job's usage, then keep its cache (a failure there is the server's)."""
         del self.running[uid]
-        run.job.send("end", usage(len(run.job.tokens), run.cached, RowUsage(run.stats, run.sent)))
+        run.job.send("end", usage(run.prompt_tokens, run.cached, RowUsage(run.stats, run.sent)))
         if run.job.held:
             self.draining.add(run.job)
         if cache is not None:
