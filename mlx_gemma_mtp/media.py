@@ -329,12 +329,19 @@ def embeddings_of(target, prepared: Prepared) -> mx.array:
 @dataclass
 class MediaPrompt:
     """What the prefill feeds instead of token embeddings: ``embeddings`` [1, P, H] (unscaled,
-    as mlx-lm's backbone takes them), ``per_layer_inputs`` [1, P, L, D] or None, and per position
-    the image block it belongs to (-1 for text) when image blocks attend bidirectionally."""
+    as mlx-lm's backbone takes them), ``per_layer_inputs`` [1, P, L, D] or None, per position
+    the image block it belongs to (-1 for text) when image blocks attend bidirectionally, and
+    ``keys``: the prompt cache's tokens for the P positions (``cache_keys``)."""
 
     embeddings: mx.array
     per_layer_inputs: mx.array | None
     blocks: np.ndarray | None
+    keys: list[int] | None = None
+
+    @property
+    def size(self) -> int:
+        """Prompt positions it covers."""
+        return self.embeddings.shape[1]
 
     def chunk_end(self, start: int, end: int) -> int:
         """``end`` moved back (or, for a block longer than a chunk, forward) so that a chunk
@@ -501,7 +508,8 @@ def build_media_prompt(
         per_layer = backbone._get_per_layer_inputs(text_ids)
     bidirectional = text_config_of(config).get("use_bidirectional_attention") == "vision"
     keys = cache_keys(ids, prepared, starts)
-    return ids, MediaPrompt(embeddings, per_layer, blocks if bidirectional else None), keys
+    media = MediaPrompt(embeddings, per_layer, blocks if bidirectional else None, keys)
+    return ids, media, keys
 
 
 def conversation_suffix(

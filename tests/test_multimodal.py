@@ -33,9 +33,11 @@ from hf_multimodal import (  # noqa: E402
 )
 from hf_reference import VOCAB  # noqa: E402
 from PIL import Image  # noqa: E402
+from test_batch import run  # noqa: E402
 
 from mlx_gemma_mtp import load  # noqa: E402
 from mlx_gemma_mtp.convert import convert  # noqa: E402
+from mlx_gemma_mtp.engine.batch import BatchGenerator  # noqa: E402
 from mlx_gemma_mtp.engine.loop import prefill  # noqa: E402
 from mlx_gemma_mtp.engine.prompt_cache import trim_to_common_prefix  # noqa: E402
 from mlx_gemma_mtp.generation import make_prompt_cache, stream_generate  # noqa: E402
@@ -430,3 +432,44 @@ def test_chat_image_on_a_model_without_vision_tower_is_one_error_and_the_chat_go
     assert "[INFO] 1 image(s) for the next message" in result.err
     assert f"[ERROR] {picture}: this model has no vision tower" in result.err
     assert len([line for line in result.err.splitlines() if "tokens/s" in line]) == 1  # "hello"
+
+
+@pytest.fixture(scope="module")
+def batch_pair(cases):
+    """The bidirectional pair (float32) and its cases with images, audio and both."""
+    media_cases = [cases(True, kind) for kind in ("images", "audio", "both")]
+    target, drafter, _ = load(str(media_cases[0].target), str(media_cases[0].assistant),
+                              dtype="float32")  # fmt: skip
+    return target, drafter, media_cases
+
+
+CONSTANT = dict(num_draft_tokens=3, draft_schedule="constant")
+
+
+def batch_engine(target, drafter, **options) -> BatchGenerator:
+    options = dict(CONSTANT, prefill_step_size=16) | options
+    return BatchGenerator(target, drafter, **options)
+
+
+TEXT = prompt_ids("images", seed=5)[:4] + prompt_ids("images", seed=5)[5:9]  # no placeholder
+
+
+def test_batch_rows_with_images_audio_or_text_equal_transformers(batch_pair):
+    """Rows with images (bidirectional blocks longer than a prefill chunk), audio, both (joining
+    while the others decode) and none, decoded together with MTP: each row's tokens are
+    transformers' greedy output (the text row's: stream_generate's)."""
+    target, drafter, (images, audio, both) = batch_pair
+    engine = batch_engine(target, drafter, max_rows=3)
+
+    def row(case):
+        ids, media, _ = build_media_prompt(target, case.ids, case.images, case.clips)
+        return ids, dict(max_tokens=GENERATED, media=media)
+
+    for ids, options in (row(images), (TEXT, dict(max_tokens=GENERATED)), row(audio)):
+        engine.insert(ids, **options)
+    got = list(run(engine, {3: [row(both)]}).values())
+    text = [r.token for r in stream_generate(target, None, TEXT, GENERATED, drafter, **CONSTANT)]
+    expected = [images.ref["generated"], text, audio.ref["generated"], both.ref["generated"]]
+    assert got == expected
+    with pytest.raises(ValueError, match="media covers .* positions, the prompt has 3"):
+        engine.insert([2, 5, 6], max_tokens=2, media=row(images)[1]["media"])

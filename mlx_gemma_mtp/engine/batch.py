@@ -23,6 +23,7 @@ from mlx_lm.generate_utils import BatchCounters
 from mlx_lm.models.cache import KVCache, _BaseCache
 
 from ..costs import MAX_AGE, Costs, DraftController, RoundTimes
+from ..media import MediaPrompt
 from ..models.target import Target, ordered_kv
 from .cache import SlidingWindowCache
 from .loop import (
@@ -30,8 +31,10 @@ from .loop import (
     SCHEDULES,
     SpeculativeGenerator,
     Stats,
+    chunk_end,
     compiled_for_pair,
     draft_slack,
+    feed,
     history_after,
     initial_history,
     prefill,
@@ -341,6 +344,8 @@ class Row:
     start: int  # positions ``cache`` held when inserted
     keep_cache: bool  # the caller wants the settled cache back
     k_limit: int  # drafts per round it may accept
+    keys: list  # what the cache's ``tokens`` get for the prompt (media keyed on content)
+    media: object | None = None  # media.MediaPrompt of the prompt's images and audio, if any
     history: mx.array | None = None  # the processors' window (see TokenPolicy), maybe lazy
     length: int = 0  # positions its K/V holds after the last round read (the pending excluded)
     emitted: list = field(default_factory=list)
@@ -436,15 +441,26 @@ class BatchGenerator:
         cache: list | None = None,
         seed: int | None = None,
         num_draft_tokens: int | None = None,
+        media: MediaPrompt | None = None,
     ) -> int:
         """Queue ``prompt`` (the tokens after what ``cache`` holds, if given: a cache from
         ``make_prompt_cache``, returned settled when the row finishes or is removed); returns
         the row's uid. ``seed`` fixes a sampled row's output (as ``mx.random.seed`` does for
         one generation). ``num_draft_tokens``: at most that many of each round's drafts are
-        accepted for this row (default: the generator's)."""
+        accepted for this row (default: the generator's). ``media``: the embeddings of a
+        prompt with images or audio (``prompt`` and ``media`` as ``media.build_media_prompt``
+        returns them); the cache's ``tokens`` get ``media.keys`` for the prompt."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt is empty")
+        if media is not None and media.size != len(prompt):
+            raise ValueError(
+                f"media covers {media.size} prompt positions, the prompt has {len(prompt)}: "
+                "pass the ids build_media_prompt returned with it"
+            )
+        keys = prompt if media is None else media.keys
+        if keys is None:
+            raise ValueError("media.keys is None: make the MediaPrompt with build_media_prompt")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         policy = policy or TokenPolicy()
@@ -469,6 +485,8 @@ class BatchGenerator:
             start=cache[0].offset if cache else 0,
             keep_cache=keep,
             k_limit=self.k_max if num_draft_tokens is None else min(num_draft_tokens, self.k_max),
+            keys=list(keys),
+            media=media,
         )
         row.stats.prompt_tokens = len(prompt)
         row.stats.num_draft_tokens = self.k_max
@@ -520,22 +538,21 @@ class BatchGenerator:
         tokens not fed yet fed now. A row that never joined (``index`` None) leaves its own
         cache standing for the part of its prompt fed so far."""
         if index is None:  # what was fed of the prompt: an abandoned prompt is not filled
-            sequence = row.prompt[: len(row.prompt) - row.todo.size]
+            sequence = row.keys[: len(row.prompt) - row.todo.size]
             mx.eval([c.state for c in row.cache])
             if hasattr(row.cache, "tokens"):
                 row.cache.tokens += sequence
             return row.cache
-        sequence = row.prompt + row.emitted
-        length = row.start + len(sequence)
-        held = min(row.length, length)
+        length = row.start + len(row.prompt) + len(row.emitted)
+        held = min(row.length, length)  # never short of the prompt: it joined after it
         for j, layer in enumerate(self.layers):
             row.cache[j] = layer.extract(index, held, row.cache[j])
-        if held < length:
-            todo = mx.array(sequence[len(sequence) - (length - held) :], mx.int32)
+        if held < length:  # emitted tokens only: plain token embeddings
+            todo = mx.array(row.emitted[len(row.emitted) - (length - held) :], mx.int32)
             prefill(self.target, row.cache, todo, self.prefill_step_size)
         mx.eval([c.state for c in row.cache])
         if hasattr(row.cache, "tokens"):
-            row.cache.tokens += sequence
+            row.cache.tokens += row.keys + row.emitted
         return row.cache
 
     @property
@@ -580,16 +597,17 @@ class BatchGenerator:
     def _prefill_chunk(self, row: Row) -> RowOutput | None:
         """Feed the next chunk of ``row``'s prompt; after its last token, choose the first token
         and join the batch."""
+        fed = len(row.prompt) - row.todo.size  # the media's position of ``todo[0]``
         if row.todo.size > 1:
-            chunk = min(self.prefill_step_size, row.todo.size - 1)
+            chunk = chunk_end(0, row.todo.size, self.prefill_step_size, row.media, fed)
             self.counters.prompt_tokens += chunk
-            self.target.backbone(row.todo[None, :chunk], cache=row.cache)
+            feed(self.target, row.cache, row.todo, 0, chunk, row.media, fed)
             mx.eval([c.state for c in row.cache])
             row.todo = row.todo[chunk:]
             return None
-        hidden = self.target.backbone(row.todo[None], cache=row.cache)
+        hidden = feed(self.target, row.cache, row.todo, 0, 1, row.media, fed)
         self.counters.prompt_tokens += 1
-        row.todo = row.todo[:0]
+        row.todo, row.media = row.todo[:0], None  # settling a joined row never needs them
         row.history = initial_history(row.policy, mx.array(row.prompt, mx.int32), row.context)
         logprobs = row.policy.target_logprobs(self.target.logits(hidden[0]), row.history, [])
         _, tokens = row.policy.accept([], logprobs, row.seed, row.cache[0].offset)

@@ -181,9 +181,7 @@ def prefill(
     prompt whose position ``first`` is ``prompt[0]``."""
     total, done = prompt.size, 0
     while total - done > 1:
-        end = min(done + step_size, total - 1)
-        if media is not None:
-            end = media.chunk_end(first + done, first + end) - first
+        end = chunk_end(done, total, step_size, media, first)
         feed(target, cache, prompt, done, end, media, first)
         mx.eval([c.state for c in cache])
         done = end
@@ -193,7 +191,17 @@ def prefill(
     return feed(target, cache, prompt, done, total, media, first)
 
 
+def chunk_end(done: int, total: int, step_size: int, media, first: int) -> int:
+    """Where the prefill chunk from ``done`` ends: after ``step_size`` tokens, before the
+    prompt's last token (which runs alone), never inside a bidirectional image block."""
+    end = min(done + step_size, total - 1)
+    if media is not None:
+        end = media.chunk_end(first + done, first + end) - first
+    return end
+
+
 def feed(target, cache: list, prompt: mx.array, start: int, end: int, media, first: int):
+    """The backbone over ``prompt[start:end]`` (through ``media``'s embeddings, when given)."""
     if media is None:
         return target.backbone(prompt[None, start:end], cache=cache)
     return media.forward(target.backbone, cache, first + start, first + end)
