@@ -151,7 +151,9 @@ CHAT_REFUSALS = [
      "stream_options.continuous_usage_stats"),
     ({"messages": [{"role": "user", "content": "x", "images": []}]}, "messages.0.images"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     "messages.0.content"),
+     "messages.0.content.0.image_url.url"),
+    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]},
+     "messages.0.content.0"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, None),
     ({"messages": [{"role": "assistant", "tool_calls": [
         {"id": "1", "function": {"name": "f", "arguments": "{not json"}}]}]},

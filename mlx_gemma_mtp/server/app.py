@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -515,6 +516,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--allowed-media-dir",
         action="append",
+        type=directory,
         default=[],
         metavar="DIR",
         help="Directory whose files image_url parts may name (a path or file:// URL; "
@@ -537,12 +539,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--max-tokens must not be over --max-tokens-limit")
     if args.max_media_bytes > min(MAX_IMAGE_BYTES, MAX_AUDIO_BYTES):
         parser.error(f"--max-media-bytes must be at most {min(MAX_IMAGE_BYTES, MAX_AUDIO_BYTES)}")
-    try:
-        args.media = MediaSources.create(args.allowed_media_dir, args.allow_remote_media)
-    except ValueError as e:
-        parser.error(str(e))
     check_sampling_defaults(parser, args)
     return args
+
+
+def directory(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    return path
 
 
 def add_limit_args(parser: argparse.ArgumentParser) -> None:
@@ -683,7 +688,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     warn_if_exposed(args.host, args.api_key)
     access = Access.for_bind(args.host, args.allowed_hosts, api_key=args.api_key, docs=args.docs)
     model_id = served_name(args.model)
-    app = create_app(worker, model_id, defaults, limits_from(args), access, args.media)
+    media = MediaSources(args.allowed_media_dir, args.allow_remote_media)
+    app = create_app(worker, model_id, defaults, limits_from(args), access, media)
     files = raise_open_files_limit(args.max_connections + 256)
     if files < args.max_connections + 256:
         logger.warning("open files are limited to %d: fewer connections will be accepted", files)

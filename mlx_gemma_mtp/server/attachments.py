@@ -33,24 +33,16 @@ MEDIA_ROLES = ("user", "assistant")
 @dataclass(frozen=True)
 class MediaSources:
     """Where an ``image_url`` may point besides a ``data:`` URL: a file inside one of
-    ``allowed_dirs`` (absolute, resolved), an http(s) URL if ``allow_remote``."""
+    ``allowed_dirs``, an http(s) URL if ``allow_remote``."""
 
-    allowed_dirs: tuple[Path, ...] = ()
+    allowed_dirs: Sequence[str | Path] = ()
     allow_remote: bool = False
     fetch_timeout: float = FETCH_TIMEOUT
 
-    @classmethod
-    def create(
-        cls, allowed_dirs: Sequence[str | Path] = (), allow_remote: bool = False, **kwargs
-    ) -> "MediaSources":
-        """The sources with each directory resolved; one that is not a directory is an error."""
-        dirs = []
-        for folder in allowed_dirs:
-            path = Path(folder).expanduser().resolve()
-            if not path.is_dir():
-                raise ValueError(f"{folder}: not a directory (--allowed-media-dir)")
-            dirs.append(path)
-        return cls(tuple(dirs), allow_remote, **kwargs)
+    def __post_init__(self):
+        # Resolved once, symlinks too: a file is inside when its resolved path is.
+        dirs = tuple(Path(folder).expanduser().resolve() for folder in self.allowed_dirs)
+        object.__setattr__(self, "allowed_dirs", dirs)
 
 
 @dataclass
