@@ -119,8 +119,8 @@ def client(worker, files):
 
 @pytest.fixture(scope="module")
 def bare(worker, files):
-    """Data URLs only (the default), 20 kB at most per part."""
-    return app_client(worker, files, MediaSources(), max_media_bytes=20_000)
+    """Data URLs only (the default), 20 kB at most per part, prompts of 60 tokens at most."""
+    return app_client(worker, files, MediaSources(), max_media_bytes=20_000, max_prompt_tokens=60)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,9 @@ def assert_refused(response, *phrases: str) -> dict:
 
 def test_image_and_audio_parts_answer_as_stream_generate(client, pair, files):
     picture, clip = files["picture"], files["clip"]
-    reply = ask(client, [png_url(picture.read_bytes())]).json()
+    part = png_url(picture.read_bytes())
+    part["image_url"]["detail"] = "low"  # accepted, ignored
+    reply = ask(client, [part]).json()
     question = [{"role": "user", "content": user_content("What is this?", num_images=1)}]
     text, prompt_tokens = expected(pair, question, images=[picture])
     assert reply["choices"][0]["message"]["content"] == text
@@ -288,6 +290,8 @@ def test_parts_the_template_cannot_write_are_refused(client, bare, files):
                    "user and assistant messages only")  # fmt: skip
     assert_refused(ask(client, [png_url(png)], "What is <|image|>?"), "2 image placeholders")
     assert_refused(ask(bare, [png_url(png + b"\0" * 20_000)]), "over this server's limit")
+    # the text fits --max-prompt-tokens, not with the image's soft tokens (counted later)
+    assert_refused(ask(bare, [png_url(png)]), "tokens, over this server's limit of 60")
 
 
 def test_a_text_only_model_refuses_media_and_keeps_serving(files):
