@@ -525,3 +525,17 @@ def test_batch_generate_takes_images_and_audio_per_prompt(batch_pair):
         batch_generate(target, None, prompts, images=images[:3], **options)
     with pytest.raises(ValueError, match=r"audio\[1\] must be a list of prompt 1's audio"):
         batch_generate(target, None, prompts, audio=[None, media_cases[1].clips[0], None, None])
+
+
+def test_chat_audio_on_a_model_without_audio_tower_is_one_error_and_the_chat_goes_on(
+    tmp_path, monkeypatch, capsys
+):
+    from mlx_gemma_mtp import chat
+
+    clip = write(tmp_path / "voice.wav", wav_bytes(np.zeros(16_000)))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/audio {clip}\nwhat is this?\nhello\nq\n"))
+    chat.main(["--model", str(FIXTURE / "target"), "--max-tokens", "4", "--dtype", "float32"])
+    result = capsys.readouterr()
+    assert "[INFO] 1 audio clip(s) for the next message" in result.err
+    assert f"[ERROR] {clip}: this model has no audio tower" in result.err
+    assert len([line for line in result.err.splitlines() if "tokens/s" in line]) == 1  # "hello"
