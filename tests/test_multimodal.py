@@ -2,8 +2,8 @@
 soft-token embeddings, target logits over the whole prompt (one forward and chunked prefills that
 must not split an image block) and greedy MTP generation token for token, on a tiny random
 E2B-like pair (per-layer inputs, KV-shared layers) with a vision tower, with and without
-bidirectional attention inside image blocks; the converter keeps the tower; bad media fail with
-the file named.
+bidirectional attention inside image blocks, alone and in continuous batches; the converter
+keeps the tower; bad media fail with the file named.
 """
 
 import io
