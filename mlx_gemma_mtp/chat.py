@@ -32,9 +32,15 @@ from .loading import load
 from .media import MediaError, conversation_suffix, user_content
 
 HELP = (
-    "[INFO] Type a message. '/image PATH' adds an image to the next message, 'q' quits, "
-    "'r' starts a new conversation, 'h' shows this."
+    "[INFO] Type a message. '/image PATH' adds an image to the next message, '/audio PATH' an "
+    "audio clip (16 kHz WAV), 'q' quits, 'r' starts a new conversation, 'h' shows this."
 )
+# command -> (kind, what the count of pending items is called)
+MEDIA_COMMANDS = {"/image ": ("image", "image(s)"), "/audio ": ("audio", "audio clip(s)")}
+
+
+def no_media() -> dict:
+    return {"image": [], "audio": []}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -114,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (OSError, ValueError) as e:
             raise SystemExit(f"Error: {e}") from None
         system = [m for m in messages[:1] if m["role"] == "system"]
-    images, pending = [], []  # the conversation's images; those for the next message
+    # the conversation's images and audio clips; those for the next message
+    media, pending = no_media(), no_media()
     print(HELP, file=sys.stderr)
     while True:
         try:
@@ -126,18 +133,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         if query in ("r", "h"):
             if query == "r":
                 messages, cache = list(system), make_prompt_cache(model, draft_model=drafter)
-                images, pending = [], []
+                media, pending = no_media(), no_media()
             print(HELP, file=sys.stderr)
             continue
-        if query.startswith("/image "):
-            pending.append(query.removeprefix("/image ").strip())
-            print(f"[INFO] {len(pending)} image(s) for the next message", file=sys.stderr)
+        command = next((c for c in MEDIA_COMMANDS if query.startswith(c)), None)
+        if command is not None:
+            kind, counted = MEDIA_COMMANDS[command]
+            pending[kind].append(query.removeprefix(command).strip())
+            print(f"[INFO] {len(pending[kind])} {counted} for the next message", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": user_content(query, len(pending))})
+        content = user_content(query, len(pending["image"]), len(pending["audio"]))
+        messages.append({"role": "user", "content": content})
         tokens = encode_chat(tokenizer, messages)
         reply, response = "", None
         try:
-            new, new_images, _ = conversation_suffix(model, cache, tokens, images + pending)
+            images, audio = (media[kind] + pending[kind] for kind in ("image", "audio"))
+            new, new_images, new_audio = conversation_suffix(model, cache, tokens, images, audio)
             for response in stream_generate(
                 model,
                 tokenizer,
@@ -149,17 +160,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                 top_p=args.top_p,
                 prompt_cache=cache,
                 images=new_images or None,
+                audio=new_audio or None,
             ):
                 print(response.text, end="", flush=True)
                 reply += response.text
         except MediaError as e:  # the message is dropped; the conversation goes on
             print(f"[ERROR] {e}", file=sys.stderr)
             messages.pop()
-            pending = []
+            pending = no_media()
             continue
         except KeyboardInterrupt:  # stops the reply; the cache keeps what was emitted
             pass
-        images, pending = images + pending, []
+        media = {kind: media[kind] + pending[kind] for kind in media}
+        pending = no_media()
         print()
         messages.append({"role": "assistant", "content": reply})
         if args.save_cache:

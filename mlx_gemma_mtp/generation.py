@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -464,6 +465,25 @@ def format_stats(response: GenerationResponse) -> str:
     return "\n".join(lines)
 
 
+def per_prompt(media: Sequence | None, name: str, prompts: Sequence) -> list:
+    """``batch_generate``'s ``images`` or ``audio``: a list (or None) per prompt."""
+    if media is None:
+        return [None] * len(prompts)
+    if isinstance(media, str | bytes) or len(media) != len(prompts):
+        given = "a single item" if isinstance(media, str | bytes) else f"{len(media)} entries"
+        raise ValueError(
+            f"{name} must have one entry per prompt (a list of that prompt's {name}, or None): "
+            f"got {given} for {len(prompts)} prompts"
+        )
+    for i, items in enumerate(media):
+        if isinstance(items, str | bytes | Path):
+            raise ValueError(
+                f"{name}[{i}] must be a list of prompt {i}'s {name} (or None), got one item: "
+                f"write [{items!r}]"
+            )
+    return list(media)
+
+
 def batch_generate(
     model,
     tokenizer,
@@ -484,6 +504,8 @@ def batch_generate(
     prefill_step_size: int = 512,
     seed: int | None = None,
     costs: Costs | None = None,
+    images: Sequence[Sequence[Media] | None] | None = None,
+    audio: Sequence[Sequence[Media] | None] | None = None,
     **sampling: Any,
 ) -> BatchResponse:
     """Generate for every prompt, decoding them together with MTP (continuous batching):
@@ -494,7 +516,9 @@ def batch_generate(
     fill at once. ``sampling``: ``stream_generate``'s sampling options (``temp``, ``top_p``,
     ``min_p``, ``min_tokens_to_keep``, ``top_k``, ``repetition_penalty``,
     ``repetition_context_size``, ``sampler``, ``logits_processors``) for every row; ``seed``:
-    row ``i`` samples with seed ``seed + i``, the output it would have alone with that seed."""
+    row ``i`` samples with seed ``seed + i``, the output it would have alone with that seed.
+    ``images`` and ``audio``: per prompt, its media as ``stream_generate`` takes them (``None``
+    or ``[]`` for none)."""
     target = as_target(model)
     if isinstance(draft_model, Drafter):
         validate_pair(target, draft_model)
@@ -507,6 +531,7 @@ def batch_generate(
     caches = list(prompt_caches) if prompt_caches is not None else [None] * len(prompts)
     if len(limits) != len(prompts) or len(caches) != len(prompts):
         raise ValueError("max_tokens and prompt_caches must have one entry per prompt")
+    images, audio = per_prompt(images, "images", prompts), per_prompt(audio, "audio", prompts)
     for cache in caches:
         if cache is not None:
             check_prompt_cache(cache, target)
@@ -526,9 +551,12 @@ def batch_generate(
     policy = make_policy(**sampling)  # rows keep their own history; the policy holds none
     for i, (prompt, limit, cache) in enumerate(zip(prompts, limits, caches, strict=True)):
         ids = encode_prompt(tokenizer, prompt, target.args.vocab_size)
+        media = None
+        if images[i] or audio[i]:
+            ids, media, _ = build_media_prompt(target, ids, images[i] or (), audio[i] or ())
         row_seed = None if seed is None else seed + i
         uids.append(engine.insert(ids, max_tokens=limit, policy=policy, eos_token_ids=eos,
-                                  cache=cache, seed=row_seed))  # fmt: skip
+                                  cache=cache, seed=row_seed, media=media))  # fmt: skip
     tokens = {uid: [] for uid in uids}
     logprobs = {uid: [] for uid in uids}
     settled = {}

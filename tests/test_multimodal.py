@@ -2,8 +2,8 @@
 soft-token embeddings, target logits over the whole prompt (one forward and chunked prefills that
 must not split an image block) and greedy MTP generation token for token, on a tiny random
 E2B-like pair (per-layer inputs, KV-shared layers) with a vision tower, with and without
-bidirectional attention inside image blocks; the converter keeps the tower; bad media fail with
-the file named.
+bidirectional attention inside image blocks, alone and in continuous batches; the converter
+keeps the tower; bad media fail with the file named.
 """
 
 import io
@@ -40,7 +40,7 @@ from mlx_gemma_mtp.convert import convert  # noqa: E402
 from mlx_gemma_mtp.engine.batch import BatchGenerator  # noqa: E402
 from mlx_gemma_mtp.engine.loop import prefill  # noqa: E402
 from mlx_gemma_mtp.engine.prompt_cache import trim_to_common_prefix  # noqa: E402
-from mlx_gemma_mtp.generation import make_prompt_cache, stream_generate  # noqa: E402
+from mlx_gemma_mtp.generation import batch_generate, make_prompt_cache, stream_generate  # noqa: E402
 from mlx_gemma_mtp.media import (  # noqa: E402
     MediaError,
     build_media_prompt,
@@ -473,3 +473,69 @@ def test_batch_rows_with_images_audio_or_text_equal_transformers(batch_pair):
     assert got == expected
     with pytest.raises(ValueError, match="media covers .* positions, the prompt has 3"):
         engine.insert([2, 5, 6], max_tokens=2, media=row(images)[1]["media"])
+
+
+def test_removed_media_rows_leave_caches_that_continue_the_conversation(batch_pair):
+    """A row removed while decoding and one removed mid-prefill: each cache stands for what it
+    fed (media keyed on content), and the next turn from it is the turn from a fresh cache over
+    the whole conversation."""
+    target, drafter, (_, _, case) = batch_pair
+    engine = batch_engine(target, drafter)
+    ids, media, keys = build_media_prompt(target, case.ids, case.images, case.clips)
+    decoding, filling = make_prompt_cache(target), make_prompt_cache(target)
+    uid = engine.insert(ids, max_tokens=100, cache=decoding, media=media)
+    late = engine.insert(ids, max_tokens=100, cache=filling, media=media)
+    emitted = []
+    while len(emitted) < 6:
+        emitted += [t for out in engine.step() if out.uid == uid for t in out.tokens]
+    assert [row.uid for row in engine.filling] == [late]
+    partial = engine.remove(late)
+    settled = engine.remove(uid, num_emitted=4)
+    assert settled is decoding and settled.tokens == keys + emitted[:4]
+    assert 0 < len(partial.tokens) < len(keys) and partial.tokens == keys[: len(partial.tokens)]
+    for cache in (settled, partial):
+        assert cache[0].offset == len(cache.tokens)
+    conversation = case.ids + emitted[:4] + [7, 8, 9]
+    media = dict(images=case.images, audio=case.clips)
+    assert conversation_suffix(target, settled, conversation, **media)[0] == [7, 8, 9]
+    fresh = make_prompt_cache(target)
+    reply = stream_generate(target, None, conversation, 6, drafter, prompt_cache=fresh, **media,
+                            **CONSTANT)  # fmt: skip
+    expected = [r.token for r in reply]
+    for cache in (settled, partial):
+        new, images, clips = conversation_suffix(target, cache, conversation, **media)
+        turn = stream_generate(target, None, new, 6, drafter, prompt_cache=cache, images=images,
+                               audio=clips, **CONSTANT)  # fmt: skip
+        assert [r.token for r in turn] == expected
+        assert cache.tokens == fresh.tokens
+
+
+def test_batch_generate_takes_images_and_audio_per_prompt(batch_pair):
+    target, drafter, media_cases = batch_pair
+    prompts = [case.ids for case in media_cases] + [TEXT]
+    images = [case.images for case in media_cases] + [None]  # [] for the audio case
+    audio = [case.clips or None for case in media_cases] + [[]]
+    options = dict(max_tokens=GENERATED, draft_model=drafter, completion_batch_size=2, **CONSTANT)
+    response = batch_generate(target, None, prompts, images=images, audio=audio,
+                              return_token_ids=True, **options)  # fmt: skip
+    text = [r.token for r in stream_generate(target, None, TEXT, GENERATED, drafter, **CONSTANT)]
+    assert response.token_ids == [case.ref["generated"] for case in media_cases] + [text]
+    with pytest.raises(ValueError, match="images must have one entry per prompt.*got 3 entries "
+                                         "for 4 prompts"):  # fmt: skip
+        batch_generate(target, None, prompts, images=images[:3], **options)
+    with pytest.raises(ValueError, match=r"audio\[1\] must be a list of prompt 1's audio"):
+        batch_generate(target, None, prompts, audio=[None, media_cases[1].clips[0], None, None])
+
+
+def test_chat_audio_on_a_model_without_audio_tower_is_one_error_and_the_chat_goes_on(
+    tmp_path, monkeypatch, capsys
+):
+    from mlx_gemma_mtp import chat
+
+    clip = write(tmp_path / "voice.wav", wav_bytes(np.zeros(16_000)))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/audio {clip}\nwhat is this?\nhello\nq\n"))
+    chat.main(["--model", str(FIXTURE / "target"), "--max-tokens", "4", "--dtype", "float32"])
+    result = capsys.readouterr()
+    assert "[INFO] 1 audio clip(s) for the next message" in result.err
+    assert f"[ERROR] {clip}: this model has no audio tower" in result.err
+    assert len([line for line in result.err.splitlines() if "tokens/s" in line]) == 1  # "hello"

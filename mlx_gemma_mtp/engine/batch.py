@@ -345,7 +345,7 @@ class Row:
     keep_cache: bool  # the caller wants the settled cache back
     k_limit: int  # drafts per round it may accept
     keys: list  # what the cache's ``tokens`` get for the prompt (media keyed on content)
-    media: object | None = None  # media.MediaPrompt of the prompt's images and audio, if any
+    media: MediaPrompt | None = None  # the prompt's image and audio embeddings, if any
     history: mx.array | None = None  # the processors' window (see TokenPolicy), maybe lazy
     length: int = 0  # positions its K/V holds after the last round read (the pending excluded)
     emitted: list = field(default_factory=list)
