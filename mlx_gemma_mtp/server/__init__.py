@@ -1,7 +1,8 @@
 """OpenAI-compatible server: ``python -m mlx_gemma_mtp.server --model T --draft-model D``.
 
-``protocol`` (request bodies, responses, errors), ``tools`` (tool calls), ``access`` (API key,
-Host/Origin checks), ``worker`` (the generation thread, jobs and the conversation caches),
+``protocol`` (request bodies, responses, errors), ``tools`` (tool calls), ``attachments``
+(images and audio in chat messages: their sources and bounds), ``access`` (API key, Host/Origin
+checks), ``worker`` (the generation thread, jobs and the conversation caches),
 ``limits`` (bounds on bodies, queue, tokens and connections; shutdown), ``app`` (the FastAPI app
 and the command line).
 
