@@ -27,6 +27,7 @@ UNIFIED_TEXT_DEFAULTS = {
     "sliding_window": 1024,
     "final_logit_softcapping": None,
     "max_position_embeddings": 262_144,
+    "use_bidirectional_attention": "vision",
 }
 UNIFIED_SLIDING_WINDOW_PATTERN = 6  # transformers' default layer_types: 5 sliding, then 1 full
 
@@ -60,8 +61,8 @@ def normalize_unified_text(text_config: dict[str, Any], source: str) -> dict[str
     The unified text model is Gemma 4's text model without per-layer inputs or MoE: same attention
     (q/k/v norms, ``attention_k_eq_v``, proportional RoPE on full layers), same MLP, same
     ``layer_scalar`` after each layer, same scaled embedding and softcapping. Its
-    ``use_bidirectional_attention="vision"`` only changes the mask around vision tokens, which
-    text generation never has; ``"all"`` (every token bidirectional) is not a causal LM.
+    ``use_bidirectional_attention="vision"`` (the default) only changes the mask inside images
+    (``media.MediaPrompt``); ``"all"`` (every token bidirectional) is not a causal LM.
     """
     if text_config.get("use_bidirectional_attention") == "all":
         raise ConfigError(

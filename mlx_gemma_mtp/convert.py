@@ -24,14 +24,13 @@ from .config import ConfigError, is_assistant, normalize_target_config, read_con
 from .loading import (
     AUDIO_PREFIXES,
     DTYPES,
-    VISION_PREFIXES,
     cast,
     has_audio_tower,
-    has_vision_tower,
     load_drafter_model,
     load_target_model,
     resolve_path,
     tower_weights,
+    vision_prefixes,
     weight_files,
 )
 
@@ -262,10 +261,11 @@ def load_for_conversion(source: Path, config: dict) -> tuple[nn.Module, dict]:
 
 
 def tower_weights_to_keep(source: Path, config: dict) -> dict:
-    """A gemma4 checkpoint's vision and audio towers, kept in floating point (never quantized:
-    they are small and their error would reach every media token) in the converted model's
-    dtype, under their names without ``model.`` and in their own (PyTorch) layout."""
-    prefixes = VISION_PREFIXES if has_vision_tower(config) else ()
+    """The image encoder (gemma4's tower or the 12B's embedder) and gemma4's audio tower, kept in
+    floating point (never quantized: they are small and their error would reach every media
+    token) in the converted model's dtype, under their names without ``model.`` and in their own
+    (PyTorch) layout."""
+    prefixes = vision_prefixes(config)
     prefixes += AUDIO_PREFIXES if has_audio_tower(config) else ()
     if not prefixes:
         return {}

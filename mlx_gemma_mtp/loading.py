@@ -35,8 +35,10 @@ MULTIMODAL_PREFIXES = (
     "multi_modal_projector",
     "vision_embedder",
 )
-# Loaded from the target's folder when media arrive (media.py), for gemma4 checkpoints.
+# Loaded from the target's folder when media arrive (media.py): gemma4's towers and the 12B's
+# encoder-free image embedder (its checkpoint's names, which transformers renames when loading).
 VISION_PREFIXES = ("vision_tower", "embed_vision")
+UNIFIED_VISION_PREFIXES = ("vision_embedder", "embed_vision")
 AUDIO_PREFIXES = ("audio_tower", "embed_audio")
 
 
@@ -48,6 +50,24 @@ def has_vision_tower(config: dict) -> bool:
         and isinstance(vision, dict)
         and vision.get("model_type", "gemma4_vision") == "gemma4_vision"
     )
+
+
+def has_unified_vision(config: dict) -> bool:
+    """A 12B checkpoint (``gemma4_unified``, or ``gemma4`` once converted) with the encoder-free
+    image embedder."""
+    vision = config.get("vision_config")
+    return (
+        config.get("model_type") in ("gemma4_unified", "gemma4")
+        and isinstance(vision, dict)
+        and vision.get("model_type") == "gemma4_unified_vision"
+    )
+
+
+def vision_prefixes(config: dict) -> tuple[str, ...]:
+    """The weight prefixes of the target's image encoder, none without one."""
+    if has_vision_tower(config):
+        return VISION_PREFIXES
+    return UNIFIED_VISION_PREFIXES if has_unified_vision(config) else ()
 
 
 def resolve_path(path_or_repo: str) -> Path:
@@ -149,12 +169,13 @@ def has_audio_tower(config: dict) -> bool:
 
 
 def report_skipped_towers(model_path: Path, names: set[str], config: dict) -> None:
-    """Say (one line) which multimodal parts of a checkpoint are never used: gemma4's vision and
-    audio towers load when media arrive, anything else (the 12B's embedders) is text only."""
+    """Say (one line) which multimodal parts of a checkpoint are never used: the image encoders
+    and gemma4's audio tower load when media arrive, anything else (the 12B's audio embedder) is
+    text only."""
     present = {
         p for n in names for p in MULTIMODAL_PREFIXES if n.removeprefix("model.").startswith(p)
     }
-    used = set(VISION_PREFIXES) if has_vision_tower(config) else set()
+    used = set(vision_prefixes(config))
     used |= set(AUDIO_PREFIXES) if has_audio_tower(config) else set()
     skipped = sorted(present - used)
     if skipped:

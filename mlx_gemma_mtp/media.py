@@ -5,29 +5,31 @@ The prompt stays a list of token ids in which each image is ``boi``, ``num_soft_
 placeholders and ``eoi`` (each audio clip ``boa``, audio placeholders, ``eoa``), as
 ``Gemma4Processor`` writes them; ``MediaPrompt`` holds the embeddings that replace the
 placeholders, the per-layer inputs of the E-series and the image blocks that attend to each other
-bidirectionally on sliding layers when the config says so.
+bidirectionally when the config says so (on sliding layers for ``gemma4``, on every layer for the
+12B).
 """
 
+import functools
 import hashlib
 import io
 import wave
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .config import ConfigError, text_config_of
+from .config import ConfigError, normalize_target_config, text_config_of
 from .engine.prompt_cache import common_prefix_length, trim_to_common_prefix
-from .loading import has_audio_tower, has_vision_tower, tower_weights
+from .loading import has_audio_tower, has_unified_vision, has_vision_tower, tower_weights
 from .models.gemma4_audio import AudioArgs, AudioTower
+from .models.gemma4_unified_vision import UnifiedVisionArgs, VisionEmbedder
 from .models.gemma4_vision import MultimodalEmbedder, VisionArgs, VisionTower
+from .unified_images import DEFAULT_MAX_SOFT_TOKENS, PROCESSOR_FILES, UnifiedImageProcessor
 
 MAX_IMAGE_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 64_000_000
-DEFAULT_MAX_SOFT_TOKENS = 280
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 MAX_AUDIO_BYTES = 64 << 20
 MAX_AUDIO_SECONDS = 30  # the feature extractor's max_length: longer clips would be cut
 # WAV sample width (bytes) -> numpy type, offset and scale to [-1, 1]
@@ -114,9 +116,10 @@ class Towers:
 
     model_path: Path
     config: dict
-    vision: VisionTower | None = None
+    vision: VisionTower | VisionEmbedder | None = None
     embed_vision: MultimodalEmbedder | None = None
-    image_processor: object | None = None
+    # an RGB image -> (patches, (x, y) positions, number of soft tokens)
+    image_inputs: Callable | None = None
     audio: AudioTower | None = None
     embed_audio: MultimodalEmbedder | None = None
     feature_extractor: object | None = None
@@ -136,28 +139,44 @@ def missing_tower(config: dict, kind: str) -> str | None:
     """Why a model with this config.json cannot take ``kind`` ("image" or "audio"), or None."""
     if kind == "audio":
         return None if has_audio_tower(config) else "this model has no audio tower"
-    if not config.get("vision_config"):
-        return "this model has no vision tower"
-    if not has_vision_tower(config):
-        return (
-            "images are supported for gemma4 checkpoints with a vision tower (E2B/E4B, 26B, "
-            "31B), not yet for the 12B's encoder-free embedder"
-        )
-    return None
+    if has_vision_tower(config) or has_unified_vision(config):
+        return None
+    return "this model has no vision tower"
 
 
 def vision_of(target, item: Media) -> Towers:
     towers = towers_of(target)
     if towers.vision is None:
         config = towers.config
-        if reason := missing_tower(config, "image"):
-            raise MediaError(f"{media_name(item)}: {reason}")
-        args = VisionArgs.from_dict(config["vision_config"])
-        vision, embed = VisionTower(args), embedder(config, args.hidden_size, args.rms_norm_eps)
-        load_parts(target, {"vision_tower.": vision, "embed_vision.": embed})
-        towers.image_processor = make_image_processor(towers.model_path, config)
-        towers.vision, towers.embed_vision = vision, embed
+        if has_unified_vision(config):
+            vision, embed, image_inputs = unified_vision(towers.model_path, config)
+            parts = {"vision_embedder.": vision, "embed_vision.": embed}
+        elif has_vision_tower(config):
+            args = VisionArgs.from_dict(config["vision_config"])
+            vision = VisionTower(args)
+            embed = embedder(config, args.hidden_size, args.rms_norm_eps)
+            processor = make_image_processor(towers.model_path, config)
+            image_inputs = functools.partial(gemma4_image_inputs, processor)
+            parts = {"vision_tower.": vision, "embed_vision.": embed}
+        else:
+            raise MediaError(f"{media_name(item)}: {missing_tower(config, 'image')}")
+        load_parts(target, parts)
+        towers.vision, towers.embed_vision, towers.image_inputs = vision, embed, image_inputs
     return towers
+
+
+def unified_vision(model_path: Path, config: dict) -> tuple:
+    """The 12B's image embedder, its projection and its image preprocessing (unloaded)."""
+    args = UnifiedVisionArgs.from_dict(config["vision_config"])
+    if args.output_proj_dims != args.mm_embed_dim:
+        raise ConfigError(
+            f"{model_path / 'config.json'}: vision_config output_proj_dims "
+            f"{args.output_proj_dims} differs from mm_embed_dim {args.mm_embed_dim} (the "
+            "projection reads the embedder's output: transformers could not run it either)"
+        )
+    processor = UnifiedImageProcessor.from_folder(model_path, args)
+    embed = embedder(config, args.output_proj_dims, args.rms_norm_eps)
+    return VisionEmbedder(args), embed, processor
 
 
 def audio_of(target, item: Media) -> Towers:
@@ -226,6 +245,15 @@ def make_image_processor(model_path: Path, config: dict):
     )
 
 
+def gemma4_image_inputs(processor, image) -> tuple[np.ndarray, np.ndarray, int]:
+    """``Towers.image_inputs`` of transformers' Gemma 4 processor (padding patches dropped)."""
+    features = processor(images=[image], return_tensors="np")
+    positions = features["image_position_ids"][0]
+    real = (positions != -1).all(axis=-1)
+    count = int(features["num_soft_tokens_per_image"][0])
+    return features["pixel_values"][0][real], positions[real], count
+
+
 def make_feature_extractor(model_path: Path):
     """transformers' Gemma 4 audio feature extractor with the checkpoint's settings."""
     from transformers.models.gemma4.feature_extraction_gemma4 import (
@@ -253,13 +281,10 @@ def prepare_image(target, item: Media) -> Prepared:
     data = read_media_bytes(item, MAX_IMAGE_BYTES)
     image = open_image(data, media_name(item))
     try:
-        features = towers.image_processor(images=[image], return_tensors="np")
+        patches, positions, count = towers.image_inputs(image)
     except ValueError as e:  # the processor's own checks
         raise MediaError(f"{media_name(item)}: cannot be processed ({e})") from None
-    positions = features["image_position_ids"][0]
-    real = (positions != -1).all(axis=-1)
-    inputs = dict(patches=features["pixel_values"][0][real], positions=positions[real])
-    count = int(features["num_soft_tokens_per_image"][0])
+    inputs = dict(patches=patches, positions=positions)
     return Prepared("image", item, inputs, count, hashlib.sha256(data).hexdigest())
 
 
@@ -330,13 +355,16 @@ def embeddings_of(target, prepared: Prepared) -> mx.array:
 class MediaPrompt:
     """What the prefill feeds instead of token embeddings: ``embeddings`` [1, P, H] (unscaled,
     as mlx-lm's backbone takes them), ``per_layer_inputs`` [1, P, L, D] or None, per position
-    the image block it belongs to (-1 for text) when image blocks attend bidirectionally, and
-    ``keys``: the prompt cache's tokens for the P positions (``cache_keys``)."""
+    the image block it belongs to (-1 for text) when image blocks attend bidirectionally: on
+    sliding layers within the window (``gemma4``), or with ``every_layer`` on every layer and past
+    the window (the 12B), and ``keys``: the prompt cache's tokens for the P positions
+    (``cache_keys``)."""
 
     embeddings: mx.array
     per_layer_inputs: mx.array | None
     blocks: np.ndarray | None
     keys: list[int] | None = None
+    every_layer: bool = False
 
     @property
     def size(self) -> int:
@@ -375,31 +403,32 @@ class MediaPrompt:
             del backbone._make_masks
 
     def _masks(self, make_masks, backbone, h, cache, base: int) -> list:
-        """mlx-lm's masks, with sliding layers also seeing the rest of their image block:
-        AND(window, OR(causal, same block)) as transformers' ``create_masks_for_vision_model``."""
+        """mlx-lm's masks, with the tokens of an image block also seeing the rest of their block.
+        ``gemma4`` (transformers' ``create_masks_for_vision_model``): sliding layers only,
+        AND(window, OR(causal, same block)). The 12B (``Gemma4UnifiedModel`` builds Gemma 3's
+        masks): every layer, OR(its mask, same block), so past the sliding window too."""
         masks = make_masks(h, cache)
-        n, layers = h.shape[1], backbone.layers
-        sliding = [c for layer, c in zip(layers, cache, strict=True) if is_sliding(layer, c)]
-        if not sliding:
-            return masks
-        c = sliding[0]
-        causal = c.make_mask(n, window_size=backbone.window_size, return_array=True)
-        num_keys = causal.shape[-1]
-        query_pos = np.arange(c.offset, c.offset + n)[:, None]
-        key_pos = np.arange(c.offset + n - num_keys, c.offset + n)[None]
+        kinds = {"sliding_attention"} | ({"full_attention"} if self.every_layer else set())
         blocks = np.concatenate([np.full(max(base, 0), -1), self.blocks])
+        changed = {}
+        for layer, layer_cache in zip(backbone.layers, cache, strict=True):
+            kind = layer.layer_type
+            if kind in kinds and kind not in changed and layer_cache is not None:
+                window = backbone.window_size if kind == "sliding_attention" else None
+                changed[kind] = self._block_mask(layer_cache, h.shape[1], window, blocks)
+        layers = zip(backbone.layers, masks, strict=True)
+        return [changed.get(layer.layer_type, mask) for layer, mask in layers]
+
+    def _block_mask(self, layer_cache, n: int, window: int | None, blocks: np.ndarray):
+        causal = layer_cache.make_mask(n, window_size=window, return_array=True)
+        offset, num_keys = layer_cache.offset, causal.shape[-1]
+        query_pos = np.arange(offset, offset + n)[:, None]
+        key_pos = np.arange(offset + n - num_keys, offset + n)[None]
         query_block, key_block = blocks[query_pos], blocks[key_pos]
         same = (query_block == key_block) & (query_block >= 0)
-        same &= key_pos > query_pos - backbone.window_size
-        mask = causal | mx.array(same)
-        return [
-            mask if layer.layer_type == "sliding_attention" else m
-            for layer, m in zip(layers, masks, strict=True)
-        ]
-
-
-def is_sliding(layer, layer_cache) -> bool:
-    return layer.layer_type == "sliding_attention" and layer_cache is not None
+        if window is not None and not self.every_layer:
+            same &= key_pos > query_pos - window
+        return causal | mx.array(same)
 
 
 def user_content(text: str, num_images: int = 0, num_audio: int = 0) -> str | list:
@@ -506,9 +535,12 @@ def build_media_prompt(
     per_layer = None
     if backbone.hidden_size_per_layer_input:
         per_layer = backbone._get_per_layer_inputs(text_ids)
-    bidirectional = text_config_of(config).get("use_bidirectional_attention") == "vision"
+    text_config = text_config_of(normalize_target_config(config))
+    bidirectional = text_config.get("use_bidirectional_attention") == "vision"
     keys = cache_keys(ids, prepared, starts)
-    media = MediaPrompt(embeddings, per_layer, blocks if bidirectional else None, keys)
+    every_layer = has_unified_vision(config)
+    blocks = blocks if bidirectional else None
+    media = MediaPrompt(embeddings, per_layer, blocks, keys, every_layer)
     return ids, media, keys
 
 

@@ -1,11 +1,12 @@
 """Write a tiny random Gemma 4 12B-style ("unified") pair with transformers, in the layout Google
 publishes: ``OUT/target`` (``Gemma4UnifiedForConditionalGeneration``, model_type
-``gemma4_unified``, with vision and audio embedders) and ``OUT/assistant``
-(``Gemma4UnifiedAssistantForCausalLM``, model_type ``gemma4_unified_assistant``).
+``gemma4_unified``, with its image and audio embedders and ``preprocessor_config.json``),
+``OUT/assistant`` (``Gemma4UnifiedAssistantForCausalLM``, model_type
+``gemma4_unified_assistant``) and a random picture ``OUT/picture.png``.
 
-The weights are random (the parity tests' ``tests/hf_reference.py``), so the text is noise; the
+The weights are random (the parity tests' ``tests/hf_multimodal.py``), so the text is noise; the
 point is to run the convert and generate commands end to end on a local folder. Needs the test
-extras (``pip install -e ".[test]"``: torch and transformers), no network.
+extras (``pip install -e ".[test]"``: torch, transformers, Pillow), no network.
 
     python scripts/make_tiny_unified_pair.py --out tiny-12b
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from hf_reference import make_pair  # noqa: E402
+from hf_multimodal import make_unified_image_pair, random_images  # noqa: E402
 
 
 def main(argv=None) -> Path:
@@ -32,11 +33,13 @@ def main(argv=None) -> Path:
         parser.error(f"{out} already exists")
     with tempfile.TemporaryDirectory() as tmp:
         options = dict(sliding_window=args.sliding_window, ordered=args.ordered)
-        pair = make_pair("12b", Path(tmp), "conditional", **options)
+        target, assistant = make_unified_image_pair(Path(tmp), **options)
+        (picture,) = random_images(Path(tmp), [(64, 48)])
         out.mkdir(parents=True)
-        shutil.move(pair.target, out / "target")
-        shutil.move(pair.assistant, out / "assistant")
-    print(f"Wrote {out}/target and {out}/assistant")
+        shutil.move(target, out / "target")
+        shutil.move(assistant, out / "assistant")
+        shutil.move(picture, out / "picture.png")
+    print(f"Wrote {out}/target, {out}/assistant and {out}/picture.png")
     return out
 
 

@@ -1,10 +1,44 @@
 """Shared fixtures."""
 
+import os
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma4-tiny"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands(marker: str) -> list[str]:
+    """The commands of the README's bash block that mentions ``marker``, but its ``pip`` line."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if marker in b)
+    return [line for line in block.strip().splitlines() if not line.startswith("pip ")]
+
+
+def run_commands(commands: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run README ``python`` commands as written in ``cwd``, with this checkout's scripts and
+    package (wherever the environment's editable install points); the last one's result."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    for command in commands:
+        args = shlex.split(command.replace("python scripts/", f"python {ROOT}/scripts/"))
+        result = subprocess.run(
+            [sys.executable, *args[1:]],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    return result
 
 
 @pytest.fixture(scope="module")

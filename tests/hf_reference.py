@@ -180,7 +180,14 @@ TINY_AUDIO = dict(
     subsampling_conv_channels=[4, 4],
     output_proj_dims=16,
 )
-TINY_UNIFIED_VISION = dict(patch_size=2, pooling_kernel_size=1, mm_embed_dim=16, mm_posemb_size=8)
+# The 12B's image embedder: 2x2 patches merged 2x2 into 4-pixel model patches. Its projection into
+# the text model reads output_proj_dims features from an embedder that writes mm_embed_dim ones, and
+# transformers defaults output_proj_dims to 3840 on its own: a tiny config must set both (the 12B
+# has 3840 for each), or no forward with an image can run. mm_posemb_size covers the positions of
+# the smallest image budget (70 soft tokens along one side).
+TINY_UNIFIED_VISION = dict(
+    patch_size=2, pooling_kernel_size=2, mm_embed_dim=16, output_proj_dims=16, mm_posemb_size=70
+)
 TINY_UNIFIED_AUDIO = dict(audio_embed_dim=8)
 QK_NORM = re.compile(r"\.[qk]_norm\.weight$")
 

@@ -8,10 +8,6 @@ keeps the tower; bad media fail with the file named.
 
 import io
 import json
-import os
-import re
-import shlex
-import subprocess
 import sys
 import wave
 from dataclasses import dataclass
@@ -20,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURE
+from conftest import FIXTURE, readme_commands, run_commands
 
 pytest.importorskip("PIL")
 from hf_multimodal import (  # noqa: E402
@@ -318,27 +314,9 @@ def test_a_conversation_reuses_the_cache_of_its_images(bidirectional_case, tmp_p
 def test_readme_tiny_e2b_image_commands_run_as_written(tmp_path):
     """The README's local walkthrough: write a tiny pair with both towers, convert both (the
     target quantized), generate about the picture and the clip with MTP."""
-    readme = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "tiny-e2b" in b)
-    commands = [line for line in block.strip().splitlines() if not line.startswith("pip ")]
+    commands = readme_commands("tiny-e2b")
     assert len(commands) == 4 and "--image tiny-e2b/picture.png --audio" in commands[-1]
-    # This checkout's package, wherever the environment's editable install points.
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    for command in commands:
-        args = shlex.split(command.replace("python scripts/", f"python {ROOT}/scripts/"))
-        result = subprocess.run(
-            [sys.executable, *args[1:]],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-        assert result.returncode == 0, (command, result.stderr[-2000:])
-    assert "tokens per target forward" in result.stderr
+    assert "tokens per target forward" in run_commands(commands, tmp_path).stderr
 
 
 def wav_bytes(samples: np.ndarray, rate: int = 16_000) -> bytes:

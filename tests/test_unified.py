@@ -1,15 +1,12 @@
 """12B unified checkpoints: what the converter and ``load`` do around the model (parity with
-transformers is in ``test_parity.py``): the vision/audio parts are skipped with one stated line, a
-converted target is plain mlx-lm, quantized unified pairs generate, bad configs are clear errors."""
+transformers is in ``test_parity.py``, images in ``test_unified_images.py``): the audio embedder is
+skipped with one stated line, a converted target is plain mlx-lm, quantized unified pairs generate,
+bad configs are clear errors."""
 
 import json
-import re
-import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import readme_commands, run_commands
 from drafting import ALWAYS_DRAFT
 from mlx_lm.utils import load_model
 
@@ -20,7 +17,6 @@ from mlx_gemma_mtp.convert import convert
 from mlx_gemma_mtp.generation import stream_generate
 
 PROMPT = [2, 17, 300, 41, 99, 7, 250, 3, 61, 480, 12, 5]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +25,20 @@ def wrapper_pair(hf_pair):
 
 
 def skip_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if "text generation only" in line]
+    return [line for line in text.splitlines() if "not loading" in line]
 
 
-def test_towers_are_skipped_with_one_line_at_load_and_conversion(wrapper_pair, tmp_path, capfd):
+def test_audio_embedder_is_skipped_with_one_line_at_load_and_conversion(
+    wrapper_pair, tmp_path, capfd
+):
+    """The image embedder loads when images arrive (and the converter keeps it); the audio
+    embedder is not supported: one line says so."""
     load(str(wrapper_pair.target), str(wrapper_pair.assistant))
     lines = skip_lines(capfd.readouterr().err)
-    assert len(lines) == 1 and "embed_vision" in lines[0] and "embed_audio" in lines[0], lines
+    assert len(lines) == 1 and lines[0].endswith(": not loading embed_audio"), lines
     convert(str(wrapper_pair.target), str(tmp_path / "target"))
     assert len(skip_lines(capfd.readouterr().err)) == 1
-    load(str(tmp_path / "target"))  # the converted folder has no tower weights left
+    load(str(tmp_path / "target"))  # the converted folder has no audio weights left
     assert skip_lines(capfd.readouterr().err) == []
 
 
@@ -106,19 +106,15 @@ def test_missing_unified_fields_take_transformers_defaults():
     assert config["hidden_size_per_layer_input"] == 0 and config["num_kv_shared_layers"] == 0
     assert config["sliding_window"] == 1024 and config["final_logit_softcapping"] is None
     assert config["layer_types"][:6] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert config["use_bidirectional_attention"] == "vision"  # image blocks, media.MediaPrompt
 
 
 def test_readme_tiny_12b_commands_run_as_written(tmp_path):
-    """The README's local 12B walkthrough: write a tiny pair, convert both, generate with MTP."""
-    readme = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "tiny-12b" in b)
-    commands = [line for line in block.strip().splitlines() if not line.startswith("pip ")]
+    """The README's local 12B walkthrough: write a tiny pair, convert both, ask about its picture
+    with MTP."""
+    commands = readme_commands("tiny-12b")
     assert len(commands) == 4 and commands[-1].startswith("python -m mlx_gemma_mtp.generate")
-    for command in commands:
-        args = shlex.split(command.replace("python scripts/", f"python {ROOT}/scripts/"))
-        result = subprocess.run(
-            [sys.executable, *args[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600
-        )
-        assert result.returncode == 0, (command, result.stderr[-2000:])
+    assert "--image tiny-12b/picture.png" in commands[-1]
+    result = run_commands(commands, tmp_path)
     assert "tokens per target forward" in result.stderr
-    assert "text generation only" not in result.stderr  # converted: the towers are gone
+    assert "not loading" not in result.stderr  # converted: the audio embedder is gone
