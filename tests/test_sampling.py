@@ -20,6 +20,7 @@ from mlx_gemma_mtp.engine.sampling import (
     gumbel_at,
     gumbel_from_bits,
     match_accept,
+    nucleus_choice,
 )
 from mlx_gemma_mtp.generation import make_policy, stream_generate, warn_once
 from mlx_gemma_mtp.models import gemma4_assistant
@@ -142,6 +143,66 @@ def test_the_drafter_sees_the_targets_noise_at_its_candidates():
     assert token != other_seed or token != other_position
 
 
+def nucleus(logprobs, temp, top_p, seed, positions, ids=None) -> tuple[mx.array, mx.array]:
+    vocabulary = mx.arange(logprobs.shape[-1])[None] if ids is None else ids
+    noise = gumbel_at(seed, positions[:, None], vocabulary)
+    return nucleus_choice(logprobs, 1 / temp, top_p, noise, ids)
+
+
+def test_nucleus_choice_is_the_filtered_draw_where_sure():
+    """Without a sort, the best-noised token inside the nucleus is the exact draw over the
+    top-p-filtered row, over 64 seeds x 6 rows; it says where it is unsure (flat rows, a small
+    top-p and a high temperature make that common), and a candidate row agrees with its
+    full row."""
+    mx.random.seed(3)
+    logits = mx.random.normal((6, 512)) * mx.array([[0.5], [1.0], [2.0], [3.0], [4.0], [6.0]])
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    positions = mx.arange(40, 46)
+    sure_rows = unsure_rows = 0
+    for temp, top_p in ((0.7, 0.95), (2.0, 0.3)):
+        params = SamplingParams(temp=temp, top_p=top_p)
+        scaled = filter_scaled(params, logprobs)
+        for seed in mx.arange(64, dtype=mx.uint32):
+            tokens, sure = nucleus(logprobs, temp, top_p, seed, positions)
+            exact = coupled_choice(scaled, seed, positions)
+            assert mx.all(mx.where(sure, tokens == exact, True)).item()
+            sure_rows += sure.sum().item()
+            unsure_rows += (~sure).sum().item()
+    assert sure_rows > 400 and unsure_rows > 100
+    ids = mx.array([[3, 500, 17, 250, 99, 7]])  # a drafter's candidates, in no order
+    row = logprobs[:1, ids[0]]
+    row = row - mx.logsumexp(row, axis=-1, keepdims=True)
+    scaled = filter_scaled(SamplingParams(temp=1.0, top_p=0.8), row)
+    for seed in mx.arange(16, dtype=mx.uint32):
+        token, sure = nucleus(row, 1.0, 0.8, seed, positions[:1], ids)
+        if sure.item():
+            assert token.item() == coupled_choice(scaled, seed, positions[:1], ids).item()
+
+
+def test_a_round_accepts_only_what_plain_decoding_picks():
+    """Top-p rounds: the emitted tokens (accepted drafts and the pick after them) are, row by
+    row, plain decoding's exact draw, even where the sort-free draw is unsure, and drafts that
+    equal every row's draw are all accepted where it is sure."""
+    policy = make_policy(temp=2.0, top_p=0.3)
+    mx.random.seed(4)
+    logits = mx.random.normal((5, 256)) * 0.5
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    truncated = 0
+    for seed in mx.arange(48, dtype=mx.uint32):
+        positions = 10 + mx.arange(5)
+        exact = [coupled_choice(policy.scaled(logprobs[i : i + 1], policy.values), seed,
+                                positions[i : i + 1]).item() for i in range(5)]  # fmt: skip
+        drafts = [mx.array([t]) for t in exact[:4]]
+        n, tokens = policy.accept(drafts, logprobs, seed, 10)
+        n = n.item()
+        assert tokens[: n + 1].tolist() == exact[: n + 1]
+        _, sure = nucleus(logprobs, 2.0, 0.3, seed, positions)
+        trusted = 1 + int(np.cumprod(np.array(sure[1:])).sum())
+        assert n == min(4, trusted - 1)
+        truncated += n < 4
+    assert 0 < truncated < 48
+
+
 def test_noise_is_finite_at_the_extreme_bits():
     """The largest and smallest hashes give finite noise: an infinite one plus a filtered
     token's -inf made a NaN row whose argmax was no token at all."""
@@ -169,9 +230,10 @@ SCHEDULES = {
     [
         dict(temp=1.0),
         pytest.param(dict(temp=0.7, top_p=0.95), marks=pytest.mark.slow),
+        pytest.param(dict(temp=2.0, top_p=0.5), marks=pytest.mark.slow),
         pytest.param(dict(temp=1.3, top_k=20, min_p=0.05), marks=pytest.mark.slow),
     ],
-    ids=["temp1.0", "temp0.7-top_p", "temp1.3-top_k-min_p"],
+    ids=["temp1.0", "temp0.7-top_p", "temp2.0-top_p0.5", "temp1.3-top_k-min_p"],
 )
 def test_seeded_mtp_output_is_seeded_plain_output(fixture_pair, sampling):
     """With a seed, every draft schedule and cost table gives plain decoding's tokens."""

@@ -12,6 +12,7 @@ output is the same for every draft schedule and every cost table, and equal to p
 with the same seed; drafting only changes the speed.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -126,6 +127,13 @@ def gumbel_at(seed: mx.array, positions: mx.array, ids: mx.array) -> mx.array:
     """Gumbel noise of token ``ids`` at sequence ``positions`` (broadcast together) for
     ``seed``: counter-based, so the drafter and the target see the same noise for a token at a
     position, and it is computed only for the tokens a row holds (a drafter's candidates)."""
+    return _compiled_gumbel(mx.array(seed), mx.array(positions), mx.array(ids))
+
+
+@mx.compile
+def _compiled_gumbel(seed: mx.array, positions: mx.array, ids: mx.array) -> mx.array:
+    # Compiled: the hash's two dozen integer ops become one pass over the row (3x faster over
+    # a [3, 32768] verification on the 2-core CPU, 2026-12-05).
     stream = _mix(seed.astype(mx.uint32) ^ _mix(positions.astype(mx.uint32) * _GOLDEN))
     return gumbel_from_bits(_mix(stream ^ _mix(ids.astype(mx.uint32) + _GOLDEN)))
 
@@ -150,6 +158,54 @@ def coupled_choice(
         return mx.argmax(noisy, axis=-1).astype(mx.int32)
     noisy = scaled.astype(mx.float32) + gumbel_at(seed, positions[:, None], ids)
     return candidate_argmax(mx.broadcast_to(ids, noisy.shape).astype(mx.int32), noisy)
+
+
+# How many of the best-noised tokens ``nucleus_choice`` tries before it gives up on a row. On the
+# fixture's rows (10 held-out prompts x 20 seeds, 12,980 rows, top-p 0.95) none of the best two
+# lies in the nucleus for 0.26% of rows at temperature 1.0 and 0.008% at 0.7; the best one alone
+# misses 4.2% and 0.15%.
+NUCLEUS_CANDIDATES = 2
+
+
+def nucleus_choice(
+    logprobs: mx.array,
+    inverse_temp: mx.array,
+    top_p: mx.array,
+    noise: mx.array,
+    ids: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """``(tokens, sure)``: the coupled top-p draw from rows ``[L, N]`` of log-probabilities with
+    their Gumbel ``noise`` (``gumbel_at``) over token ``ids`` (None: the whole vocabulary in
+    order), without sorting a row. The draw is the best-noised token inside the nucleus, and a
+    token lies in mlx-lm's nucleus exactly when the tokens above it hold less than ``top_p`` of
+    the mass; so the best-noised tokens are tried in turn (ties: lowest id first). ``sure`` is
+    False where none of ``NUCLEUS_CANDIDATES`` lies in the nucleus: that row's token is only a
+    guess, and the exact draw needs ``coupled_choice`` over the filtered row."""
+    if ids is None:
+        ids = mx.arange(logprobs.shape[-1], dtype=mx.int32)[None]
+    return _nucleus_choice(logprobs, mx.array(inverse_temp), mx.array(top_p), noise, ids)
+
+
+@mx.compile
+def _nucleus_choice(logprobs, inverse_temp, top_p, noise, ids) -> tuple[mx.array, mx.array]:
+    # Compiled, the candidates' passes over the row fuse; 2 ** (x log2 e) is e ** x at half the
+    # cost of MLX's CPU exp (5 rows of 32768: 4.7 ms against 6.2, 2026-12-05).
+    logprobs = logprobs.astype(mx.float32)
+    noisy = logprobs * inverse_temp + noise
+    probs = mx.power(2.0, logprobs * math.log2(math.e))
+    bar = top_p * probs.sum(axis=-1, keepdims=True)
+    order = mx.broadcast_to(ids, noisy.shape).astype(mx.int32)
+    never = mx.array(mx.iinfo(mx.int32).max, mx.int32)
+    chosen = mx.full((logprobs.shape[0], 1), -1, mx.int32)
+    for _ in range(NUCLEUS_CANDIDATES):
+        best = noisy.max(axis=-1, keepdims=True)
+        token = mx.where(noisy == best, order, never).min(axis=-1, keepdims=True)
+        level = mx.where(order == token, logprobs, -mx.inf).max(axis=-1, keepdims=True)
+        above = mx.where(logprobs > level, probs, 0.0).sum(axis=-1, keepdims=True)
+        chosen = mx.where((chosen < 0) & (above < bar), token, chosen)
+        noisy = mx.where(order == token, -mx.inf, noisy)
+    sure = chosen >= 0
+    return mx.where(sure, chosen, token).reshape(-1), sure.reshape(-1)
 
 
 def process_rows(
@@ -255,26 +311,52 @@ class TokenPolicy:
         if not self.coupled:
             token = mx.argmax(logits, axis=-1) if ids is None else candidate_argmax(ids, logits)
             return token.astype(mx.int32)
+        if self.nucleus:  # a draft needs no certainty: its guess is checked by the target
+            vocabulary = mx.arange(logits.shape[-1])[None] if ids is None else ids
+            draft_noise = gumbel_at(noise[0], noise[1:2, None], vocabulary)
+            return nucleus_choice(log_softmax(logits), values[0], values[1], draft_noise, ids)[0]
         scaled = self.scaled(log_softmax(logits), values)
         return coupled_choice(scaled, noise[0], noise[1:2], ids)
 
+    @property
+    def nucleus(self) -> bool:
+        """Coupled top-p without other filters (the OpenAI clients' usual request): rows are
+        drawn by ``nucleus_choice``, which sorts none."""
+        return self.coupled and self.params.filters == (True, False, False, False)
+
     def choose(
         self, logprobs: mx.array, seed: mx.array, first_position: int | mx.array
-    ) -> mx.array:
-        """The target's tokens for rows ``[L, V]`` predicting sequence positions
+    ) -> tuple[mx.array, mx.array]:
+        """``(tokens, trusted)`` for rows ``[L, V]`` predicting sequence positions
         ``first_position ..`` (an int, or a lazy scalar in a batch whose rows roll back on the
-        device): what plain decoding would pick at each of them."""
+        device): the first ``trusted`` (>= 1) tokens are what plain decoding would pick there.
+        Plain decoding picks ``nucleus_choice``'s token where it is sure, else the exact draw;
+        only the first row gets the exact draw (a sort), so a row after it that
+        ``nucleus_choice`` is unsure of ends the trusted tokens, and the next round, whose first
+        row it is, draws it exactly."""
+        rows = logprobs.shape[0]
         if not self.coupled:
-            return self.sampler(logprobs)
-        positions = first_position + mx.arange(logprobs.shape[0])
-        return coupled_choice(self.scaled(logprobs, self.values), seed, positions)
+            return self.sampler(logprobs), mx.array(rows)
+        positions = first_position + mx.arange(rows)
+        if not self.nucleus:
+            scaled = self.scaled(logprobs, self.values)
+            return coupled_choice(scaled, seed, positions), mx.array(rows)
+        vocabulary = mx.arange(logprobs.shape[-1], dtype=mx.uint32)[None]
+        noise = gumbel_at(seed, positions[:, None], vocabulary)
+        tokens, sure = nucleus_choice(logprobs, self.values[0], self.values[1], noise)
+        scaled = self.scaled(logprobs[:1], self.values)
+        exact = mx.argmax(scaled + noise[:1], axis=-1).astype(mx.int32)  # coupled_choice's
+        tokens = mx.concatenate([mx.where(sure[:1], tokens[:1], exact), tokens[1:]])
+        trusted = 1 + mx.cumprod(sure[1:].astype(mx.int32)).sum()
+        return tokens, trusted
 
     def accept(
         self, drafts: list, logprobs: mx.array, seed: mx.array, first_position: int | mx.array
     ):
         """``(n, tokens)`` for drafts ``[k]`` and target log-probabilities ``[k+1, V]`` whose
-        first row predicts ``first_position``: ``n`` drafts equal the target's picks."""
-        tokens = self.choose(logprobs, seed, first_position)
+        first row predicts ``first_position``: ``n`` drafts equal the target's picks (and the
+        pick after them, ``tokens[n]``, is plain decoding's)."""
+        tokens, trusted = self.choose(logprobs, seed, first_position)
         if not drafts:
             return mx.array(0), tokens
-        return match_accept(mx.concatenate(drafts), tokens), tokens
+        return mx.minimum(match_accept(mx.concatenate(drafts), tokens), trusted - 1), tokens
