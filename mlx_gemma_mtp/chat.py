@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -73,19 +74,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def resume(path: str, model) -> tuple[list, PromptCache]:
-    """The messages (none if the file has none: a cache saved from Python) and cache saved at
-    ``path``, checked against ``model``."""
+def resume(path: str, model) -> tuple[list, dict, PromptCache]:
+    """The messages and media (none if the file has none: a cache saved from Python) and cache
+    saved at ``path``, checked against ``model``."""
     tic = time.perf_counter()
     cache, metadata = load_prompt_cache(path, return_metadata=True)
     check_prompt_cache(cache, as_target(model))
     messages = json.loads(metadata.get("messages", "[]"))
+    media = no_media() | json.loads(metadata.get("media", "{}"))
     print(
         f"[INFO] Resumed {len(messages)} messages ({len(cache.tokens)} tokens) from {path} in "
         f"{time.perf_counter() - tic:.3f} s",
         file=sys.stderr,
     )
-    return messages, cache
+    return messages, media, cache
 
 
 def turn_stats(response, new_tokens: int, total_tokens: int) -> str:
@@ -114,14 +116,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"Error: {args.model} has no tokenizer: chat needs one")
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     messages, cache = list(system), make_prompt_cache(model, draft_model=drafter)
+    # the conversation's images and audio clips (their paths); those for the next message
+    media, pending = no_media(), no_media()
     if args.load_cache:
         try:
-            messages, cache = resume(args.load_cache, model)
+            messages, media, cache = resume(args.load_cache, model)
         except (OSError, ValueError) as e:
             raise SystemExit(f"Error: {e}") from None
         system = [m for m in messages[:1] if m["role"] == "system"]
-    # the conversation's images and audio clips; those for the next message
-    media, pending = no_media(), no_media()
     print(HELP, file=sys.stderr)
     while True:
         try:
@@ -139,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         command = next((c for c in MEDIA_COMMANDS if query.startswith(c)), None)
         if command is not None:
             kind, counted = MEDIA_COMMANDS[command]
-            pending[kind].append(query.removeprefix(command).strip())
+            path = Path(query.removeprefix(command).strip()).expanduser()
+            pending[kind].append(str(path.absolute()))  # a saved conversation resumes anywhere
             print(f"[INFO] {len(pending[kind])} {counted} for the next message", file=sys.stderr)
             continue
         content = user_content(query, len(pending["image"]), len(pending["audio"]))
@@ -176,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print()
         messages.append({"role": "assistant", "content": reply})
         if args.save_cache:
-            save_prompt_cache(args.save_cache, cache, {"messages": json.dumps(messages)})
+            metadata = {"messages": json.dumps(messages), "media": json.dumps(media)}
+            save_prompt_cache(args.save_cache, cache, metadata)
         if response is not None:
             print(turn_stats(response, len(new), len(tokens)), file=sys.stderr, flush=True)
 

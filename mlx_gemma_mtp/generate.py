@@ -136,17 +136,18 @@ def add_eos_tokens(tokenizer, tokens: Sequence[str]) -> None:
             raise click.BadParameter(str(e), param_hint="--extra-eos-token") from None
 
 
-def saved_conversation(target, args: dict) -> tuple[list, PromptCache | None]:
-    """``--prompt-cache-file``: the saved messages and cache, checked against ``target``."""
+def saved_conversation(target, args: dict) -> tuple[list, dict, PromptCache | None]:
+    """``--prompt-cache-file``: the saved messages, their images and audio clips (paths, by
+    kind) and cache, checked against ``target``."""
     if not args["prompt_cache_file"]:
-        return [], None
+        return [], {"image": [], "audio": []}, None
     try:
-        history, cache = resume(args["prompt_cache_file"], target)
+        history, media, cache = resume(args["prompt_cache_file"], target)
     except (OSError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint="--prompt-cache-file") from None
     if history and args["system_prompt"]:
         raise click.UsageError("--system-prompt: a saved conversation keeps its own")
-    return history, cache
+    return history, media, cache
 
 
 def stats_dict(response: GenerationResponse, tokens: list, args: dict) -> dict:
@@ -266,9 +267,9 @@ def main(**args) -> None:
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     add_eos_tokens(tokenizer, args["extra_eos_token"])
-    history, cache = saved_conversation(target, args)
+    history, media, cache = saved_conversation(target, args)
     prompt = build_prompt(tokenizer, target.args.vocab_size, args, template_kwargs, history)
-    images, audio = args["images"], args["audio"]
+    images, audio = media["image"] + list(args["images"]), media["audio"] + list(args["audio"])
     if cache is not None:
         try:
             prompt, images, audio = conversation_suffix(target, cache, prompt, images, audio)

@@ -339,3 +339,39 @@ def random_clips(folder: Path, seconds: list, seed: int = 0) -> list[Path]:
             f.writeframes((np.clip(signal, -1, 1) * 32767).astype("<i2").tobytes())
         paths.append(path)
     return paths
+
+
+# A tokenizer for the tiny pairs: printable ASCII characters, Gemma 4's turn and media markers at
+# the config's ids, and a chat template that writes the media entries as Gemma 4's does.
+TEMPLATE = """{{ bos_token }}{% for message in messages %}\
+<|turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}
+{% if message['content'] is string %}{{ message['content'] }}{% else %}\
+{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}\
+{% elif item['type'] == 'image' %}<|image|>{% elif item['type'] == 'audio' %}<|audio|>\
+{% endif %}{% endfor %}{% endif %}<turn|>
+{% endfor %}{% if add_generation_prompt %}<|turn>model
+{% endif %}"""
+
+
+def write_tokenizer(folder) -> None:
+    """Every id of the vocabulary is one token, so a reply's text encodes back to its ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<|turn>", 5: "<turn|>",
+                BOA: "<boa>", AUDIO: "<|audio|>", EOA: "<eoa>", BOI: "<boi>", IMAGE: "<|image|>",
+                EOI: "<eoi>"}  # fmt: skip
+    # GPT-2's byte-level characters of newline, space and the printable ASCII characters
+    characters = ["\u010a", "\u0120", *map(chr, range(0x21, 0x7F))]
+    vocab = {c: 6 + i for i, c in enumerate(characters)}
+    for i in range(6 + len(characters), VOCAB):
+        specials.setdefault(i, f"<unused{i}>")
+    vocab.update({token: i for i, token in specials.items()})
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False) for t in specials.values()])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>",
+              "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").write_text(TEMPLATE)

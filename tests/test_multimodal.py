@@ -8,6 +8,7 @@ keeps the tower; bad media fail with the file named.
 
 import io
 import json
+import re
 import sys
 import wave
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from hf_multimodal import (  # noqa: E402
     random_clips,
     random_images,
     reference,
+    write_tokenizer,
 )
 from hf_reference import VOCAB  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -517,3 +519,35 @@ def test_chat_audio_on_a_model_without_audio_tower_is_one_error_and_the_chat_goe
     assert "[INFO] 1 audio clip(s) for the next message" in result.err
     assert f"[ERROR] {clip}: this model has no audio tower" in result.err
     assert len([line for line in result.err.splitlines() if "tokens/s" in line]) == 1  # "hello"
+
+
+def test_a_chat_about_an_image_resumes_from_its_saved_cache(tmp_path, monkeypatch, capsys):
+    """``--save-cache`` keeps the conversation's image paths with its messages, so a follow-up
+    in a new session (``--load-cache``) reuses the cache and answers as one session does."""
+    from mlx_gemma_mtp import chat
+
+    target, assistant = make_multimodal_pair(tmp_path, bidirectional=True)
+    write_tokenizer(target)
+    (picture,) = random_images(tmp_path, [(40, 56)])
+    saved = str(tmp_path / "conversation.safetensors")
+    args = ["--model", str(target), "--draft-model", str(assistant), "--dtype", "float32",
+            "--max-tokens", "4"]  # fmt: skip
+
+    def session(lines: str, *extra: str) -> tuple[str, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(lines + "q\n"))
+        chat.main([*args, *extra])
+        result = capsys.readouterr()
+        assert "[ERROR]" not in result.err, result.err
+        return result.out, result.err
+
+    both, both_err = session(f"/image {picture}\nwhat is this?\nand now?\n")
+    first, _ = session(f"/image {picture}\nwhat is this?\n", "--save-cache", saved)
+    second, err = session("and now?\n", "--load-cache", saved)
+
+    def replies(out: str) -> str:
+        return out.replace(">> ", "")
+
+    assert replies(first) + replies(second) == replies(both)
+    # the follow-up feeds what it feeds in one session: the image came from the saved cache
+    prompts = re.findall(r"prompt: \d+ new of \d+", both_err)
+    assert re.findall(r"prompt: \d+ new of \d+", err) == prompts[1:]

@@ -9,7 +9,6 @@ config's ids, and a chat template that writes the media entries as Gemma 4's doe
 
 import base64
 import http.server
-import json
 import re
 import threading
 
@@ -21,17 +20,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("PIL")
 from fastapi.testclient import TestClient  # noqa: E402
 from hf_multimodal import (  # noqa: E402
-    AUDIO,
-    BOA,
-    BOI,
-    EOA,
-    EOI,
-    IMAGE,
     make_multimodal_pair,
     random_clips,
     random_images,
+    write_tokenizer,
 )
-from hf_reference import VOCAB  # noqa: E402
 from test_multimodal import wav_bytes  # noqa: E402
 
 from mlx_gemma_mtp import load  # noqa: E402
@@ -47,40 +40,6 @@ DEFAULTS = {"num_draft_tokens": 3, "max_tokens": 6, "temp": 0.0, "top_p": 1.0, "
             "min_p": 0.0}  # fmt: skip
 GENERATED = 6
 MAX_PARTS = 3
-TEMPLATE = """{{ bos_token }}{% for message in messages %}\
-<|turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}
-{% if message['content'] is string %}{{ message['content'] }}{% else %}\
-{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}\
-{% elif item['type'] == 'image' %}<|image|>{% elif item['type'] == 'audio' %}<|audio|>\
-{% endif %}{% endfor %}{% endif %}<turn|>
-{% endfor %}{% if add_generation_prompt %}<|turn>model
-{% endif %}"""
-
-
-def write_tokenizer(folder) -> None:
-    """Every id of the vocabulary is one token, so a reply's text encodes back to its ids."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    specials = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<|turn>", 5: "<turn|>",
-                BOA: "<boa>", AUDIO: "<|audio|>", EOA: "<eoa>", BOI: "<boi>", IMAGE: "<|image|>",
-                EOI: "<eoi>"}  # fmt: skip
-    # GPT-2's byte-level characters of newline, space and the printable ASCII characters
-    characters = ["\u010a", "\u0120", *map(chr, range(0x21, 0x7F))]
-    vocab = {c: 6 + i for i, c in enumerate(characters)}
-    for i in range(6 + len(characters), VOCAB):
-        specials.setdefault(i, f"<unused{i}>")
-    vocab.update({token: i for i, token in specials.items()})
-    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, normalized=False) for t in specials.values()])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>",
-              "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}  # fmt: skip
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "chat_template.jinja").write_text(TEMPLATE)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("server_media")
