@@ -19,6 +19,7 @@ import bench_apps  # noqa: E402
 import bench_mtp  # noqa: E402
 import bench_projection  # noqa: E402
 import bench_quant  # noqa: E402
+import bench_sampling  # noqa: E402
 import bench_server  # noqa: E402
 import replay_schedules  # noqa: E402
 
@@ -285,3 +286,10 @@ def test_bench_server_runs(tmp_path):
         assert set(arms) == {"ours", "ours-serial", "mlx-lm"}
         assert all(a["errors"] == 0 and a["tokens_per_second"] > 0 for a in arms.values())
     assert "| 2 | ours |" in (tmp_path / "bench_server_reference_t0.md").read_text()
+
+
+def test_bench_sampling_runs(tmp_path):
+    result = bench_sampling.main(["--rows", "1,3", "--vocab", "4096", "--iters", "3",
+                                  "--warmup", "1", "--out", str(tmp_path)])  # fmt: skip
+    assert len(result["cells"]) == 6 and all(c["median"] > 0 for c in result["cells"])
+    assert "| temperature 0.7, top-p 0.95 | 3 |" in (tmp_path / "bench_sampling.md").read_text()
