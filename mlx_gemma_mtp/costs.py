@@ -26,7 +26,9 @@ from mlx.utils import tree_flatten
 
 from .machine import speed_identity
 
-COSTS_VERSION = 6  # 6: one kind of file per kind of policy (sampling is coupled, on the device)
+# 6: one kind of file per kind of policy (sampling is coupled, on the device); 7: top-p rounds
+# sort only their first row, so a cached table of the old rounds misprices every k.
+COSTS_VERSION = 7
 
 
 def tokens_per_round(alpha: float, k: int) -> float:
