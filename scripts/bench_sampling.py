@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_gemma_mtp import benchmarks as bc
+from mlx_gemma_mtp.engine.sampling import log_softmax
 from mlx_gemma_mtp.generation import make_policy
 
 POLICIES = {
@@ -39,8 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def accept_seconds(options: dict, rows: int, vocab: int, iters: int, warmup: int) -> dict:
     mx.random.seed(0)
-    logits = mx.random.normal((rows, vocab)) * 3
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    logprobs = log_softmax(mx.random.normal((rows, vocab)) * 3)
     mx.eval(logprobs)
     policy, seed = make_policy(**options), mx.array(1, mx.uint32)
     drafts = [mx.array([i]) for i in range(rows - 1)]

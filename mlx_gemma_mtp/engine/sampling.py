@@ -152,11 +152,15 @@ def coupled_choice(
     """The Gumbel-max draw from rows of ``scaled`` logits ``[L, N]`` (filtered, divided by the
     temperature) at sequence ``positions`` ``[L]``: over token ``ids`` ``[L, N]`` (None: the
     whole vocabulary in order). Ties go to the lowest token id, as ``mx.argmax``'s do."""
+    vocabulary = mx.arange(scaled.shape[-1], dtype=mx.uint32)[None] if ids is None else ids
+    return noisy_choice(scaled, gumbel_at(seed, positions[:, None], vocabulary), ids)
+
+
+def noisy_choice(scaled: mx.array, noise: mx.array, ids: mx.array | None = None) -> mx.array:
+    """``coupled_choice`` with the rows' noise (``gumbel_at``) already drawn."""
+    noisy = scaled.astype(mx.float32) + noise
     if ids is None:  # the whole row: the first maximum is the lowest id
-        vocabulary = mx.arange(scaled.shape[-1], dtype=mx.uint32)[None]
-        noisy = scaled.astype(mx.float32) + gumbel_at(seed, positions[:, None], vocabulary)
         return mx.argmax(noisy, axis=-1).astype(mx.int32)
-    noisy = scaled.astype(mx.float32) + gumbel_at(seed, positions[:, None], ids)
     return candidate_argmax(mx.broadcast_to(ids, noisy.shape).astype(mx.int32), noisy)
 
 
@@ -314,7 +318,8 @@ class TokenPolicy:
         if self.nucleus:  # a draft needs no certainty: its guess is checked by the target
             vocabulary = mx.arange(logits.shape[-1])[None] if ids is None else ids
             draft_noise = gumbel_at(noise[0], noise[1:2, None], vocabulary)
-            return nucleus_choice(log_softmax(logits), values[0], values[1], draft_noise, ids)[0]
+            logprobs = log_softmax(logits)
+            return nucleus_choice(logprobs, values[0], values[1], draft_noise, vocabulary)[0]
         scaled = self.scaled(log_softmax(logits), values)
         return coupled_choice(scaled, noise[0], noise[1:2], ids)
 
@@ -343,9 +348,8 @@ class TokenPolicy:
             return coupled_choice(scaled, seed, positions), mx.array(rows)
         vocabulary = mx.arange(logprobs.shape[-1], dtype=mx.uint32)[None]
         noise = gumbel_at(seed, positions[:, None], vocabulary)
-        tokens, sure = nucleus_choice(logprobs, self.values[0], self.values[1], noise)
-        scaled = self.scaled(logprobs[:1], self.values)
-        exact = mx.argmax(scaled + noise[:1], axis=-1).astype(mx.int32)  # coupled_choice's
+        tokens, sure = nucleus_choice(logprobs, self.values[0], self.values[1], noise, vocabulary)
+        exact = noisy_choice(self.scaled(logprobs[:1], self.values), noise[:1])
         tokens = mx.concatenate([mx.where(sure[:1], tokens[:1], exact), tokens[1:]])
         trusted = 1 + mx.cumprod(sure[1:].astype(mx.int32)).sum()
         return tokens, trusted
