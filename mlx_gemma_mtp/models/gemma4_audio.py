@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
 
 from .gemma4_vision import ClippableLinear, RMSNorm
 
 
 @dataclass
-class AudioArgs:
+class AudioArgs(BaseModelArgs):
     hidden_size: int = 1024
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
@@ -34,10 +35,6 @@ class AudioArgs:
     rms_norm_eps: float = 1e-6
     gradient_clipping: float = 1e10
     output_proj_dims: int = 1536
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "AudioArgs":
-        return cls(**{k: v for k, v in config.items() if k in cls.__dataclass_fields__})
 
     @property
     def context_size(self) -> int:

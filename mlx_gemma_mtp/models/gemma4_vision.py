@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
 
 
 @dataclass
-class VisionArgs:
+class VisionArgs(BaseModelArgs):
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 16
@@ -30,10 +31,6 @@ class VisionArgs:
     use_clipped_linears: bool = False
     standardize: bool = False
     rope_parameters: dict = field(default_factory=lambda: {"rope_theta": 100.0})
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "VisionArgs":
-        return cls(**{k: v for k, v in config.items() if k in cls.__dataclass_fields__})
 
 
 class ClippableLinear(nn.Module):
