@@ -335,10 +335,10 @@ class TokenPolicy:
         """``(tokens, trusted)`` for rows ``[L, V]`` predicting sequence positions
         ``first_position ..`` (an int, or a lazy scalar in a batch whose rows roll back on the
         device): the first ``trusted`` (>= 1) tokens are what plain decoding would pick there.
-        Plain decoding picks ``nucleus_choice``'s token where it is sure, else the exact draw;
-        only the first row gets the exact draw (a sort), so a row after it that
-        ``nucleus_choice`` is unsure of ends the trusted tokens, and the next round, whose first
-        row it is, draws it exactly."""
+        The first row gets the exact draw (a sort: a plain step costs what mlx-lm's does); the
+        rows after it ``nucleus_choice``'s, which is plain decoding's where it is sure, so a row
+        it is unsure of ends the trusted tokens, and the next round, whose first row it is,
+        draws it exactly."""
         rows = logprobs.shape[0]
         if not self.coupled:
             return self.sampler(logprobs), mx.array(rows)
@@ -348,11 +348,13 @@ class TokenPolicy:
             return coupled_choice(scaled, seed, positions), mx.array(rows)
         vocabulary = mx.arange(logprobs.shape[-1], dtype=mx.uint32)[None]
         noise = gumbel_at(seed, positions[:, None], vocabulary)
-        tokens, sure = nucleus_choice(logprobs, self.values[0], self.values[1], noise, vocabulary)
         exact = noisy_choice(self.scaled(logprobs[:1], self.values), noise[:1])
-        tokens = mx.concatenate([mx.where(sure[:1], tokens[:1], exact), tokens[1:]])
-        trusted = 1 + mx.cumprod(sure[1:].astype(mx.int32)).sum()
-        return tokens, trusted
+        if rows == 1:
+            return exact, mx.array(1)
+        values = self.values
+        tokens, sure = nucleus_choice(logprobs[1:], values[0], values[1], noise[1:], vocabulary)
+        trusted = 1 + mx.cumprod(sure.astype(mx.int32)).sum()
+        return mx.concatenate([exact, tokens]), trusted
 
     def accept(
         self, drafts: list, logprobs: mx.array, seed: mx.array, first_position: int | mx.array
