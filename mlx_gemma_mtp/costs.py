@@ -345,7 +345,7 @@ class DraftController:
     """``auto``: every round, the ``k`` in ``0..k_max`` that maximises expected tokens per
     second. Every ``every`` rounds one more
     draft than the best is tried (to learn the next position's acceptance); when round times are
-    followed (``timed``) and no plain step was ever measured, a pair of plain steps instead: the
+    followed (``timed``) and no plain step was ever measured, three plain steps instead: the
     calibration may come from a busier or quieter spell of the machine, in which a plain step
     cost another fraction of a round. ``k = 0`` parks speculation (plain steps). While parked, a
     round of the hoped-for ``k`` probes the acceptance after ``every`` plain tokens, an interval
@@ -376,7 +376,7 @@ class DraftController:
         self.parked_tokens = 0  # plain tokens since the last speculative round
         self.rounds = 0
         self.explored = 0  # 1 + the round count of the last exploring round
-        self.plain_left = 0  # plain steps still to take in an exploring pair
+        self.plain_left = 0  # plain steps still to take in an exploring triple
         self.probing = False
 
     def speeds(self, rates: Sequence[float], limit: int) -> list[float]:
@@ -415,9 +415,9 @@ class DraftController:
         if due and self.explored != self.rounds + 1:
             self.explored = self.rounds + 1  # once: plain steps tried do not count a round
             k = self.explore(k, limit)
-            # Two plain steps: only the second is queued behind another, as parked steps are,
-            # and timed like them (see ``SpeculativeGenerator._generate``).
-            self.plain_left = int(k == 0)
+            # Three plain steps: only the second is queued behind another and followed by
+            # one, as parked steps are, and timed like them (``SpeculativeGenerator._generate``).
+            self.plain_left = 2 * int(k == 0)
         return k
 
     def probe(self, limit: int) -> int:

@@ -125,14 +125,14 @@ def test_a_plain_step_is_measured_when_drafting_barely_pays_and_parks_it_if_fast
         k = untimed.choose(1)
         untimed.observe(k, k, None)
         assert k == 1
-    # Drafting that clearly pays is interrupted once, by the pair of plain steps that measures
+    # Drafting that clearly pays is interrupted once, by the three plain steps that measure
     # a plain step's cost.
     flat = DraftController(FLAT, 6)
     ks = []
     for _ in range(200):
         ks.append(flat.choose(6))
         flat.observe(ks[-1], ks[-1], FLAT.round_seconds(ks[-1]))
-    assert ks.count(0) == 2 and ks.index(0) + 1 == len(ks) - ks[::-1].index(0) - 1
+    assert ks.count(0) == 3 and ks.index(0) + 2 == len(ks) - ks[::-1].index(0) - 1
 
 
 def test_a_round_time_measured_long_ago_no_longer_counts():
@@ -175,7 +175,7 @@ def test_controller_parks_where_no_draft_pays_and_never_probes_in_vain():
 def test_controller_drafts_where_it_pays_and_follows_acceptance():
     controller = DraftController(FLAT, 8)
     ks = simulate(controller, 0.9, 400)
-    assert min(k for k in ks[5:] if k) >= 4 and ks.count(0) == 2  # the plain step measured once
+    assert min(k for k in ks[5:] if k) >= 4 and ks.count(0) == 3  # the plain step measured once
     high = controller.choose(8)
     controller = DraftController(FLAT, 8)
     assert max(simulate(controller, 0.5, 200)[10:]) < high

@@ -21,7 +21,7 @@ from mlx_gemma_mtp.contract import check_greedy_contract
 from mlx_gemma_mtp.contract import plain_greedy as contract_plain_greedy
 from mlx_gemma_mtp.costs import Costs
 from mlx_gemma_mtp.engine.cache import SlidingWindowCache
-from mlx_gemma_mtp.engine.loop import DraftSchedule, SpeculativeGenerator
+from mlx_gemma_mtp.engine.loop import AutoSchedule, DraftSchedule, SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy, stream_generate
 from mlx_gemma_mtp.models.gemma4_assistant import DraftOutput
 from mlx_gemma_mtp.state import BoundedTable, pair_state
@@ -733,3 +733,29 @@ def test_sampling_follows_round_times_as_greedy_does(fixture_pair):
         assert engine.stats.acceptance_rule == "coupled" and engine.schedule.timed
         schedules.append(engine.schedule)
     assert schedules[1].times is schedules[0].times and schedules[0].times.counts
+
+
+def test_each_round_is_told_its_own_time(fixture_pair, monkeypatch):
+    """The pipelined loop queues the next round's drafts before it reads a round, and after a
+    plain step the whole next round: the time between two reads is told to ``auto`` less the
+    next round's drafting plus the round's own (a constant draft step here of 10 s, so the
+    correction shows), and not at all where a plain step and a round overlap."""
+    target, drafter, _ = fixture_pair
+    draft = 10.0
+    costs = Costs([0.010 + 0.002 * w for w in range(7)], draft)
+    pattern = itertools.cycle([0, 0, 0, 5, 5, 2])
+    told = []
+    monkeypatch.setattr(AutoSchedule, "choose", lambda self, limit: min(next(pattern), limit))
+    monkeypatch.setattr(AutoSchedule, "observe", lambda self, k, n, s: told.append((k, s)))
+    engine = SpeculativeGenerator(target, drafter, num_draft_tokens=6, costs=costs)
+    list(engine.generate(mx.array(held_out_prompts()[0][:20]), 60))
+    ks = [k for k, _ in told]
+    for i, (k, seconds) in enumerate(told[1:-1], start=1):
+        before, after = ks[i - 1], ks[i + 1]
+        overlapped = (k == 0 and after > 0) or (k > 0 and before == 0)
+        if overlapped or (k == 0 and before > 0):  # a plain step after a round: not queued
+            assert seconds is None, (i, ks[i - 1 : i + 2])
+        else:
+            assert seconds is not None
+            correction = (k - after) * draft
+            assert correction <= seconds < correction + 5, (i, ks[i - 1 : i + 2], seconds)
