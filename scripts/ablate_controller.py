@@ -42,15 +42,19 @@ from mlx_gemma_mtp.engine import (  # noqa: E402
 # Greedy round times (ms, k = 0..6 drafts) of the fixture pair, float32, on this 2-core CPU.
 # flat: the constant arms of an OpenBLAS run (scripts/replay_schedules.py's example; 4 tokens
 # cost less than 3 there). linear: reference BLAS, a plain step and about one more per draft.
+# measured: OpenBLAS, the calibration of bench_out/s4_openblas_t1_topp (2026-12-05 11:20 UTC):
+# t_target(k + 1) + k t_draft, greedy.
 TABLES_MS = {
     "flat": (9.9, 15.7, 21.6, 19.7, 25.6, 26.4, 29.7),
     "linear": (9.9, 19.5, 29.4, 39.0, 48.8, 58.5, 68.3),
+    "measured": (19.2, 26.7, 31.6, 36.2, 39.4, 43.0, 47.3),
 }
-# What sampling adds to each verified row: mlx-lm plain ran 92.8 tokens/s greedy and 73.7 at
-# temperature 0.7 top-p 0.95 (README, OpenBLAS: 2.8 ms a row; reference BLAS 90.3 and 72.6:
-# 2.7 ms), the sort of top-p's filter; without top-p, the Gumbel noise over the vocabulary
-# (policy.choose on one 32768-entry row: 0.04 ms greedy, 0.5 ms at temperature 1.0, this CPU).
-ROW_MS = {"top-p": 2.7, "temperature": 0.45}
+# What sampling adds to a round (ms): (its first row, each row after it, each draft). Top-p
+# sorts the first row only (sampling.TokenPolicy.choose): the same calibration at temperature
+# 1.0 top-p 0.95 less the greedy one, 3.8 ms at one row and 0.95 per further row, drafts 0.4 ms
+# more. Without top-p, the Gumbel noise and argmax over the vocabulary: 0.45 ms a row
+# (policy.choose on one 32768-entry row at temperature 1.0 on this CPU).
+SAMPLING_MS = {"top-p": (3.8, 0.95, 0.4), "temperature": (0.45, 0.45, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class Variant:
     widths: Callable[[int], list[int]] = calibration_widths
     k_max: int = DEFAULT_NUM_DRAFT_TOKENS
     schedule: type = AutoSchedule
+    model: type = AcceptanceModel
 
 
 NEVER = 10**9
@@ -115,12 +120,89 @@ VARIANTS = {
 }
 
 
+# -- alternatives tried for the gap to the best constant k in sampled decoding ------------------
+
+
+class NeverPark(AutoSchedule):
+    """Always draft (k >= 1): what parking costs or saves, an upper bound of its errors."""
+
+    def best(self, rates, limit: int) -> int:
+        speeds = self.speeds(rates, limit)
+        return max(range(1, limit + 1), key=lambda k: (speeds[k], -k))
+
+
+class Hysteresis(AutoSchedule):
+    """Park only when drafting looks ``margin`` slower than a plain step (unpark when
+    ``margin`` faster, as the default does both ways)."""
+
+    drafting = True
+
+    def best(self, rates, limit: int) -> int:
+        speeds = self.speeds(rates, limit)
+        k = max(range(limit + 1), key=lambda k: (speeds[k], -k))
+        bar = 1 - self.margin if self.drafting else 1 + self.margin
+        return k if speeds[k] > speeds[0] * bar else 0
+
+    def choose(self, limit: int) -> int:
+        k = super().choose(limit)
+        if not self.plain_left and not self.probing:
+            self.drafting = k > 0
+        return k
+
+
+class Shrunk(AcceptanceModel):
+    """Each position's rate is its counts plus one round of the position before it: a position
+    reached a few times is not judged on them alone."""
+
+    def estimates(self) -> list[float]:
+        rates, before = [], self.prior
+        for accepted, reached in zip(self.accepted, self.reached, strict=True):
+            before = (accepted + before) / (reached + 1.0)
+            rates.append(before)
+        return rates
+
+
+class Pooled(AcceptanceModel):
+    """One rate for every position: all positions' counts together."""
+
+    def estimates(self) -> list[float]:
+        reached = sum(self.reached)
+        return [sum(self.accepted) / reached if reached else self.prior] * len(self.reached)
+
+
+class Anchored(AcceptanceModel):
+    """The recent counts plus one round of a slow estimate (fading 1% a round): a parked
+    estimate drifts back to the pair's long-run acceptance instead of staying where it parked."""
+
+    def __init__(self, k_max: int, **options):
+        super().__init__(k_max, **options)
+        self.slow = AcceptanceModel(k_max, fade=0.01)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        super().observe(drafted, accepted)
+        self.slow.observe(drafted, accepted)
+
+    def estimates(self) -> list[float]:
+        pairs = zip(self.accepted, self.reached, self.slow.estimates(), strict=True)
+        return [(accepted + slow) / (reached + 1.0) for accepted, reached, slow in pairs]
+
+
+ALTERNATIVES = {
+    "never park": Variant(schedule=NeverPark),
+    "hysteresis: park below 1 - margin": Variant(schedule=Hysteresis),
+    "each position shrunk to the one before": Variant(model=Shrunk),
+    "one rate for every position": Variant(model=Pooled),
+    "anchored to a slow estimate": Variant(model=Anchored),
+    "fade 0.1 -> 0.03": Variant(acceptance={"fade": 0.03}),
+}
+
+
 def round_ms(table: str, decoding: str) -> list[float]:
-    """A round's milliseconds per ``k``: the table's greedy round plus sampling's work per row."""
-    per_row = ROW_MS["top-p"] if "top-p" in decoding else 0.0
-    if decoding != "greedy" and not per_row:
-        per_row = ROW_MS["temperature"]
-    return [ms + per_row * (k + 1) for k, ms in enumerate(TABLES_MS[table])]
+    """A round's milliseconds per ``k``: the table's greedy round plus sampling's work."""
+    if decoding == "greedy":
+        return list(TABLES_MS[table])
+    first, row, draft = SAMPLING_MS["top-p" if "top-p" in decoding else "temperature"]
+    return [ms + first + (row + draft) * k for k, ms in enumerate(TABLES_MS[table])]
 
 
 def calibration(seconds: list[float], condition: Condition, widths: list[int]) -> Costs:
@@ -135,7 +217,7 @@ def calibration(seconds: list[float], condition: Condition, widths: list[int]) -
 def auto(costs: Costs, variant: Variant) -> Callable[[], AutoSchedule]:
     """``auto`` as the engine runs it, its followed state carried across generations."""
     times = RoundTimes(costs, **variant.times)
-    acceptance = AcceptanceModel(variant.k_max, **variant.acceptance)
+    acceptance = variant.model(variant.k_max, **variant.acceptance)
     return lambda: variant.schedule(
         costs, variant.k_max, times=times, acceptance=acceptance, **variant.controller
     )
@@ -148,7 +230,7 @@ def tokens_per_s(accepted, variant, seconds, condition, seed) -> float:
     return run["tokens_per_s"]
 
 
-def regime_cells(accepted, seconds, condition: Condition, seeds: int) -> dict:
+def regime_cells(accepted, seconds, condition: Condition, seeds: int, variants: dict) -> dict:
     """Every variant's tokens/s over the default's, and the default's over plain and over the
     best constant k (medians over seeds)."""
 
@@ -176,7 +258,7 @@ def regime_cells(accepted, seconds, condition: Condition, seeds: int) -> dict:
         ),
         "best constant k": best_k,
     }
-    for name, variant in VARIANTS.items():
+    for name, variant in variants.items():
         if name == "default":
             continue
         mine = [tokens_per_s(accepted, variant, seconds, condition, s) for s in range(seeds)]
@@ -194,6 +276,13 @@ def parse_args(argv=None):
         "or names its temperature (and top-p, if any), e.g. 'temp 0.7 top-p 0.95'",
     )
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--tables", default=",".join(TABLES_MS), help="cost tables to replay")
+    parser.add_argument(
+        "--alternatives",
+        action="store_true",
+        help="replay the alternatives tried for the sampled gap (ALTERNATIVES) instead of the "
+        "constants taken out",
+    )
     parser.add_argument("--out", default="bench_out")
     return parser.parse_args(argv)
 
@@ -211,22 +300,26 @@ def report(result: dict) -> str:
     for name in names:
         cells = [result["regimes"][r][name] for r in regimes]
         text = [str(c) if isinstance(c, int) else f"{c:.3f}" for c in cells]
-        worst = min(cells) if name in VARIANTS else ""
+        worst = min(cells) if name in VARIANTS or name in ALTERNATIVES else ""
         rows.append([name, *text, f"{worst:.3f}" if worst != "" else ""])
     return "\n".join([*lines, bc.markdown_table(["change", *regimes, "worst"], rows)]) + "\n"
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    variants = ALTERNATIVES if args.alternatives else VARIANTS
+    tables = args.tables.split(",")
+    if unknown := set(tables) - set(TABLES_MS):
+        raise SystemExit(f"--tables: {', '.join(sorted(unknown))} not among {', '.join(TABLES_MS)}")
     regimes = {}
     for item in args.acceptance:
         decoding, path = item.split("=", 1)
         accepted = [entry["accepted"] for entry in json.loads(Path(path).read_text())]
-        for table in TABLES_MS:
+        for table in tables:
             seconds = [ms / 1e3 for ms in round_ms(table, decoding)]
             for name, condition in CONDITIONS.items():
                 label = f"{table}, {decoding}, {name}"
-                regimes[label] = regime_cells(accepted, seconds, condition, args.seeds)
+                regimes[label] = regime_cells(accepted, seconds, condition, args.seeds, variants)
                 print(f"[ablate] {label}: auto/plain {regimes[label]['auto / plain']:.3f}")
     result = {
         "machine": bc.machine_info(),

@@ -19,7 +19,7 @@ from test_sampling import (
 from mlx_gemma_mtp import batch_generate, make_prompt_cache, stream_generate
 from mlx_gemma_mtp.benchmarks import FIXTURE, read_prompts
 from mlx_gemma_mtp.costs import Costs
-from mlx_gemma_mtp.engine.batch import BatchGenerator, RaggedCache, batch_costs
+from mlx_gemma_mtp.engine.batch import BatchController, BatchGenerator, RaggedCache, batch_costs
 from mlx_gemma_mtp.engine.loop import SpeculativeGenerator
 from mlx_gemma_mtp.generation import make_policy
 
@@ -218,3 +218,25 @@ def test_sampled_rows_in_a_batch_are_lossless():
         for (a, b, c), n in row_counts.items():
             observed[(a * VOCAB + b) * VOCAB + c] = n
         assert chi_square_p_value(observed, row_expected) > SIGNIFICANCE
+
+
+def test_auto_is_told_a_batch_round_time_only_where_the_next_round_drafts_as_many(
+    fixture_pair, prompts, monkeypatch
+):
+    """The next round is queued before a round is read, so its drafts may run in either
+    interval (the backend decides, as in ``SpeculativeGenerator``): a time is told only where
+    the next round drafts as many."""
+    target, drafter, _ = fixture_pair
+    pattern = iter([2, 2, 2, 4, 4, 0, 0, 0, 3, 3, 3] * 4)
+    told = []
+    monkeypatch.setattr(BatchController, "choose_for", lambda self, rows, limit: next(pattern))
+    monkeypatch.setattr(BatchController, "observe_rows",
+                        lambda self, k, accepted, seconds: told.append((k, seconds)))  # fmt: skip
+    engine = BatchGenerator(target, drafter, num_draft_tokens=4, max_rows=2, costs=DRAFTING)
+    for prompt in prompts[:2]:
+        engine.insert(prompt[:24], max_tokens=40)
+    run(engine)
+    ks = [k for k, _ in told]
+    for i, (k, seconds) in enumerate(told[:-1]):
+        assert (seconds is not None) == (ks[i + 1] == k), (i, ks[i : i + 2])
+    assert {0, 2, 3, 4} <= {k for k, seconds in told if seconds is not None}

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import ablate_controller  # noqa: E402
 import bench_apps  # noqa: E402
 import bench_mtp  # noqa: E402
 import bench_projection  # noqa: E402
@@ -293,3 +294,21 @@ def test_bench_sampling_runs(tmp_path):
                                   "--warmup", "1", "--out", str(tmp_path)])  # fmt: skip
     assert len(result["cells"]) == 6 and all(c["median"] > 0 for c in result["cells"])
     assert "| temperature 0.7, top-p 0.95 | 3 |" in (tmp_path / "bench_sampling.md").read_text()
+
+
+def test_ablate_controller_replays_constants_and_alternatives(tmp_path):
+    """Both tables of docs/controller.md come from this script: the constants taken out and the
+    alternatives tried, in the regimes asked for; a table it does not know is refused."""
+    accepted = [[(3 * i + p) % 5 for i in range(40)] for p in range(3)]
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps([{"accepted": a} for a in accepted]))
+    common = ["--acceptance", f"temp 1.0 top-p 0.95={path}", "--seeds", "1", "--tables"]
+    for extra, rows in (([], ablate_controller.VARIANTS), (["--alternatives"],
+                        ablate_controller.ALTERNATIVES)):  # fmt: skip
+        out = tmp_path / ("alt" if extra else "constants")
+        result = ablate_controller.main([*common, "measured", *extra, "--out", str(out)])
+        assert len(result["regimes"]) == len(ablate_controller.CONDITIONS)
+        for regime in result["regimes"].values():
+            assert set(rows) - {"default"} <= set(regime) and regime["auto / plain"] > 0
+    with pytest.raises(SystemExit, match="--tables: bogus"):
+        ablate_controller.main([*common, "bogus"])

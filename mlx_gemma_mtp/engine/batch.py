@@ -579,7 +579,10 @@ class BatchGenerator:
             if self.in_flight is None:
                 self.in_flight = self._dispatch()
             upcoming = self._dispatch() if self._pipelined() else None
-            outputs += self._finish_rows(self._read(self.in_flight))
+            # Which interval between reads runs the next round's drafts is the backend's to
+            # decide (``SpeculativeGenerator._generate``): timed where it drafts as many.
+            timed = upcoming is None or upcoming.k == self.in_flight.k
+            outputs += self._finish_rows(self._read(self.in_flight, timed))
             self.in_flight = upcoming if self.rows else None
             in_flight = self.in_flight.k + 1 if self.in_flight else 0
             for layer in self.layers:
@@ -711,8 +714,9 @@ class BatchGenerator:
                 )
         return Round(rows, k, result, logprobs)
 
-    def _read(self, done: Round) -> list[RowOutput]:
-        """Read a round's result: each row still in the batch emits its tokens."""
+    def _read(self, done: Round, timed: bool) -> list[RowOutput]:
+        """Read a round's result: each row still in the batch emits its tokens; ``timed``: its
+        time is told to the schedule."""
         values = done.result.tolist()
         now = time.perf_counter()
         outputs, accepted = [], []
@@ -730,7 +734,8 @@ class BatchGenerator:
             logprobs = done.logprobs[b]
             outputs.append(self._emit(row, tokens, logprobs, n))
         if accepted:
-            self._schedule_for().observe_rows(done.k, accepted, now - self._clock)
+            seconds = now - self._clock if timed else None
+            self._schedule_for().observe_rows(done.k, accepted, seconds)
         self._clock = now
         return outputs
 

@@ -534,24 +534,25 @@ class SpeculativeGenerator:
             self.schedule = AutoSchedule(costs, self.k_max, **self._followed(costs))
         remaining, block, clock = max_tokens, None, time.perf_counter()
         while True:
-            upcoming, drafted = None, current.k  # drafted: for the round after ``current``
+            upcoming = None
             if self.pipelined:
                 count = self.schedule.choose(remaining - 2)
                 drafts, history = self._draft_after(current, count)
-                drafted = len(drafts)
+                # The next round's drafts are queued before this round is read. Which interval
+                # between reads holds them is the backend's to decide (MLX's CPU blocks the
+                # dispatch until the round has run; a GPU runs them after the read), so a time
+                # is told only where both intervals would hold as many drafts.
+                current.timed &= len(drafts) == current.k
                 if current.k == 0 and remaining > 1:
                     # A plain step rolls nothing back: queue the next verification now.
                     k = self.schedule.verify(len(drafts))
                     upcoming = self._verify(current.result[1], drafts[:k], history)
-                    if k:
-                        # The round's work was queued before this step was read: which of the
-                        # two intervals holds it is the backend's to decide (MLX's CPU blocks
-                        # the dispatch while the step runs), so neither time says much.
-                        current.timed = upcoming.timed = False
+                    # Part of that round may run before this step is read, as above.
+                    upcoming.timed = not k
             if block is not None:
                 yield block
             values = current.result.tolist()
-            clock = self._record(current, values[0], clock, drafted)
+            clock = self._record(current, values[0], clock)
             block, done = self._block(current, values, remaining)
             if done:
                 if upcoming is not None:
@@ -577,11 +578,8 @@ class SpeculativeGenerator:
         tokens, done = self._finish(values[1 : n + 2], remaining)
         return Block(tokens, current.logprobs[: len(tokens)], min(n, len(tokens))), done
 
-    def _record(self, current: Round, n: int, clock: float, drafted: int) -> float:
-        """Count the round just read, roll its rejected drafts back and tell the schedule.
-        ``drafted``: the drafts of the round after it, queued before this read (pipelined):
-        the time between two reads holds them in place of the round's own, which the read
-        before held, so the time told is corrected by the difference in drafts."""
+    def _record(self, current: Round, n: int, clock: float) -> float:
+        """Count the round just read, roll its rejected drafts back and tell the schedule."""
         now = time.perf_counter()
         k, stats = current.k, self.stats
         stats.target_forwards += 1
@@ -593,10 +591,7 @@ class SpeculativeGenerator:
                 c.trim(k - n)
         elif stats.mode == "mtp":
             stats.parked_seconds += now - clock
-        seconds = None
-        if current.timed and self.costs is not None:
-            seconds = max(now - clock + (k - drafted) * self.costs.draft, 0.0)
-        self.schedule.observe(k, n, seconds)
+        self.schedule.observe(k, n, now - clock if current.timed else None)
         return now
 
     # -- the controller's costs ---------------------------------------------------------------
