@@ -148,6 +148,7 @@ def test_replay_counts_rounds_as_the_pipelined_loop_does():
     assert three["accepted"] == [[2, 2, 2]] and three["k_histogram"] == {3: 2, 2: 1}
 
 
+@pytest.mark.slow
 def test_replay_schedules_runs_and_matches_the_engine(tmp_path, monkeypatch, fixture_pair):
     """The per-position acceptance replays the engine's own rounds exactly (greedy decoding is
     deterministic), and the report has a row per schedule."""
@@ -239,9 +240,10 @@ def test_bench_mtp_with_transformers(tmp_path):
 
 @pytest.mark.parametrize(
     "calibrated",
-    [False, pytest.param(True, marks=pytest.mark.slow)],
+    [False, True],
     ids=["given-costs", "measured"],
 )
+@pytest.mark.slow
 def test_bench_quant_runs(tmp_path, monkeypatch, calibrated):
     """By default each pair's costs are given: calibrating the 4 sampled cells took 40 of the
     test's 55 s here, and the measurement is tested in test_costs.py."""

@@ -259,6 +259,7 @@ def test_generate_returns_the_text_and_rejects_text_without_tokenizer(pair, caps
         list(stream_generate(target, None, PROMPT, 10, drafter))
 
 
+@pytest.mark.slow
 def test_entry_points_are_clean():
     """``python -m`` prints no warning; importing the package does not pull in the CLI."""
     modules = ("generate", "convert", "server", "chat")

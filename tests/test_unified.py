@@ -109,6 +109,7 @@ def test_missing_unified_fields_take_transformers_defaults():
     assert config["use_bidirectional_attention"] == "vision"  # image blocks, media.MediaPrompt
 
 
+@pytest.mark.slow
 def test_readme_tiny_12b_commands_run_as_written(tmp_path):
     """The README's local 12B walkthrough: write a tiny pair, convert both, ask about its picture
     with MTP."""
