@@ -417,7 +417,7 @@ class DraftController:
             k = self.explore(k, limit)
             # Three plain steps: only the second is queued behind another and followed by
             # one, as parked steps are, and timed like them (``SpeculativeGenerator._generate``).
-            self.plain_left = 2 * int(k == 0)
+            self.plain_left = 2 if k == 0 else 0
         return k
 
     def probe(self, limit: int) -> int:

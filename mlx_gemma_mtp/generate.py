@@ -10,7 +10,7 @@ import click
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from .chat import resume
+from .chat import no_media, resume
 from .config import ConfigError
 from .engine.loop import SCHEDULES
 from .engine.prompt_cache import PromptCache
@@ -140,7 +140,7 @@ def saved_conversation(target, args: dict) -> tuple[list, dict, PromptCache | No
     """``--prompt-cache-file``: the saved messages, their images and audio clips (paths, by
     kind) and cache, checked against ``target``."""
     if not args["prompt_cache_file"]:
-        return [], {"image": [], "audio": []}, None
+        return [], no_media(), None
     try:
         history, media, cache = resume(args["prompt_cache_file"], target)
     except (OSError, ValueError) as e:
