@@ -74,14 +74,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def saved_conversation(metadata: dict) -> tuple[list, dict]:
+    """The messages and media a saved cache's metadata holds; a ``ValueError`` naming the field
+    for anything ``--save-cache`` could not have written."""
+    messages = json.loads(metadata.get("messages", "[]"))
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+    ):
+        raise ValueError("messages: expected a list of messages, each with a role")
+    media = json.loads(metadata.get("media", "{}"))
+    if not isinstance(media, dict) or not set(media) <= set(no_media()) or not all(
+        isinstance(paths, list) and all(isinstance(p, str) for p in paths)
+        for paths in media.values()
+    ):
+        raise ValueError("media: expected {'image': [paths], 'audio': [paths]}")
+    return messages, no_media() | media
+
+
 def resume(path: str, model) -> tuple[list, dict, PromptCache]:
     """The messages and media (none if the file has none: a cache saved from Python) and cache
     saved at ``path``, checked against ``model``."""
     tic = time.perf_counter()
     cache, metadata = load_prompt_cache(path, return_metadata=True)
     check_prompt_cache(cache, as_target(model))
-    messages = json.loads(metadata.get("messages", "[]"))
-    media = no_media() | json.loads(metadata.get("media", "{}"))
+    messages, media = saved_conversation(metadata)
     print(
         f"[INFO] Resumed {len(messages)} messages ({len(cache.tokens)} tokens) from {path} in "
         f"{time.perf_counter() - tic:.3f} s",

@@ -12,6 +12,7 @@ import pytest
 from conftest import FIXTURE, plain_greedy
 
 from mlx_gemma_mtp import chat, load, stream_generate
+from mlx_gemma_mtp.engine.prompt_cache import load_prompt_cache, save_prompt_cache
 from mlx_gemma_mtp.generation import encode_chat
 
 TARGET, ASSISTANT = str(FIXTURE / "target"), str(FIXTURE / "assistant")
@@ -134,3 +135,16 @@ def test_generate_continues_a_conversation_the_chat_saved(monkeypatch, capsys, t
     assert result.stdout.strip() == uninterrupted[1].strip()
     # Fed: what the uninterrupted chat fed in turn 2, not the whole conversation.
     assert json.loads(stats.read_text())["prompt_tokens"] == fed[1]
+
+
+def test_a_saved_conversation_of_the_wrong_shape_is_refused_naming_the_field(
+    monkeypatch, capsys, tmp_path
+):
+    path = str(tmp_path / "conversation.safetensors")
+    saved_after_turn_one(monkeypatch, capsys, path, ["def f():"])
+    cache, metadata = load_prompt_cache(path, return_metadata=True)
+    for field, value in [("messages", '{"role": "user"}'), ("messages", "[1]"), ("media", "[]"),
+                         ("media", '{"image": "a.png"}'), ("media", '{"video": []}')]:  # fmt: skip
+        save_prompt_cache(path, cache, {**metadata, field: value})
+        with pytest.raises(SystemExit, match=f"Error: {field}: expected"):
+            chat.main([*ARGS, "--load-cache", path])
