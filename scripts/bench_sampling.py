@@ -1,6 +1,7 @@
 """What choosing a round's tokens costs, apart from the forward: ``TokenPolicy.accept`` over the
 target's log-probabilities of ``L`` verified rows (the round's first row predicts the pending
-token's successor), per policy: greedy, temperature 1.0, temperature 0.7 with top-p 0.95.
+token's successor), per policy: greedy, temperature 1.0, temperature 0.7 with top-p 0.95 (with
+and without the first row's sort).
 
 Rows are random log-probabilities over the fixture's vocabulary (``--vocab``), which makes a top-p
 nucleus of a few hundred to thousands of tokens, as the fixture's own rows have. Median of
@@ -21,10 +22,13 @@ from mlx_gemma_mtp import benchmarks as bc
 from mlx_gemma_mtp.engine.sampling import log_softmax
 from mlx_gemma_mtp.generation import make_policy
 
+# name: (sampling options, whether the first row is sorted: the batch engine's rounds, and
+# single-stream rounds after frequent guesses; see ``TokenPolicy.choose``)
 POLICIES = {
-    "greedy": {},
-    "temperature 1.0": dict(temp=1.0),
-    "temperature 0.7, top-p 0.95": dict(temp=0.7, top_p=0.95),
+    "greedy": ({}, True),
+    "temperature 1.0": (dict(temp=1.0), True),
+    "temperature 0.7, top-p 0.95 (single stream)": (dict(temp=0.7, top_p=0.95), False),
+    "temperature 0.7, top-p 0.95, first row sorted (batch)": (dict(temp=0.7, top_p=0.95), True),
 }
 
 
@@ -38,13 +42,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def accept_seconds(options: dict, rows: int, vocab: int, iters: int, warmup: int) -> dict:
+def accept_seconds(
+    options: dict, first_exact: bool, rows: int, vocab: int, iters: int, warmup: int
+) -> dict:
     mx.random.seed(0)
     logprobs = log_softmax(mx.random.normal((rows, vocab)) * 3)
     mx.eval(logprobs)
     policy, seed = make_policy(**options), mx.array(1, mx.uint32)
     drafts = [mx.array([i]) for i in range(rows - 1)]
-    return bc.time_calls(lambda: mx.eval(policy.accept(drafts, logprobs, seed, 100)), iters, warmup)
+
+    def accept():
+        mx.eval(policy.accept(drafts, logprobs, seed, 100, first_exact))
+
+    return bc.time_calls(accept, iters, warmup)
 
 
 def main(argv=None) -> dict:
@@ -52,8 +62,8 @@ def main(argv=None) -> dict:
     command_args = sys.argv[1:] if argv is None else argv
     rows = [int(r) for r in args.rows.split(",")]
     cells = [
-        dict(policy=name, rows=r, **accept_seconds(options, r, args.vocab, args.iters, args.warmup))
-        for name, options in POLICIES.items()
+        dict(policy=name, rows=r, **accept_seconds(*policy, r, args.vocab, args.iters, args.warmup))
+        for name, policy in POLICIES.items()
         for r in rows
     ]
     result = {

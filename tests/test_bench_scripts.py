@@ -294,8 +294,10 @@ def test_bench_server_runs(tmp_path):
 def test_bench_sampling_runs(tmp_path):
     result = bench_sampling.main(["--rows", "1,3", "--vocab", "4096", "--iters", "3",
                                   "--warmup", "1", "--out", str(tmp_path)])  # fmt: skip
-    assert len(result["cells"]) == 6 and all(c["median"] > 0 for c in result["cells"])
-    assert "| temperature 0.7, top-p 0.95 | 3 |" in (tmp_path / "bench_sampling.md").read_text()
+    assert len(result["cells"]) == 8 and all(c["median"] > 0 for c in result["cells"])
+    table = (tmp_path / "bench_sampling.md").read_text()
+    assert "| temperature 0.7, top-p 0.95 (single stream) | 3 |" in table
+    assert "| temperature 0.7, top-p 0.95, first row sorted (batch) | 3 |" in table
 
 
 def test_ablate_controller_replays_constants_and_alternatives(tmp_path):

@@ -187,7 +187,7 @@ def test_a_round_accepts_only_what_plain_decoding_picks():
     mx.random.seed(4)
     logits = mx.random.normal((5, 256)) * 0.5
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    truncated = 0
+    truncated = guessed = 0
     for seed in mx.arange(48, dtype=mx.uint32):
         positions = 10 + mx.arange(5)
         exact = [coupled_choice(policy.scaled(logprobs[i : i + 1], policy.values), seed,
@@ -200,7 +200,13 @@ def test_a_round_accepts_only_what_plain_decoding_picks():
         trusted = 1 + int(np.cumprod(np.array(sure[1:])).sum())
         assert n == min(4, trusted - 1)
         truncated += n < 4
-    assert 0 < truncated < 48
+        # Without the first row's sort, an unsure first row is -1: nothing trusted.
+        n, tokens = policy.accept(drafts, logprobs, seed, 10, first_exact=False)
+        n = n.item()
+        assert tokens[: n + 1].tolist() == exact[: n + 1]
+        assert n == min(4, int(np.cumprod(np.array(sure)).sum()) - 1)
+        guessed += n < 0
+    assert 0 < truncated < 48 and 0 < guessed < 48
 
 
 def test_noise_is_finite_at_the_extreme_bits():
@@ -252,6 +258,44 @@ def test_seeded_mtp_output_is_seeded_plain_output(fixture_pair, sampling):
         assert responses[-1].acceptance_rule == "coupled"
     assert all(tokens == outputs["plain"] for tokens in outputs.values()), outputs
     assert drafted > 20  # the drafting schedules drafted
+
+
+def test_a_guessed_first_token_is_drawn_again_exactly(fixture_pair, monkeypatch):
+    """Top-p rounds draw their first token without a sort, so a round may only guess it (at
+    temperature 2.0 top-p 0.5, most do): the loop draws it again with the sort and drops what it
+    had queued on the guess, then sorts every round once guesses are frequent. Every token is
+    the sorted draw at its position: mlx-lm's own plain loop with that draw as its sampler."""
+    target, drafter, tokenizer = fixture_pair
+    prompt = tokenizer.encode("import os\nimport sys\n\n\ndef main(")
+    sampling = dict(temp=2.0, top_p=0.5)
+    guesses = []
+    draw_again = SpeculativeGenerator._draw_first_exactly
+
+    def counted(engine, current):
+        guesses.append(current.first)
+        draw_again(engine, current)
+
+    monkeypatch.setattr(SpeculativeGenerator, "_draw_first_exactly", counted)
+    outputs = {}
+    for k in (0, 4):
+        mx.random.seed(11)
+        options = dict(num_draft_tokens=k, draft_schedule="constant", **sampling)
+        responses = stream_generate(target, tokenizer, prompt, 24, draft_model=drafter, **options)
+        outputs[k] = [r.token for r in responses]
+    assert len(guesses) == 4  # two per generation, then every round sorts
+
+    mx.random.seed(11)
+    seed = mx.random.randint(0, 2**31 - 1, ()).astype(mx.uint32)  # the engine's draw
+    policy, positions = make_policy(**sampling), itertools.count(len(prompt))
+
+    def sorted_draw(logprobs: mx.array) -> mx.array:
+        return policy.choose(logprobs, seed, next(positions), first_exact=True)[0]
+
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(mx.array(prompt), target.model, max_tokens=24, sampler=sorted_draw)
+    reference = [token for token, _ in steps]
+    assert outputs[0] == outputs[4] == reference
 
 
 def test_a_seed_reproduces_and_another_seed_differs(fixture_pair):

@@ -330,15 +330,21 @@ class TokenPolicy:
         return self.coupled and self.params.filters == (True, False, False, False)
 
     def choose(
-        self, logprobs: mx.array, seed: mx.array, first_position: int | mx.array
+        self,
+        logprobs: mx.array,
+        seed: mx.array,
+        first_position: int | mx.array,
+        first_exact: bool = True,
     ) -> tuple[mx.array, mx.array]:
         """``(tokens, trusted)`` for rows ``[L, V]`` predicting sequence positions
         ``first_position ..`` (an int, or a lazy scalar in a batch whose rows roll back on the
-        device): the first ``trusted`` (>= 1) tokens are what plain decoding would pick there.
-        The first row gets the exact draw (a sort: a plain step costs what mlx-lm's does); the
-        rows after it ``nucleus_choice``'s, which is plain decoding's where it is sure, so a row
-        it is unsure of ends the trusted tokens, and the next round, whose first row it is,
-        draws it exactly."""
+        device): the first ``trusted`` tokens are what plain decoding picks there. With top-p
+        alone, rows are ``nucleus_choice``'s, which is the exact draw where it is sure, so a row
+        it is unsure of ends the trusted tokens, and a round whose first row that is draws it
+        exactly. ``first_exact``: the first row is always the exact draw (a sort, as mlx-lm's
+        plain step makes), so ``trusted >= 1``; without it, ``trusted`` may be 0 and the caller
+        draws the first row again with ``first_exact`` (the single-stream loop, which reads
+        every round before it emits it; a batch cannot undo a row's next round)."""
         rows = logprobs.shape[0]
         if not self.coupled:
             return self.sampler(logprobs), mx.array(rows)
@@ -348,21 +354,28 @@ class TokenPolicy:
             return coupled_choice(scaled, seed, positions), mx.array(rows)
         vocabulary = mx.arange(logprobs.shape[-1], dtype=mx.uint32)[None]
         noise = gumbel_at(seed, positions[:, None], vocabulary)
-        exact = noisy_choice(self.scaled(logprobs[:1], self.values), noise[:1])
+        values = self.values
+        if not first_exact:
+            tokens, sure = nucleus_choice(logprobs, values[0], values[1], noise, vocabulary)
+            return tokens, mx.cumprod(sure.astype(mx.int32)).sum()
+        exact = noisy_choice(self.scaled(logprobs[:1], values), noise[:1])
         if rows == 1:
             return exact, mx.array(1)
-        values = self.values
         tokens, sure = nucleus_choice(logprobs[1:], values[0], values[1], noise[1:], vocabulary)
-        trusted = 1 + mx.cumprod(sure.astype(mx.int32)).sum()
-        return mx.concatenate([exact, tokens]), trusted
+        return mx.concatenate([exact, tokens]), 1 + mx.cumprod(sure.astype(mx.int32)).sum()
 
     def accept(
-        self, drafts: list, logprobs: mx.array, seed: mx.array, first_position: int | mx.array
+        self,
+        drafts: list,
+        logprobs: mx.array,
+        seed: mx.array,
+        first_position: int | mx.array,
+        first_exact: bool = True,
     ):
         """``(n, tokens)`` for drafts ``[k]`` and target log-probabilities ``[k+1, V]`` whose
         first row predicts ``first_position``: ``n`` drafts equal the target's picks (and the
-        pick after them, ``tokens[n]``, is plain decoding's)."""
-        tokens, trusted = self.choose(logprobs, seed, first_position)
-        if not drafts:
-            return mx.array(0), tokens
-        return mx.minimum(match_accept(mx.concatenate(drafts), tokens), trusted - 1), tokens
+        pick after them, ``tokens[n]``, is plain decoding's); ``n`` is -1 where the first pick
+        is only a guess (possible without ``first_exact``, see ``choose``)."""
+        tokens, trusted = self.choose(logprobs, seed, first_position, first_exact)
+        matched = match_accept(mx.concatenate(drafts), tokens) if drafts else mx.array(0)
+        return mx.minimum(matched, trusted - 1), tokens
