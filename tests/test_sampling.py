@@ -151,9 +151,9 @@ def nucleus(logprobs, temp, top_p, seed, positions, ids=None) -> tuple[mx.array,
 
 def test_nucleus_choice_is_the_filtered_draw_where_sure():
     """Without a sort, the best-noised token inside the nucleus is the exact draw over the
-    top-p-filtered row, over 64 seeds x 6 rows; it says where it is unsure (flat rows, a small
-    top-p and a high temperature make that common), and a candidate row agrees with its
-    full row."""
+    top-p-filtered row, over 64 seeds x 6 rows, from the logits as from the log-probabilities
+    (the loop passes logits); it says where it is unsure (flat rows, a small top-p and a high
+    temperature make that common), and a candidate row agrees with its full row."""
     mx.random.seed(3)
     logits = mx.random.normal((6, 512)) * mx.array([[0.5], [1.0], [2.0], [3.0], [4.0], [6.0]])
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -166,6 +166,9 @@ def test_nucleus_choice_is_the_filtered_draw_where_sure():
             tokens, sure = nucleus(logprobs, temp, top_p, seed, positions)
             exact = coupled_choice(scaled, seed, positions)
             assert mx.all(mx.where(sure, tokens == exact, True)).item()
+            from_logits = nucleus(logits + 20.0, temp, top_p, seed, positions)
+            assert mx.all(from_logits[1] == sure).item()
+            assert mx.all(mx.where(sure, from_logits[0] == exact, True)).item()
             sure_rows += sure.sum().item()
             unsure_rows += (~sure).sum().item()
     assert sure_rows > 400 and unsure_rows > 100
@@ -289,7 +292,8 @@ def test_a_guessed_first_token_is_drawn_again_exactly(fixture_pair, monkeypatch)
     policy, positions = make_policy(**sampling), itertools.count(len(prompt))
 
     def sorted_draw(logprobs: mx.array) -> mx.array:
-        return policy.choose(logprobs, seed, next(positions), first_exact=True)[0]
+        position = mx.array([next(positions)])
+        return coupled_choice(policy.scaled(logprobs, policy.values), seed, position)
 
     from mlx_lm.generate import generate_step
 

@@ -612,8 +612,9 @@ class BatchGenerator:
         self.counters.prompt_tokens += 1
         row.todo, row.media = row.todo[:0], None  # settling a joined row never needs them
         row.history = initial_history(row.policy, mx.array(row.prompt, mx.int32), row.context)
-        logprobs = row.policy.target_logprobs(self.target.logits(hidden[0]), row.history, [])
-        _, tokens = row.policy.accept([], logprobs, row.seed, row.cache[0].offset)
+        logits = self.target.logits(hidden[0])
+        logprobs, choice = row.policy.target_rows(logits, row.history, [])
+        _, tokens = row.policy.accept([], choice, row.seed, row.cache[0].offset)
         token = tokens[0].item()
         row.stats.target_forwards += 1
         row.length = row.cache[0].offset
@@ -805,8 +806,8 @@ class BatchGenerator:
         results, row_logprobs = [], []
         for b, row in enumerate(rows):
             row_drafts = [d[b : b + 1] for d in drafts]
-            logprobs = row.policy.target_logprobs(out.logits[b], row.history, row_drafts)
-            n, tokens = row.policy.accept(row_drafts, logprobs, row.seed, first[b] + 1)
+            logprobs, choice = row.policy.target_rows(out.logits[b], row.history, row_drafts)
+            n, tokens = row.policy.accept(row_drafts, choice, row.seed, first[b] + 1)
             results.append(mx.concatenate([n.reshape(1), tokens]).astype(mx.int32))
             row_logprobs.append(logprobs)
         return mx.stack(results), row_logprobs, out.hidden

@@ -302,6 +302,7 @@ class Round:
     first: int
     result: mx.array
     logprobs: mx.array
+    rows: mx.array  # what the tokens were chosen from (``TokenPolicy.choice_rows``)
     hidden: mx.array
     history: mx.array | None
     timed: bool = True
@@ -418,18 +419,19 @@ class SpeculativeGenerator:
             media=self.media,
         )
         history = self._initial_history(prompt)
-        logprobs = self.policy.target_logprobs(self.target.logits(hidden[0]), history, [])
+        logits = self.target.logits(hidden[0])
+        logprobs, rows = self.policy.target_rows(logits, history, [])
         first = self.cache[0].offset - 1
-        return Round(0, first, self._accept([], logprobs, first), logprobs, hidden, history)
+        return Round(0, first, self._accept([], rows, first), logprobs, rows, hidden, history)
 
     def _initial_history(self, prompt: mx.array) -> mx.array | None:
         return initial_history(self.policy, prompt, self.context)
 
-    def _accept(self, drafts: list, logprobs: mx.array, first: int) -> mx.array:
+    def _accept(self, drafts: list, rows: mx.array, first: int) -> mx.array:
         """``[n, t_0, .., t_k]``: accepted count and target tokens (emitted: ``t_0..t_n``) of
         the rows fed from cache position ``first`` on (row ``i`` picks position
         ``first + 1 + i``)."""
-        n, tokens = self.policy.accept(drafts, logprobs, self._seed, first + 1, self._first_exact)
+        n, tokens = self.policy.accept(drafts, rows, self._seed, first + 1, self._first_exact)
         return mx.concatenate([n.reshape(1), tokens]).astype(mx.int32)
 
     def _draw_first_exactly(self, current: Round) -> None:
@@ -437,7 +439,7 @@ class SpeculativeGenerator:
         only guessed its first token (``n`` -1, see ``TokenPolicy.choose``): the sort every
         round would otherwise pay (0.01% of rounds guess at temperature 0.7 top-p 0.95 on the
         fixture, 0.3% at 1.0). Where guesses are frequent, rounds sort again."""
-        tokens, _ = self.policy.choose(current.logprobs[:1], self._seed, current.first + 1)
+        tokens, _ = self.policy.choose(current.rows[:1], self._seed, current.first + 1)
         current.result = mx.concatenate([mx.array([0], mx.int32), tokens.astype(mx.int32)])
         current.timed = False
         self._guesses += 1
@@ -489,10 +491,10 @@ class SpeculativeGenerator:
         first = self.cache[0].offset
         inputs = mx.concatenate([pending.reshape(1).astype(mx.int32), *drafts])
         out = self.target(inputs[None], self.cache)
-        logprobs = self.policy.target_logprobs(out.logits[0], history, drafts)
-        result = self._accept(drafts, logprobs, first)
+        logprobs, rows = self.policy.target_rows(out.logits[0], history, drafts)
+        result = self._accept(drafts, rows, first)
         mx.async_eval(result)
-        return Round(len(drafts), first, result, logprobs, out.hidden, history)
+        return Round(len(drafts), first, result, logprobs, rows, out.hidden, history)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -683,6 +685,7 @@ class SpeculativeGenerator:
             0,
             self.cache[0].offset - 1,
             mx.array([0, 0], mx.int32),
+            None,
             None,
             mx.zeros((1, 1, self.target.hidden_size)),
             self._initial_history(mx.array([0], mx.int32)),
