@@ -1,9 +1,9 @@
-"""What choosing a round's tokens costs, apart from the forward: ``TokenPolicy.accept`` over the
-target's log-probabilities of ``L`` verified rows (the round's first row predicts the pending
-token's successor), per policy: greedy, temperature 1.0, temperature 0.7 with top-p 0.95 (with
-and without the first row's sort).
+"""What choosing a round's tokens costs, apart from the forward: ``TokenPolicy.accept`` from the
+target's logits of ``L`` verified rows (the log-softmax included where the policy reads it), per
+policy: greedy, temperature 1.0, temperature 0.7 with top-p 0.95 (with and without the first
+row's sort).
 
-Rows are random log-probabilities over the fixture's vocabulary (``--vocab``), which makes a top-p
+Rows are random logits over the fixture's vocabulary (``--vocab``), which makes a top-p
 nucleus of a few hundred to thousands of tokens, as the fixture's own rows have. Median of
 ``--iters`` evaluated calls, each after ``--warmup``. Run it on two checkouts (``PYTHONPATH=TREE``)
 to compare them; a round's cost is this plus ``t_target(L)`` of ``bench_mtp.py``.
@@ -19,7 +19,6 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_gemma_mtp import benchmarks as bc
-from mlx_gemma_mtp.engine.sampling import log_softmax
 from mlx_gemma_mtp.generation import make_policy
 
 # name: (sampling options, whether the first row is sorted: the batch engine's rounds, and
@@ -46,13 +45,14 @@ def accept_seconds(
     options: dict, first_exact: bool, rows: int, vocab: int, iters: int, warmup: int
 ) -> dict:
     mx.random.seed(0)
-    logprobs = log_softmax(mx.random.normal((rows, vocab)) * 3)
-    mx.eval(logprobs)
+    logits = mx.random.normal((rows, vocab)) * 3
+    mx.eval(logits)
     policy, seed = make_policy(**options), mx.array(1, mx.uint32)
     drafts = [mx.array([i]) for i in range(rows - 1)]
 
     def accept():
-        mx.eval(policy.accept(drafts, logprobs, seed, 100, first_exact))
+        _, choice_rows = policy.target_rows(logits, mx.array([], mx.int32), drafts)
+        mx.eval(policy.accept(drafts, choice_rows, seed, 100, first_exact))
 
     return bc.time_calls(accept, iters, warmup)
 
