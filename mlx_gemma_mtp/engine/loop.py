@@ -295,8 +295,9 @@ def check_slack(cache: list, slack: int) -> None:
 
 @dataclass
 class Round:
-    """One verification, built (lazy): ``result`` is ``[n, t_0, .., t_k]``, ``hidden`` the
-    target's hidden states at ``first..first+k``, ``history`` the processors' window after it."""
+    """One verification, built (lazy): ``result`` is ``[n, t_0, .., t_k]`` (``n`` -1 where
+    ``t_0`` is only a guess, see ``_draw_first_exactly``), ``hidden`` the target's hidden
+    states at ``first..first+k``, ``history`` the processors' window after it."""
 
     k: int
     first: int
